@@ -1,0 +1,133 @@
+"""Pydantic models the agents exchange: inputs (prospect, offer), model output formats
+(``ExtractionOutput``, ``EmailDraft``) and results (``Profile``, ``RenderedEmail``, ``ValidationResult``).
+
+Output formats are shaped for grounding by construction (DESIGN.md): the researcher model cites
+numbered source sentences (``"S12"``) instead of copying quotes, and its ``value`` must be a span
+of the cited sentence; the writer model writes merge tags (``{{first_name}}``, ``{{company}}``,
+``{{fact.<field>}}``) instead of copying names and numbers.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "FACT_FIELDS",
+    "EmailDraft",
+    "ExtractedFact",
+    "ExtractionOutput",
+    "Fact",
+    "Offer",
+    "Profile",
+    "ProspectInfo",
+    "RenderedEmail",
+    "ResearchResult",
+    "ValidationResult",
+]
+
+#: The profile fields the researcher extracts, in prompt order.
+FACT_FIELDS: tuple[str, ...] = (
+    "industry",
+    "product",
+    "customer_segment",
+    "location",
+    "employee_count",
+    "founded_year",
+    "recent_event",
+    "pain_point",
+)
+
+
+class ProspectInfo(BaseModel):
+    """One person at one company."""
+
+    first_name: str
+    last_name: str = ""
+    title: str = ""
+    email: str
+    company: str
+    website: str = ""
+
+
+class Offer(BaseModel):
+    """What the campaign sells and how it asks (loaded from an offer TOML file)."""
+
+    sender_name: str
+    sender_title: str = ""
+    sender_company: str
+    product: str
+    value_proposition: str
+    call_to_action: str
+    opt_out_line: str = "If this isn't relevant, just reply 'no thanks' and I won't write again."
+
+
+class Fact(BaseModel):
+    """A grounded fact: ``evidence`` is a verbatim quote of the page at ``source_url``, and
+    ``value`` occurs in ``evidence`` (case- and whitespace-insensitively)."""
+
+    field: str
+    value: str
+    evidence: str
+    source_url: str
+
+
+class Profile(BaseModel):
+    """The researcher's output: grounded facts, how many model facts were dropped, pages read."""
+
+    company: str
+    website: str = ""
+    facts: list[Fact] = Field(default_factory=list)
+    dropped_facts: int = 0
+    sources: list[str] = Field(default_factory=list)
+
+    def fact(self, field: str) -> Fact | None:
+        """Return the first fact for ``field``, or None."""
+        return next((f for f in self.facts if f.field == field), None)
+
+
+class ExtractedFact(BaseModel):
+    """One fact as the model returns it: ``evidence`` is a sentence id like ``"S12"`` (or a quote)."""
+
+    field: str
+    value: str
+    evidence: str
+
+
+class ExtractionOutput(BaseModel):
+    """The researcher model's JSON answer: ``{"facts": [{"field", "value", "evidence"}, ...]}``."""
+
+    facts: list[ExtractedFact] = Field(default_factory=list)
+
+
+class ResearchResult(BaseModel):
+    """What ``agents.researcher.research`` returns."""
+
+    profile: Profile
+    queries: list[str] = Field(default_factory=list)
+    fetch_errors: list[str] = Field(default_factory=list)
+
+
+class EmailDraft(BaseModel):
+    """The writer model's JSON answer: subject and body with merge tags."""
+
+    subject: str
+    body: str
+
+
+class RenderedEmail(BaseModel):
+    """An email with every merge tag filled in."""
+
+    subject: str
+    body: str
+
+
+class ValidationResult(BaseModel):
+    """Named checks (True = passed) and a human-readable reason for each failure."""
+
+    checks: dict[str, bool] = Field(default_factory=dict)
+    errors: list[str] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed."""
+        return all(self.checks.values())

@@ -1,0 +1,85 @@
+"""Ordered, named schema migrations (the habit of ``simonw/llm``'s ``migrations.py``).
+
+Each migration is a function of a SQLAlchemy ``Connection``; ``migrate`` applies, in order and each
+in its own transaction, those whose version is not yet recorded in ``schema_migrations``. Add new
+migrations at the end of ``MIGRATIONS``; never edit or reorder applied ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, inspect, select
+
+from store import models
+
+__all__ = ["MIGRATIONS", "Migration", "applied_versions", "migrate"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema change: ``version`` orders it, ``name`` says what it does."""
+
+    version: int
+    name: str
+    apply: Callable[[Connection], None]
+
+
+def _m001_initial(conn: Connection) -> None:
+    tables = [
+        models.Campaign,
+        models.Prospect,
+        models.Run,
+        models.ProfileRecord,
+        models.FactRecord,
+        models.EmailRecord,
+        models.Trace,
+        models.ToolCall,
+        models.Review,
+        models.MiniatureRecord,
+        models.EngagementEvent,
+        models.WebSnapshot,
+    ]
+    models.SQLModel.metadata.create_all(conn, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, "initial tables", _m001_initial),
+]
+
+
+def applied_versions(engine: Engine) -> list[int]:
+    """Return the versions recorded in ``schema_migrations`` (empty for a new database)."""
+    if not inspect(engine).has_table("schema_migrations"):
+        return []
+    with engine.connect() as conn:
+        return list(conn.execute(select(models.SchemaMigration.version)).scalars())  # type: ignore[arg-type]
+
+
+def migrate(engine: Engine) -> list[int]:
+    """Apply every pending migration in order; return the versions applied now.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: a migration failed; its transaction is rolled back and
+            later migrations are not attempted.
+    """
+    models.SchemaMigration.__table__.create(engine, checkfirst=True)  # type: ignore[attr-defined]
+    done = set(applied_versions(engine))
+    applied = []
+    for migration in sorted(MIGRATIONS, key=lambda m: m.version):
+        if migration.version in done:
+            continue
+        with engine.begin() as conn:
+            migration.apply(conn)
+            conn.execute(
+                models.SchemaMigration.__table__.insert().values(  # type: ignore[attr-defined]
+                    version=migration.version, name=migration.name, applied_at=models.utcnow()
+                )
+            )
+        logger.info("applied migration %03d %s", migration.version, migration.name)
+        applied.append(migration.version)
+    return applied

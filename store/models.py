@@ -1,0 +1,241 @@
+"""SQLModel tables: the product's memory.
+
+One row per model call (``Trace``) and per tool call (``ToolCall``), modelled on ``simonw/llm``'s
+SQLite log, plus the campaign side (campaigns, prospects, runs, profiles, facts, emails), the
+curation side (reviews, miniatures) and engagement events. JSON columns hold lists and dicts
+(messages in OpenAI chat format: ``[{"role": "system"|"user"|"assistant", "content": str}]``).
+
+Times are timezone-aware UTC datetimes; latencies are milliseconds; costs are US dollars.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "Campaign",
+    "EmailRecord",
+    "EngagementEvent",
+    "FactRecord",
+    "MiniatureRecord",
+    "ProfileRecord",
+    "Prospect",
+    "Review",
+    "Run",
+    "RunStatus",
+    "SchemaMigration",
+    "ToolCall",
+    "Trace",
+    "WebSnapshot",
+]
+
+
+def utcnow() -> datetime:
+    """Return the current time as a timezone-aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class RunStatus:
+    """Allowed values of ``Run.status``."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class SchemaMigration(SQLModel, table=True):
+    """One applied migration (see ``store.migrations``)."""
+
+    __tablename__ = "schema_migrations"
+    version: int = Field(primary_key=True)
+    name: str
+    applied_at: datetime = Field(default_factory=utcnow)
+
+
+class Campaign(SQLModel, table=True):
+    """A named set of prospects plus an offer (sender, product, value proposition, call to action)."""
+
+    __tablename__ = "campaigns"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True)
+    offer: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Prospect(SQLModel, table=True):
+    """One person at one company, as imported from a prospects CSV (``row_number`` is 1-based, header = 1)."""
+
+    __tablename__ = "prospects"
+    __table_args__ = (UniqueConstraint("campaign_id", "email", name="uq_prospect_campaign_email"),)
+    id: int | None = Field(default=None, primary_key=True)
+    campaign_id: int = Field(foreign_key="campaigns.id", index=True)
+    row_number: int = 0
+    first_name: str
+    last_name: str = ""
+    title: str = ""
+    email: str
+    company: str
+    website: str = ""
+    split: str = ""
+
+
+class Run(SQLModel, table=True):
+    """One pass of the campaign graph over one prospect; ``status`` is one of ``RunStatus``."""
+
+    __tablename__ = "runs"
+    __table_args__ = (UniqueConstraint("campaign_id", "prospect_id", name="uq_run_campaign_prospect"),)
+    id: int | None = Field(default=None, primary_key=True)
+    campaign_id: int = Field(foreign_key="campaigns.id", index=True)
+    prospect_id: int = Field(foreign_key="prospects.id", index=True)
+    status: str = Field(default=RunStatus.PENDING, index=True)
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    attempts: int = 0
+    researcher: str = ""
+    writer: str = ""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ProfileRecord(SQLModel, table=True):
+    """The researcher's output for one run: grounded facts plus counts of what was dropped."""
+
+    __tablename__ = "profiles"
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="runs.id", unique=True)
+    company: str
+    website: str = ""
+    dropped_facts: int = 0
+    sources: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class FactRecord(SQLModel, table=True):
+    """One fact: ``value`` plus verbatim ``evidence`` quoted from ``source_url``."""
+
+    __tablename__ = "facts"
+    id: int | None = Field(default=None, primary_key=True)
+    profile_id: int = Field(foreign_key="profiles.id", index=True)
+    field: str = Field(index=True)
+    value: str = Field(sa_column=Column(Text, nullable=False))
+    evidence: str = Field(sa_column=Column(Text, nullable=False))
+    source_url: str
+
+
+class EmailRecord(SQLModel, table=True):
+    """The writer's output: merge-tag templates, the rendered subject and body, and validation checks."""
+
+    __tablename__ = "emails"
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="runs.id", unique=True)
+    subject_template: str = Field(sa_column=Column(Text, nullable=False))
+    body_template: str = Field(sa_column=Column(Text, nullable=False))
+    subject: str = Field(sa_column=Column(Text, nullable=False))
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    checks: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    valid: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Trace(SQLModel, table=True):
+    """One recorded model call.
+
+    ``messages`` is the prompt in OpenAI chat format; ``output`` the raw text returned; tokens are
+    counts reported by the backend (or estimated by it, which the backend documents); ``latency_ms``
+    is wall-clock milliseconds; ``cost_usd`` comes from the settings' price table.
+    """
+
+    __tablename__ = "traces"
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int | None = Field(default=None, foreign_key="runs.id", index=True)
+    agent: str = Field(index=True)
+    step: str = ""
+    backend: str = Field(index=True)
+    messages: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    output: str = Field(default="", sa_column=Column(Text, nullable=False))
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_ms: float = 0.0
+    cost_usd: float = 0.0
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    replay_of_id: int | None = Field(default=None, foreign_key="traces.id")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ToolCall(SQLModel, table=True):
+    """One tool call (search, fetch) made during a run; ``trace_id`` links it to a model call if any."""
+
+    __tablename__ = "tool_calls"
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int | None = Field(default=None, foreign_key="runs.id", index=True)
+    trace_id: int | None = Field(default=None, foreign_key="traces.id")
+    tool: str
+    input: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    output: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    latency_ms: float = 0.0
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Review(SQLModel, table=True):
+    """A human label on a trace, email or profile: ``status`` is approved, edited or rejected."""
+
+    __tablename__ = "reviews"
+    id: int | None = Field(default=None, primary_key=True)
+    trace_id: int | None = Field(default=None, foreign_key="traces.id", index=True)
+    email_id: int | None = Field(default=None, foreign_key="emails.id")
+    profile_id: int | None = Field(default=None, foreign_key="profiles.id")
+    status: str
+    edited_output: str | None = Field(default=None, sa_column=Column(Text))
+    reviewer: str = ""
+    note: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class MiniatureRecord(SQLModel, table=True):
+    """A registered miniature: base model plus adapter (or fully fine-tuned weights) for one agent."""
+
+    __tablename__ = "miniatures"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_miniature_name_version"),)
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True)
+    agent: str
+    version: int = 1
+    base_model: str
+    adapter_path: str
+    method: str = "lora"
+    training_config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    dataset_hash: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    parent_id: int | None = Field(default=None, foreign_key="miniatures.id")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class EngagementEvent(SQLModel, table=True):
+    """One engagement event from an email-sending tool: sent, delivered, open, click, reply, bounce, unsubscribe."""
+
+    __tablename__ = "engagement_events"
+    id: int | None = Field(default=None, primary_key=True)
+    email_id: int | None = Field(default=None, foreign_key="emails.id", index=True)
+    message_id: str = ""
+    variant: str = ""
+    event: str = Field(index=True)
+    recipient: str = ""
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+
+class WebSnapshot(SQLModel, table=True):
+    """One fetched page as it was: URL, time, HTTP status, content type and HTML."""
+
+    __tablename__ = "web_snapshots"
+    id: int | None = Field(default=None, primary_key=True)
+    url: str = Field(index=True)
+    final_url: str = ""
+    status_code: int = 0
+    content_type: str = ""
+    html: str = Field(default="", sa_column=Column(Text, nullable=False))
+    fetched_at: datetime = Field(default_factory=utcnow)
