@@ -1,0 +1,40 @@
+"""Runtime context of the campaign graph (LangGraph ``context_schema``), per run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from agents.schemas import Offer
+from graphs.models import ModelPool
+from tools.types import Web
+
+__all__ = ["CampaignContext", "SaveHook"]
+
+#: Called by the ``save`` node with the final state; the batch runner persists it.
+SaveHook = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(kw_only=True)
+class CampaignContext:
+    """Everything a run needs besides its prospect.
+
+    ``researcher`` and ``writer`` are backend specs; left at their defaults they fall back to the
+    environment variables ``OUTREACH_RESEARCHER`` and ``OUTREACH_WRITER``.
+    """
+
+    offer: Offer = field(metadata={"description": "The campaign's offer (sender, product, call to action)."})
+    web: Web = field(metadata={"description": "Where research searches and fetches (corpus or live web)."})
+    researcher: str = field(default="heuristic", metadata={"description": "Backend spec of the researcher."})
+    writer: str = field(default="heuristic", metadata={"description": "Backend spec of the writer."})
+    models: ModelPool = field(default_factory=ModelPool, metadata={"description": "Built models, by spec."})
+    max_pages: int = field(default=5, metadata={"description": "Pages the researcher fetches at most."})
+    max_write_attempts: int = field(default=2, metadata={"description": "Writer attempts (1 + retries)."})
+    on_save: SaveHook | None = field(default=None, metadata={"description": "Persists the final state."})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name in ("researcher", "writer") and getattr(self, f.name) == f.default:
+                setattr(self, f.name, os.environ.get(f"OUTREACH_{f.name.upper()}", f.default))

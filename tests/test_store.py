@@ -1,0 +1,84 @@
+"""The store on SQLite and, when OUTREACH_TEST_POSTGRES_URL is set, on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from store import (
+    MIGRATIONS,
+    Campaign,
+    EmailRecord,
+    FactRecord,
+    ProfileRecord,
+    Prospect,
+    Run,
+    Trace,
+    migrate,
+    session_scope,
+)
+from store.migrations import applied_versions
+
+
+def test_migrations_are_ordered_and_recorded(engine):
+    versions = [m.version for m in MIGRATIONS]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert applied_versions(engine) == versions
+    assert migrate(engine) == []  # idempotent
+    tables = set(inspect(engine).get_table_names())
+    assert {"campaigns", "prospects", "runs", "profiles", "facts", "emails", "traces", "tool_calls", "reviews",
+            "miniatures", "engagement_events", "web_snapshots", "schema_migrations"} <= tables
+
+
+def test_campaign_round_trip_with_json_columns(engine):
+    messages = [{"role": "system", "content": "x"}, {"role": "user", "content": "é ✓"}]
+    with session_scope(engine) as s:
+        c = Campaign(name="q4", offer={"product": "Widget", "call_to_action": "a call?"})
+        s.add(c)
+        s.flush()
+        p = Prospect(campaign_id=c.id, first_name="Ana", email="ana@x.example", company="X")
+        s.add(p)
+        s.flush()
+        r = Run(campaign_id=c.id, prospect_id=p.id, status="done")
+        s.add(r)
+        s.flush()
+        prof = ProfileRecord(run_id=r.id, company="X", sources=["https://x.example/"])
+        s.add(prof)
+        s.flush()
+        s.add(FactRecord(profile_id=prof.id, field="location", value="Austin, Texas",
+                         evidence="We are based in Austin, Texas.", source_url="https://x.example/"))
+        s.add(EmailRecord(run_id=r.id, subject_template="Hi {{first_name}}", body_template="b", subject="Hi Ana",
+                          body="b", checks={"length": True}))
+        s.add(Trace(run_id=r.id, agent="writer", backend="heuristic", messages=messages, output="{}",
+                    input_tokens=12, output_tokens=3, latency_ms=1.5, cost_usd=0.0))
+    with session_scope(engine) as s:
+        trace = s.exec(select(Trace)).one()
+        assert trace.messages == messages and trace.input_tokens == 12
+        assert s.exec(select(Campaign)).one().offer["product"] == "Widget"
+        assert s.exec(select(FactRecord)).one().value == "Austin, Texas"
+        assert s.exec(select(EmailRecord)).one().checks == {"length": True}
+
+
+def test_failed_transaction_leaves_nothing(engine):
+    with pytest.raises(IntegrityError):
+        with session_scope(engine) as s:
+            s.add(Campaign(name="dup"))
+            s.add(Campaign(name="dup"))
+    with session_scope(engine) as s:
+        assert s.exec(select(Campaign)).all() == []
+
+
+def test_one_run_per_prospect_and_campaign(engine):
+    with session_scope(engine) as s:
+        c = Campaign(name="c")
+        s.add(c)
+        s.flush()
+        p = Prospect(campaign_id=c.id, first_name="A", email="a@x.example", company="X")
+        s.add(p)
+        s.flush()
+        s.add(Run(campaign_id=c.id, prospect_id=p.id))
+    with pytest.raises(IntegrityError):
+        with session_scope(engine) as s:
+            s.add(Run(campaign_id=1, prospect_id=1))
