@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from miniatures.specs import BackendSpec, BackendSpecError, parse_backend_spec
@@ -40,11 +41,17 @@ def build_chat_model(spec: str | BackendSpec, *, timeout_s: float = 60.0) -> Bas
 
 
 class ModelPool:
-    """Builds each backend spec's model once and hands the same instance to every run."""
+    """Builds each backend spec's model once and hands the same instance to every run.
 
-    def __init__(self, timeout_s: float = 60.0) -> None:
+    Args:
+        timeout_s: per-request timeout of remote backends, seconds.
+        preloaded: models already built, by spec (a scripted fake chat model in tests, a local
+            miniature shared by several campaigns).
+    """
+
+    def __init__(self, timeout_s: float = 60.0, preloaded: Mapping[str, BaseChatModel] | None = None) -> None:
         self.timeout_s = timeout_s
-        self._models: dict[str, BaseChatModel] = {}
+        self._models: dict[str, BaseChatModel] = dict(preloaded or {})
 
     def get(self, spec: str) -> BaseChatModel:
         """Return the model for ``spec``, building it on first use. Raises ``BackendSpecError``."""

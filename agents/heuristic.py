@@ -1,0 +1,751 @@
+"""``HeuristicChatModel``: the offline, deterministic teacher. It is NOT a language model.
+
+It is a rule-based researcher and writer packaged as a langchain-core chat model, so the campaign
+graph, tracing, curation and fine-tuning all run without network or weights (DESIGN.md, "Offline
+defaults"). It knows the agents' prompt formats (``agents.prompts``) and recognises its task by the
+system message:
+
+* ``EXTRACTION_SYSTEM_PROMPT``: regex rules and lexicons over the numbered sentences pick one best
+  sentence per profile field (own-site sources and explicit phrasings first) and answer
+  ``{"facts": [{"field", "value", "evidence": "S<i>"}]}`` where ``value`` is an exact span of the
+  sentence. Instruction-like sentences are never used.
+* ``WRITER_SYSTEM_PROMPT``: one of several subject and body templates, chosen by a stable SHA-256 hash
+  of the prompt (which is built from the prospect, profile and offer), filled only with merge tags
+  that the prompt lists, with exactly the offer's call to action and its opt-out line at the end.
+  Validation feedback in a later user message is fixed where a rule can fix it.
+
+Token counts in ``usage_metadata`` are estimates: ``ceil(characters / 4)``, the usual rule of thumb
+for English text with BPE tokenizers; there is no tokenizer here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+
+from agents.grounding import host_of, is_instruction
+from agents.prompts import EXTRACTION_SYSTEM_PROMPT, WRITER_SYSTEM_PROMPT
+from agents.schemas import FACT_FIELDS
+
+__all__ = ["HEURISTIC_MODEL_NAME", "HeuristicChatModel", "estimate_tokens"]
+
+HEURISTIC_MODEL_NAME = "heuristic"
+
+
+def estimate_tokens(text: str) -> int:
+    """Estimate the token count of ``text`` as ``ceil(len(text) / 4)`` (an estimate, not a tokenizer)."""
+    return math.ceil(len(text) / 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------------
+
+_YEAR = r"(?P<v>19[5-9]\d|20[0-2]\d)(?!\d)"
+_CAP = r"[A-Z][A-Za-z\u00c0-\u024f'\u2019.-]*"
+_PLACE = rf"{_CAP}(?:\s+(?:(?:de|del|la|upon|am|sur)\s+)?{_CAP})*"
+_LOC = rf"(?P<v>{_PLACE}(?:,\s*{_PLACE})?)"
+_NUM = r"(?P<v>\d{1,3}(?:,\d{3})+|\d{1,6})(?![\d,.]\d)"
+_APPROX = r"(?:(?i:more than|over|about|around|nearly|almost|roughly|some)\s+)?"
+_PNAME = r"(?P<v>[A-Z][A-Za-z0-9]+(?:[ -][A-Z][A-Za-z0-9]*){0,2})"
+_SEG = r"(?P<v>[A-Za-z0-9][\w-]*(?:\s+[\w-]+){0,7})"
+_PHRASE = r"(?P<v>[^.;:!?,()]{3,110}?)\s*(?:[.;:!?,()]|$)"
+_REST = r"(?P<v>.{3,}?)\s*[.!]?\s*$"
+_LABEL_VALUE = r"\s*\**\s*:\s*\**\s*(?P<v>[^|;*\n]{2,60}?)\s*\**\s*\|?\s*$"
+_LEAD = r"^[\W_]*"
+
+_INDUSTRIES = (
+    "logistics software", "fintech", "healthcare analytics", "cybersecurity", "HR software",
+    "e-commerce tooling", "construction technology", "agritech", "legal tech", "edtech", "clean energy",
+    "insurance software", "marketing analytics", "developer tools", "supply chain software",
+    "property management software", "data analytics", "payments", "proptech", "insurtech", "healthtech",
+    "health tech", "biotech", "martech", "adtech", "climate tech", "cleantech", "energy storage",
+    "food delivery", "travel software", "real estate", "manufacturing software", "retail analytics",
+    "customer support software", "sales software", "accounting software", "procurement software",
+    "fleet management software", "restaurant software", "education technology", "financial services",
+    "telehealth", "medical devices", "cloud infrastructure", "observability", "devops", "robotics",
+    "e-commerce", "ecommerce", "logistics", "construction software", "legal software", "HR tech",
+    "hospitality software", "recruiting software", "field service software", "compliance software",
+    "security software", "analytics software", "marketing software", "project management software",
+    "IoT", "SaaS", "artificial intelligence", "machine learning", "blockchain", "crypto",
+)
+_INDUSTRY = "(?P<v>" + "|".join(
+    re.escape(i) for i in sorted(_INDUSTRIES, key=len, reverse=True)
+) + r")(?![\w-])"
+_GENERIC_TAGS = {"b2b", "b2c", "saas", "startup", "startups", "ai", "enterprise", "smb", "yc", "remote"}
+_ADJECTIVES = {"leading", "growing", "fast-growing", "young", "small", "global", "new", "private",
+               "family-owned", "venture-backed", "independent", "the", "our", "your", "this", "that", "big",
+               "full", "fully", "remote", "distributed", "focused", "first", "modern", "large", "great",
+               "very", "well-funded", "profitable", "bootstrapped", "mission-driven", "technology", "tech",
+               "public", "publicly", "holding", "parent", "subsidiary", "real", "good", "better", "different"}
+_SEG_REJECT = {"its", "their", "those", "these", "them", "it", "his", "her", "our", "your", "my", "any",
+               "some",
+               "more", "most", "us", "you", "me", "this", "that", "the", "a", "an", "one", "only", "both",
+               "thus", "then", "also", "just", "not", "what", "which", "who", "whom"}
+_SEG_STOP = {"that", "who", "which", "across", "in", "with", "to", "since", "on", "around", "throughout",
+             "worldwide", "from", "like", "such", "at", "by", "for", "through", "while", "so", "because",
+             "using", "and", "every", "each", "as", "into", "than", "globally", "nationwide", "today"}
+_PRODUCT_STOP = {"the", "we", "our", "it", "this", "today", "meet", "a", "an", "that", "they", "you", "news"}
+_EVENT_VERBS = (r"raised|opened|launched|hired|expanded|acquired|closed|secured|signed|partnered|won|"
+                r"released|introduced|completed|appointed|moved|reached|added|named")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    field: str
+    priority: int
+    pattern: re.Pattern[str]
+    keywords: tuple[str, ...]
+
+
+def _rules() -> list[_Rule]:
+    def r(fld: str, prio: int, pattern: str, *keywords: str, flags: int = 0) -> _Rule:
+        return _Rule(fld, prio, re.compile(pattern, flags), keywords)
+
+    i = re.IGNORECASE
+    return [
+        # founded_year
+        r("founded_year", 10, rf"\bfounded in {_YEAR}", "founded", flags=i),
+        r("founded_year", 10, rf"\bestablished in {_YEAR}", "established", flags=i),
+        r("founded_year", 11, rf"\b(?:year )?founded\s*\**\s*:?\s*\**\s*{_YEAR}", "founded", flags=i),
+        r("founded_year", 9, rf"foundingDate\s*:\s*{_YEAR}", "foundingdate", flags=i),
+        r("founded_year", 8, rf"\b(?:we|they|founders?) started\b.{{0,80}}?\bin {_YEAR}", "started", flags=i),
+        r("founded_year", 6, rf"\bsince {_YEAR}", "since", flags=i),
+        # location
+        r("location", 10, rf"(?i:headquartered in|headquarters (?:are|is) (?:located )?in)\s+{_LOC}",
+          "headquarter"),
+        r("location", 11, rf"\bHQ\s*\**\s*:\s*\**\s*{_LOC}", "hq"),
+        r("location", 9, rf"(?i:\bbased in)\s+{_LOC}", "based in"),
+        r("location", 9, rf"(?i:visit us at)\s+[^,]{{1,60}},\s*{_LOC}", "visit us"),
+        r("location", 11, rf"{_LEAD}(?:location|headquarters|hq|city){_LABEL_VALUE}", "location",
+          "headquarters", "hq", "city", flags=i),
+        r("location", 7, rf"(?i:offices? in|located in)\s+{_LOC}", "office", "located"),
+        r("location", 5, r"addressLocality\s*:\s*(?P<v>[^\n|;]{2,60}?)\s*$", "addresslocality"),
+        r("location", 4, r"addressRegion\s*:\s*(?P<v>[^\n|;]{2,60}?)\s*$", "addressregion"),
+        # employee_count
+        r("employee_count", 10, rf"(?i:team of)\s+{_APPROX}{_NUM}\s+(?i:people|employees|staff|engineers|"
+          r"professionals|experts|members)", "team of"),
+        r("employee_count", 10, rf"{_NUM}\s+(?i:full-time employees|employees|staff members|team members)\b",
+          "employee", "member"),
+        r("employee_count", 10, rf"(?i:\bemploys)\s+{_APPROX}{_NUM}", "employs"),
+        r("employee_count", 10, rf"{_NUM}-(?i:person|people|strong|member) team", "-person", "-people",
+          "-strong", "-member"),
+        r("employee_count", 11, rf"(?i:team size|employees|headcount|company size|number of employees)"
+          rf"\s*\**\s*:\s*\**\s*{_NUM}", "team size", "employees", "headcount", "company size"),
+        r("employee_count", 9, rf"(?i:more than|over)\s+{_NUM}\s+(?i:staff|employees|people)", "more than",
+          "over"),
+        r("employee_count", 8, rf"numberOfEmployees(?:\.value)?\s*:\s*{_NUM}", "numberofemployees"),
+        r("employee_count", 5, rf"{_NUM}\s+(?i:people|staff)\b", "people", "staff"),
+        # industry
+        r("industry", 10, rf"(?i:\bis an?|we are an?|\ban?)\s+(?:(?i:leading|growing|fast-growing|young|"
+          rf"small|global|b2b|venture-backed)\s+)?(?i:{_INDUSTRY})\s+(?i:company|startup|firm|business|provider|"
+          r"platform|vendor|specialist)", "company", "startup", "firm", "business", "provider", "platform",
+          "vendor", "specialist"),
+        r("industry", 11, rf"{_LEAD}(?:industry|sector|market){_LABEL_VALUE}", "industry", "sector", "market",
+          flags=i),
+        r("industry", 7, r"(?i:\bis an?|we are an?)\s+(?P<v>[a-z][a-z-]*(?:\s[a-z][a-z-]*){0,2})\s+"
+          r"(?i:company|startup)\b", "company", "startup"),
+        r("industry", 8, rf"{_LEAD}(?:tags|categories|category)\s*\**\s*:\s*\**\s*(?P<v>[^|;*\n]{{2,120}})",
+          "tags", "categor", flags=i),
+        r("industry", 3, rf"(?i:{_INDUSTRY})", *(x.lower() for x in _INDUSTRIES)),
+        # product
+        r("product", 10, rf"(?i:flagship product),?\s+{_PNAME}", "flagship"),
+        r("product", 10, rf"{_LEAD}(?:(?i:products?|platform|solutions?)\s+)?{_PNAME}\s+is our\b", "is our"),
+        r("product", 10, rf"(?i:\bmeet)\s+{_PNAME},?\s+(?i:the|our|a|an)\b", "meet "),
+        r("product", 11, rf"{_LEAD}(?:product|flagship product|main product){_LABEL_VALUE}", "product",
+          flags=i),
+        r("product", 7, rf"(?i:introducing|our product,?)\s+{_PNAME}", "introducing", "our product"),
+        r("product", 5, rf"(?i:\blaunched)\s+{_PNAME}", "launched"),
+        # customer_segment
+        r("customer_segment", 10, rf"(?i:built for|designed for|made for|purpose-built for)\s+{_SEG}",
+          " for "),
+        r("customer_segment", 10, rf"(?i:\bwe serve|\bserving)\s+{_SEG}", "serv"),
+        r("customer_segment", 10, rf"(?i:our customers are|our clients are)\s+{_SEG}", "customers are",
+          "clients are"),
+        r("customer_segment", 9, rf"(?i:trusted by)\s+(?:(?i:more than|over)\s+\d[\d,]*\s+)?{_SEG}",
+          "trusted by"),
+        # pain_point
+        r("pain_point", 10, rf"(?i:struggles? with|struggling with)\s+{_PHRASE}", "struggl"),
+        r("pain_point", 10, rf"(?i:biggest challenge we hear about is|biggest challenge (?:is|we see is))\s+"
+          rf"{_PHRASE}", "challenge"),
+        r("pain_point", 10, rf"(?i:hiring to tackle|to tackle)\s+{_PHRASE}", "tackle"),
+        r("pain_point", 10, rf"(?i:our current focus)\s*:\s*{_PHRASE}", "current focus"),
+        r("pain_point", 6, rf"(?i:challenges? (?:is|are|of|like))\s+{_PHRASE}", "challenge"),
+        r("pain_point", 5, rf"(?i:pain points? (?:is|are|like))\s+{_PHRASE}", "pain point"),
+        # recent_event (company-independent forms; company-specific ones come from _company_rules)
+        r("recent_event", 10, rf"(?i:announced (?:that )?it has|announced that it)\s+{_REST}", "announced"),
+        r("recent_event", 8, rf"{_LEAD}(?i:this month|this week|this year|last month|last week|recently),?\s+"
+          rf"(?:[A-Z][\w&.'-]*\s+){{1,4}}(?P<v>(?i:{_EVENT_VERBS})\b.{{3,}}?)\s*[.!]?\s*$", "this ", "last ",
+          "recently"),
+        r("recent_event", 3, r"\b(?P<v>(?i:raised|opened|expanded into|acquired|closed|secured)"
+          r"\s+[\w$].{2,}?)"
+          r"\s*[.!]?\s*$", "raised", "opened", "expanded", "acquired", "closed", "secured"),
+    ]
+
+
+_RULES = _rules()
+
+
+@lru_cache(maxsize=256)
+def _company_rules(company: str) -> tuple[_Rule, ...]:
+    """Rules that name the company (compiled once per company): recent events, glued headings."""
+    if not company:
+        return ()
+    c = re.escape(company)
+    return (
+        # A heading glued to the next paragraph by text extraction: "Welcome to Acme Quorvanta is our ..."
+        _Rule("product", 10, re.compile(rf"{_LEAD}(?:(?i:welcome to)\s+)?{c}\s+{_PNAME}\s+is our\b"),
+              ("is our",)),
+        _Rule("recent_event", 10, re.compile(
+            rf"{_LEAD}(?i:this month|this week|this year|last month|recently),?\s+{c}\s+{_REST}"), ("this ",
+                                                                                                    "last ",
+                                                                                                    "recently")),
+        _Rule("recent_event", 10, re.compile(rf"{_LEAD}(?i:news|update|press release)\s*:\s*{c}\s+{_REST}"),
+              ("news", "update", "press")),
+        _Rule("recent_event", 6, re.compile(
+            rf"{c}\s+(?:(?i:has|have|recently|just)\s+)*(?P<v>(?i:{_EVENT_VERBS})\b.{{3,}}?)\s*[.!]?\s*$"),
+            (company.lower(),)),
+    )
+
+
+_STRIP_TRAIL = " \t.,;:!?*_-\u2013\u2014"
+
+
+def _clean_span(sentence: str, start: int, end: int) -> tuple[int, int]:
+    while end > start and sentence[end - 1] in _STRIP_TRAIL:
+        end -= 1
+    while start < end and sentence[start] in " \t*_":
+        start += 1
+    return start, end
+
+
+def _post(field_name: str, sentence: str, start: int, end: int, company: str) -> tuple[int, int] | None:
+    """Field-specific trimming and sanity checks on a matched span; None rejects it."""
+    start, end = _clean_span(sentence, start, end)
+    value = sentence[start:end]
+    if not value or len(value) > 120:
+        return None
+    low = value.lower()
+    if field_name == "founded_year":
+        return (start, end) if 1950 <= int(value[:4]) <= 2025 else None
+    if field_name == "employee_count":
+        digits = int(re.sub(r"\D", "", value) or 0)
+        return (start, end) if 1 <= digits <= 2_000_000 else None
+    if field_name == "product":
+        if (len(value) < 3 or low in _PRODUCT_STOP or low == company.lower()
+                or low.split()[0] in _PRODUCT_STOP):
+            return None
+        return start, end
+    if field_name == "industry":
+        if "," in value:  # a tag list: take the first tag that names a market
+            offset = start
+            for tag in value.split(","):
+                t = tag.strip()
+                if t and t.lower() not in _GENERIC_TAGS:
+                    s = sentence.index(t, offset)
+                    return s, s + len(t)
+                offset += len(tag) + 1
+            return None
+        first = low.split()[0]
+        if first in _ADJECTIVES or low in _GENERIC_TAGS:
+            return None
+        return start, end
+    if field_name == "customer_segment":
+        words = value.split()
+        keep: list[str] = []
+        for w in words:
+            if keep and w.lower() in _SEG_STOP and (w.lower() != "and" or len(keep) >= 2):
+                break
+            keep.append(w)
+        if not keep or keep[0].lower() in _SEG_REJECT or keep[0].lower() in _SEG_STOP:
+            return None
+        keep = keep[:6]
+        if keep[-1].lower() == "and":
+            keep = keep[:-1]
+        return (start, start + len(" ".join(keep))) if keep else None
+    if field_name == "pain_point":
+        return (start, end) if len(value.split()) <= 12 else None
+    return start, end
+
+
+@dataclass
+class _Numbered:
+    sid: str
+    text: str
+    source: int
+    url: str
+    order: int
+
+
+@dataclass
+class _ExtractionTask:
+    company: str = ""
+    website: str = ""
+    sentences: list[_Numbered] = field(default_factory=list)
+
+
+_SOURCE_LINE = re.compile(r"^Source (\d+):\s*(\S*)")
+_SENTENCE_LINE = re.compile(r"^(S\d+):\s?(.*)$")
+
+
+def _parse_extraction(user: str) -> _ExtractionTask:
+    task = _ExtractionTask()
+    source, url = 0, ""
+    in_sentences = False
+    for line in user.splitlines():
+        if not in_sentences:
+            if line.startswith("Company:"):
+                task.company = line[8:].strip()
+            elif line.startswith("Website:"):
+                w = line[8:].strip()
+                task.website = "" if w == "(unknown)" else w
+            elif line.startswith("Sentences:"):
+                in_sentences = True
+            continue
+        m = _SENTENCE_LINE.match(line)
+        if m:
+            task.sentences.append(_Numbered(m.group(1), m.group(2).strip(), source, url, len(task.sentences)))
+            continue
+        m = _SOURCE_LINE.match(line)
+        if m:
+            source, url = int(m.group(1)), m.group(2)
+    return task
+
+
+def extract_facts(user: str) -> dict[str, list[dict[str, str]]]:
+    """Answer an extraction prompt (the user message of ``EXTRACTION_USER_TEMPLATE``) by rules.
+
+    Returns:
+        ``{"facts": [{"field", "value", "evidence"}]}``, at most one fact per field, in
+        ``FACT_FIELDS`` order; ``value`` is an exact span of the sentence cited in ``evidence``.
+    """
+    task = _parse_extraction(user)
+    sentences = task.sentences
+    if not sentences:
+        return {"facts": []}
+    own_host = host_of(task.website)
+    source_own: dict[int, int] = {}
+    for s in sentences:
+        if s.source not in source_own:
+            source_own[s.source] = 1 if own_host and host_of(s.url) == own_host else 0
+    own = [source_own[s.source] for s in sentences]
+    # Rank: own site first, then earlier sources, then earlier sentences.
+    rank = {i: r for r, i in enumerate(sorted(range(len(sentences)),
+                                              key=lambda i: (-own[i], sentences[i].source, i)))}
+    # Keyword index over the whole text at once (str.find runs in C): keyword -> sentence indices.
+    lows = [s.text.lower() for s in sentences]
+    starts: list[int] = []
+    pos = 0
+    for low in lows:
+        starts.append(pos)
+        pos += len(low) + 1
+    text = "\n".join(lows)
+    hits: dict[str, set[int]] = {}
+
+    def sentences_with(keyword: str) -> set[int]:
+        found = hits.get(keyword)
+        if found is None:
+            found = set()
+            at = text.find(keyword)
+            while at != -1:
+                idx = bisect_right(starts, at) - 1
+                found.add(idx)
+                nxt = idx + 1
+                at = text.find(keyword, starts[nxt]) if nxt < len(starts) else -1
+            hits[keyword] = found
+        return found
+
+    instruction: dict[int, bool] = {}
+    best: dict[str, tuple[tuple[int, int, int, int], str, str]] = {}
+    for rule in (*_RULES, *_company_rules(task.company)):
+        current = best.get(rule.field)
+        if current is not None and current[0][:2] >= (1, rule.priority):
+            continue
+        candidates: set[int] = set()
+        for keyword in rule.keywords:
+            candidates |= sentences_with(keyword)
+        for i in sorted(candidates, key=rank.__getitem__):
+            s = sentences[i]
+            if current is not None and (own[i], rule.priority) < current[0][:2]:
+                break
+            m = rule.pattern.search(s.text)
+            if m is None:
+                continue
+            span = _post(rule.field, s.text, m.start("v"), m.end("v"), task.company)
+            if span is None:
+                continue
+            if i not in instruction:
+                instruction[i] = is_instruction(s.text)
+            if instruction[i]:
+                continue
+            key = (own[i], rule.priority, -s.source, -i)
+            if current is None or key > current[0]:
+                best[rule.field] = (key, s.text[span[0]:span[1]], s.sid)
+            break
+    facts = [
+        {"field": f, "value": best[f][1], "evidence": best[f][2]} for f in FACT_FIELDS if f in best
+    ]
+    return {"facts": facts}
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+_TAG_LINE = re.compile(r"^\{\{([\w.]+)\}\}:\s?(.*)$")
+_BAD_TAGS = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+_FEEDBACK_LINE = re.compile(r"^-\s*(\w+):\s*(.*)$")
+_WORDS = re.compile(r"\S+")
+#: Assumed word counts of name tags whose values the prompt does not show.
+_TAG_WORDS = {"first_name": 1, "last_name": 1, "company": 2, "title": 2, "sender_name": 2,
+              "sender_company": 2, "product": 2}
+_FACT_PREFERENCE = ("recent_event", "pain_point", "product", "customer_segment", "location", "industry",
+                    "employee_count", "founded_year")
+
+# Each piece is a template using merge tags; a piece is only used when all its tags are available.
+_GREETINGS = ("Hi {{first_name}},", "Hello {{first_name}},", "Dear {{first_name}},",
+              "Good morning {{first_name}},")
+_SUBJECTS = (
+    "Quick idea for {{company}}",
+    "{{first_name}}, a thought on {{company}}",
+    "{{product}} for {{company}}",
+    "A question for the {{company}} team",
+    "Helping {{company}} with the next step",
+    "An idea for you, {{first_name}}",
+)
+_EVENT_SUBJECTS = ("Congrats on the recent news, {{first_name}}", "Following the news at {{company}}")
+_OPENERS: dict[str, tuple[str, ...]] = {
+    "recent_event": (
+        "I saw that {{company}} {{fact.recent_event}}. Congratulations, that is a real milestone for the "
+        "team.",
+        "Congratulations on the news that {{company}} {{fact.recent_event}}; moments like that usually bring "
+        "a wave of new priorities.",
+        "I read that {{company}} {{fact.recent_event}}, and it got me thinking about what comes next for "
+        "you.",
+        "Word travels fast: {{company}} {{fact.recent_event}}. That kind of momentum tends to stretch the "
+        "systems behind it.",
+    ),
+    "pain_point": (
+        "Teams I speak with keep telling me that {{fact.pain_point}} eats more time than anyone planned for.",
+        "When I looked at {{company}}, {{fact.pain_point}} stood out as a challenge worth solving early.",
+        "It sounds like {{fact.pain_point}} is on the agenda at {{company}} right now.",
+        "I keep hearing that {{fact.pain_point}} is one of the hardest problems to get right at your stage.",
+    ),
+    "product": (
+        "I have been reading about {{fact.product}} and the way {{company}} positions it.",
+        "The work {{company}} is doing on {{fact.product}} caught my attention this week.",
+    ),
+    "customer_segment": (
+        "Serving {{fact.customer_segment}} is demanding, and {{company}} seems to do it well.",
+        "I noticed that {{company}} focuses on {{fact.customer_segment}}, a group with very specific "
+        "expectations.",
+    ),
+    "location": (
+        "I have been following a few companies based in {{fact.location}}, and {{company}} kept coming up.",
+        "Teams in {{fact.location}} are moving quickly in your space, and {{company}} stood out to me.",
+    ),
+    "industry": (
+        "Few corners of {{fact.industry}} move as fast as the one {{company}} works in.",
+        "I work with several teams in {{fact.industry}}, and {{company}} stood out to me.",
+    ),
+    "employee_count": (
+        "With a team of around {{fact.employee_count}} people, {{company}} is at the stage where good "
+        "processes start to matter.",
+    ),
+    "founded_year": (
+        "Since {{company}} started in {{fact.founded_year}}, it has clearly grown into a serious player.",
+    ),
+}
+_NO_FACT_OPENERS = (
+    "I have been looking at how {{company}} works and had an idea worth sharing.",
+    "I came across {{company}} recently and wanted to reach out with a short note.",
+    "I have been reading about teams like {{company}} and thought of you.",
+)
+_SECONDARY: dict[str, tuple[str, ...]] = {
+    "recent_event": ("It was also good to see that {{company}} {{fact.recent_event}}.",),
+    "pain_point": ("I also understand that {{fact.pain_point}} is a live topic for your team.",),
+    "product": ("I also like how {{fact.product}} is presented on your site.",),
+    "customer_segment": ("Working with {{fact.customer_segment}} sets a high bar for reliability.",),
+    "location": ("Being based in {{fact.location}} gives you a strong local network.",),
+    "industry": ("That is rare in {{fact.industry}}.",),
+    "employee_count": ("A team of {{fact.employee_count}} can move quickly with the right tools.",),
+    "founded_year": ("Not bad for a company founded in {{fact.founded_year}}.",),
+}
+_TITLE_LINES = (
+    "As {{title}}, you are probably the person who feels this most.",
+    "In your role as {{title}}, I imagine this lands on your desk.",
+)
+_PITCHES = (
+    "At {{sender_company}} we built {{product}} for teams like yours.",
+    "{{product}} from {{sender_company}} was made for exactly this.",
+    "That is where {{product}} comes in.",
+    "I work on {{product}} at {{sender_company}}.",
+)
+_FILLERS = (
+    "It usually takes one short conversation to see whether there is a fit.",
+    "There is no pressure either way, and I am happy to share what has worked for similar teams.",
+    "Most teams we work with start small and expand once they see the results for themselves.",
+    "I would rather learn how you work today than pitch you something that does not fit.",
+)
+_SIGNOFFS = ("Best,", "Best regards,", "Thanks,", "All the best,")
+
+
+@dataclass
+class _WritingTask:
+    product: str = ""
+    value_proposition: str = ""
+    call_to_action: str = ""
+    opt_out_line: str = ""
+    title: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _parse_writing(user: str) -> _WritingTask:
+    task = _WritingTask()
+    labels: dict[str, Callable[[str], None]] = {
+        "Product:": lambda v: setattr(task, "product", v),
+        "Value proposition:": lambda v: setattr(task, "value_proposition", v),
+        "Call to action:": lambda v: setattr(task, "call_to_action", v),
+        "Opt-out line:": lambda v: setattr(task, "opt_out_line", v),
+        "Prospect title:": lambda v: setattr(task, "title", v),
+    }
+    for line in user.splitlines():
+        m = _TAG_LINE.match(line)
+        if m:
+            task.tags[m.group(1)] = m.group(2).strip()
+            continue
+        for label, setter in labels.items():
+            if line.startswith(label):
+                setter(line[len(label):].strip())
+                break
+    return task
+
+
+@dataclass
+class _Feedback:
+    rounds: int = 0
+    checks: set[str] = field(default_factory=set)
+    too_long: bool = False
+    too_short: bool = False
+    subject_too_long: bool = False
+    bad_tags: set[str] = field(default_factory=set)
+
+
+def _parse_feedback(messages: Sequence[str]) -> _Feedback:
+    fb = _Feedback()
+    for text in messages:
+        if "Validation feedback" not in text and "merge tags that cannot be filled" not in text:
+            continue
+        fb.rounds += 1
+        for line in text.splitlines():
+            m = _FEEDBACK_LINE.match(line.strip())
+            if not m:
+                continue
+            check, msg = m.group(1), m.group(2)
+            fb.checks.add(check)
+            if check == "length":
+                fb.too_long |= "too long" in msg
+                fb.too_short |= "too short" in msg
+            if check == "subject_length" and "too long" in msg:
+                fb.subject_too_long = True
+        for line in text.splitlines():
+            if "cannot be filled" in line:
+                head = line.split("cannot be filled", 1)[1].split("Allowed tags", 1)[0]
+                fb.bad_tags |= set(_BAD_TAGS.findall(head))
+    return fb
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if not text or text[-1] in ".!?" else text + "."
+
+
+class _Composer:
+    """Chooses template pieces deterministically from a seed, using only available tags."""
+
+    def __init__(self, task: _WritingTask, seed: int, banned: set[str]) -> None:
+        self.values = {k: v for k, v in task.tags.items() if k not in banned}
+        self.seed = seed
+
+    def usable(self, template: str) -> bool:
+        return all(t in self.values for t in _BAD_TAGS.findall(template))
+
+    def pick(self, options: Sequence[str], salt: int) -> str | None:
+        ok = [o for o in options if self.usable(o)]
+        if not ok:
+            return None
+        return ok[(self.seed // (salt + 1) + salt) % len(ok)]
+
+    def words(self, text: str) -> int:
+        def tag_words(name: str) -> int:
+            if name.startswith("fact."):
+                return len(_WORDS.findall(self.values.get(name, "x"))) or 1
+            return _TAG_WORDS.get(name, 1)
+
+        count = len(_WORDS.findall(_BAD_TAGS.sub("", text)))
+        return count + sum(tag_words(t) for t in _BAD_TAGS.findall(text))
+
+
+def write_email(user: str, followups: Sequence[str] = ()) -> dict[str, str]:
+    """Answer a writer prompt (the user message of ``WRITER_USER_TEMPLATE``) with templates.
+
+    Args:
+        user: The writer user message.
+        followups: Later user messages (validation feedback, merge-tag errors); fixed by rule where
+            possible (shorter or longer body, other subject, no offer text, no rejected tags).
+
+    Returns:
+        ``{"subject": ..., "body": ...}`` written with merge tags.
+    """
+    task = _parse_writing(user)
+    fb = _parse_feedback(followups)
+    seed = int.from_bytes(hashlib.sha256(user.encode("utf-8")).digest()[:8], "big") + 7919 * fb.rounds
+    comp = _Composer(task, seed, fb.bad_tags)
+    facts = [f for f in _FACT_PREFERENCE if f"fact.{f}" in comp.values]
+
+    # Subject
+    if fb.subject_too_long:
+        short = comp.pick(("Quick idea for {{company}}",), 0) if fb.rounds == 1 else None
+        subject = short or "A quick idea"
+    else:
+        options = _EVENT_SUBJECTS + _SUBJECTS if "recent_event" in facts else _SUBJECTS
+        subject = comp.pick(options, 1) or "A quick idea"
+
+    # Body pieces: (text, optional?)
+    greeting = comp.pick(_GREETINGS, 2) or "Hello,"
+    core: list[str] = []
+    optional: list[str] = []
+    if facts:
+        opener = comp.pick(_OPENERS[facts[0]], 3)
+        if opener:
+            core.append(opener)
+        if len(facts) > 1:
+            second = comp.pick(_SECONDARY[facts[1]], 4)
+            if second:
+                optional.append(second)
+    else:
+        core.append(comp.pick(_NO_FACT_OPENERS, 3) or "I wanted to reach out with a short note.")
+    title_line = comp.pick(_TITLE_LINES, 5)
+    if title_line:
+        optional.append(title_line)
+    pitch = comp.pick(_PITCHES, 6) or "We may be able to help."
+    vp = "" if fb.checks & {"spam", "grounded"} else _sentence(task.value_proposition)
+    cta = _sentence(task.call_to_action) if task.call_to_action else ""
+    signoff = comp.pick(_SIGNOFFS, 7) or "Best,"
+    sender = "\n".join(x for x in ("{{sender_name}}", "{{sender_company}}") if comp.usable(x))
+    opt_out = task.opt_out_line.strip()
+
+    low, high = (75, 110) if fb.too_long else ((90, 150) if fb.too_short else (70, 150))
+    fillers = [comp.pick(_FILLERS[i:] + _FILLERS[:i], 8 + i) or "" for i in range(len(_FILLERS))]
+    fillers = list(dict.fromkeys(f for f in fillers if f))
+
+    def assemble(opt: list[str], fill: list[str]) -> str:
+        para1 = " ".join(core + opt)
+        para2 = " ".join(x for x in (pitch, vp, *fill) if x)
+        parts = [greeting, para1, para2, cta, "\n".join(x for x in (signoff, sender) if x), opt_out]
+        return "\n\n".join(p for p in parts if p)
+
+    opt = list(optional)
+    fill: list[str] = []
+    body = assemble(opt, fill)
+    while comp.words(body) > high and (opt or vp):
+        if opt:
+            opt.pop()
+        else:
+            vp = ""
+        body = assemble(opt, fill)
+    for f in fillers:
+        if comp.words(body) >= low:
+            break
+        fill.append(f)
+        body = assemble(opt, fill)
+    return {"subject": subject, "body": body}
+
+
+# --------------------------------------------------------------------------------------------------
+# The chat model
+# --------------------------------------------------------------------------------------------------
+
+class HeuristicChatModel(BaseChatModel):
+    """A deterministic, rule-based researcher and writer behind the chat-model interface. NOT an LLM.
+
+    Recognises the task by the system message (``agents.prompts.EXTRACTION_SYSTEM_PROMPT`` or
+    ``WRITER_SYSTEM_PROMPT``) and answers with the JSON the agent expects (see the module docstring).
+    The first user message is the task; later user messages are read as validation feedback.
+    Each call takes well under 2 ms for a typical prompt; ``_agenerate`` runs inline (no thread pool).
+
+    The returned ``AIMessage`` carries ``usage_metadata`` with token counts estimated as
+    ``ceil(characters / 4)`` (not a tokenizer count) and ``response_metadata={"model_name": "heuristic"}``.
+
+    Raises (from ``invoke``/``ainvoke``):
+        ValueError: the system message is not one of the two agent prompts, or no user message follows it.
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "heuristic"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": HEURISTIC_MODEL_NAME}
+
+    def _answer(self, messages: list[BaseMessage]) -> dict[str, Any]:
+        system = next((m.text for m in messages if isinstance(m, SystemMessage)), "")
+        users = [m.text for m in messages if isinstance(m, HumanMessage)]
+        if system.strip() == EXTRACTION_SYSTEM_PROMPT.strip():
+            task = "extraction"
+        elif system.strip() == WRITER_SYSTEM_PROMPT.strip():
+            task = "writing"
+        else:
+            raise ValueError(
+                "HeuristicChatModel is a rule-based stand-in, not an LLM: it only answers the researcher's "
+                "extraction prompt (agents.prompts.EXTRACTION_SYSTEM_PROMPT) and the writer's prompt "
+                "(agents.prompts.WRITER_SYSTEM_PROMPT); got a system message starting "
+                f"{system[:80]!r}. Use an LLM backend (openai:..., ollama:...) for other prompts."
+            )
+        if not users:
+            raise ValueError(
+                f"HeuristicChatModel got the {task} system prompt but no user message with the task; "
+                "send the agent's user message after the system message"
+            )
+        if task == "extraction":
+            return extract_facts(users[0])
+        return write_email(users[0], users[1:])
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        content = json.dumps(self._answer(messages), ensure_ascii=False)
+        input_tokens = estimate_tokens("".join(m.text for m in messages))
+        output_tokens = estimate_tokens(content)
+        usage = {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                 "total_tokens": input_tokens + output_tokens}
+        message = AIMessage(content=content, usage_metadata=usage,  # type: ignore[arg-type]
+                            response_metadata={"model_name": HEURISTIC_MODEL_NAME})
+        return ChatResult(generations=[ChatGeneration(message=message)],
+                          llm_output={"model_name": HEURISTIC_MODEL_NAME, "token_usage": usage})
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return self._generate(messages, stop=stop, **kwargs)

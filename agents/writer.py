@@ -1,0 +1,164 @@
+"""The writer agent: a personalised cold email written with merge tags, and its renderer.
+
+The model never types a name or a fact (DESIGN.md, "Grounding by construction"): it writes
+``{{first_name}}``, ``{{company}}``, ``{{fact.<field>}}`` ...; ``render`` fills them from the prospect,
+the offer and the profile, and a tag that cannot be filled is a ``MergeTagError``, never a blank.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from agents.errors import MergeTagError
+from agents.parsing import ainvoke_structured
+from agents.prompts import (
+    FEEDBACK_TEMPLATE,
+    NAME_TAG_DESCRIPTIONS,
+    WRITER_SYSTEM_PROMPT,
+    WRITER_USER_TEMPLATE,
+)
+from agents.schemas import FACT_FIELDS, EmailDraft, Offer, Profile, ProspectInfo, RenderedEmail
+
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import BaseMessage
+    from langchain_core.runnables import RunnableConfig
+
+__all__ = [
+    "MERGE_TAG_PATTERN",
+    "build_writer_messages",
+    "merge_tag_values",
+    "render",
+    "used_merge_tags",
+    "write",
+]
+
+logger = logging.getLogger(__name__)
+
+#: A merge tag: ``{{ name }}`` with optional inner spaces; group 1 is the name.
+MERGE_TAG_PATTERN = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+
+
+def merge_tag_values(prospect: ProspectInfo, profile: Profile, offer: Offer) -> dict[str, str]:
+    """Return every merge tag that can be filled, mapped to its value.
+
+    Name tags come from the prospect (``first_name``, ``last_name``, ``company``, ``title``) and the
+    offer (``sender_name``, ``sender_company``, ``product``); ``fact.<field>`` tags from the profile's
+    facts (first fact per field). Tags whose value is empty are left out, so using them is an error
+    rather than a blank in a sent email. Keys are in prompt order: names first, then facts in
+    ``FACT_FIELDS`` order.
+    """
+    names = {
+        "first_name": prospect.first_name,
+        "last_name": prospect.last_name,
+        "company": prospect.company,
+        "title": prospect.title,
+        "sender_name": offer.sender_name,
+        "sender_company": offer.sender_company,
+        "product": offer.product,
+    }
+    values = {k: v.strip() for k, v in names.items() if v and v.strip()}
+    for name in FACT_FIELDS:
+        fact = profile.fact(name)
+        if fact is not None and fact.value.strip():
+            values[f"fact.{name}"] = fact.value.strip()
+    return values
+
+
+def used_merge_tags(text: str) -> list[str]:
+    """Return the tag names used in ``text``, in order of first use, without duplicates."""
+    return list(dict.fromkeys(m.group(1) for m in MERGE_TAG_PATTERN.finditer(text)))
+
+
+def build_writer_messages(
+    offer: Offer, prospect: ProspectInfo, profile: Profile, feedback: Sequence[str] = ()
+) -> list[BaseMessage]:
+    """Build the writer prompt.
+
+    ``WRITER_SYSTEM_PROMPT``; a user message from ``WRITER_USER_TEMPLATE`` with the offer (sender
+    title, product, value proposition, call to action, opt-out line; the sender's and the
+    prospect's names only as tags), the prospect's title and the available merge tags (names
+    described, facts shown with their value);
+    and, when ``feedback`` is given, a second user message (``FEEDBACK_TEMPLATE``) listing it.
+    """
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    lines = []
+    for tag, value in merge_tag_values(prospect, profile, offer).items():
+        shown = value if tag.startswith("fact.") else NAME_TAG_DESCRIPTIONS[tag]
+        lines.append(f"{{{{{tag}}}}}: {shown}")
+    user = WRITER_USER_TEMPLATE.format(
+        sender_title=offer.sender_title or "(none)",
+        product=offer.product,
+        value_proposition=offer.value_proposition,
+        call_to_action=offer.call_to_action,
+        opt_out_line=offer.opt_out_line,
+        title=prospect.title or "(unknown)",
+        merge_tags="\n".join(lines),
+    )
+    messages: list[BaseMessage] = [SystemMessage(content=WRITER_SYSTEM_PROMPT), HumanMessage(content=user)]
+    items = [f.strip() for f in feedback if f and f.strip()]
+    if items:
+        errors = "\n".join(f"- {f}" for f in items)
+        messages.append(HumanMessage(content=FEEDBACK_TEMPLATE.format(errors=errors)))
+    return messages
+
+
+async def write(
+    offer: Offer,
+    prospect: ProspectInfo,
+    profile: Profile,
+    *,
+    model: BaseChatModel,
+    feedback: Sequence[str] = (),
+    config: RunnableConfig | None = None,
+) -> EmailDraft:
+    """Ask the writer model for an email draft with merge tags.
+
+    Args:
+        offer: What is sold and how (call to action, opt-out line).
+        prospect: Who receives the email (only the title is shown as text; names are tags).
+        profile: The researcher's grounded facts (offered as ``{{fact.<field>}}`` tags).
+        model: The writer's chat model (teacher or miniature); never built here.
+        feedback: Validation errors of an earlier attempt, sent as an extra user message.
+        config: Run config of the graph node, forwarded to every model call.
+
+    Returns:
+        The draft (not yet rendered or validated: see ``render`` and ``validate_email``).
+
+    Raises:
+        ModelOutputError: the model's answer was not valid JSON twice.
+    """
+    messages = build_writer_messages(offer, prospect, profile, feedback)
+    draft = await ainvoke_structured(model, messages, EmailDraft, agent="writer", config=config)
+    logger.debug("writer draft for %s: subject %r, %d tag(s)", prospect.email, draft.subject,
+                 len(used_merge_tags(draft.subject + draft.body)))
+    return draft
+
+
+def render(draft: EmailDraft, prospect: ProspectInfo, profile: Profile, offer: Offer) -> RenderedEmail:
+    """Fill every merge tag of ``draft`` (``{{ tag }}``, inner spaces tolerated).
+
+    Args:
+        draft: Subject and body with merge tags.
+        prospect, profile, offer: Where the values come from (see ``merge_tag_values``).
+
+    Returns:
+        The email with every tag replaced by its value.
+
+    Raises:
+        MergeTagError: a tag is unknown, names a fact the profile lacks, or names an empty field;
+            the error lists the bad tags and the allowed ones.
+    """
+    values = merge_tag_values(prospect, profile, offer)
+    bad = [t for t in used_merge_tags(draft.subject + "\n" + draft.body) if t not in values]
+    if bad:
+        raise MergeTagError(bad, list(values))
+
+    def fill(text: str) -> str:
+        return MERGE_TAG_PATTERN.sub(lambda m: values[m.group(1)], text)
+
+    return RenderedEmail(subject=fill(draft.subject), body=fill(draft.body))

@@ -1,0 +1,98 @@
+"""What a campaign in the store produced: per-company predictions for scoring, and a summary of
+runs, emails, grounding, tokens, latency and cost (read from the store, never recomputed)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from store.models import Campaign, EmailRecord, FactRecord, ProfileRecord, Run, RunStatus, Trace
+
+__all__ = ["CampaignSummary", "campaign_predictions", "campaign_summary"]
+
+
+def _campaign_id(session: Session, campaign: str) -> int:
+    record = session.exec(select(Campaign).where(Campaign.name == campaign)).first()
+    if record is None or record.id is None:
+        raise KeyError(f"no campaign named {campaign!r} in the store")
+    return record.id
+
+
+def campaign_predictions(engine: Engine, campaign: str) -> dict[str, dict[str, str]]:
+    """``{company: {field: value}}`` from the campaign's stored profiles (first fact per field).
+
+    Raises:
+        KeyError: no campaign of that name.
+    """
+    with Session(engine) as session:
+        cid = _campaign_id(session, campaign)
+        rows = session.exec(
+            select(ProfileRecord.company, FactRecord.field, FactRecord.value)
+            .join(FactRecord, FactRecord.profile_id == ProfileRecord.id)  # type: ignore[arg-type]
+            .join(Run, Run.id == ProfileRecord.run_id)  # type: ignore[arg-type]
+            .where(Run.campaign_id == cid)
+            .order_by(FactRecord.id)  # type: ignore[arg-type]
+        ).all()
+        companies = session.exec(
+            select(ProfileRecord.company).join(Run, Run.id == ProfileRecord.run_id).where(Run.campaign_id == cid)  # type: ignore[arg-type]
+        ).all()
+    predictions: dict[str, dict[str, str]] = {c: {} for c in companies}
+    for company, field, value in rows:
+        predictions[company].setdefault(field, value)
+    return predictions
+
+
+@dataclass(frozen=True)
+class CampaignSummary:
+    """Counts and figures of one campaign. Latencies are milliseconds per model call; cost in US dollars."""
+
+    runs: int
+    done: int
+    failed: int
+    pending: int
+    valid_emails: int
+    facts: int
+    dropped_facts: int
+    model_calls: int
+    input_tokens: int
+    output_tokens: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    cost_usd: float
+
+
+def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
+    """Summarise a campaign from the store.
+
+    Raises:
+        KeyError: no campaign of that name.
+    """
+    with Session(engine) as session:
+        cid = _campaign_id(session, campaign)
+        statuses = session.exec(select(Run.status).where(Run.campaign_id == cid)).all()
+        run_ids = select(Run.id).where(Run.campaign_id == cid)
+        valid = session.exec(select(EmailRecord.valid).where(EmailRecord.run_id.in_(run_ids))).all()  # type: ignore[union-attr]
+        profiles = session.exec(select(ProfileRecord).where(ProfileRecord.run_id.in_(run_ids))).all()  # type: ignore[attr-defined]
+        n_facts = len(session.exec(select(FactRecord.id).where(
+            FactRecord.profile_id.in_([p.id for p in profiles]))).all())  # type: ignore[union-attr]
+        traces = session.exec(select(Trace).where(Trace.run_id.in_(run_ids))).all()  # type: ignore[union-attr]
+    latencies = sorted(t.latency_ms for t in traces)
+    quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    return CampaignSummary(
+        runs=len(statuses),
+        done=sum(s == RunStatus.DONE for s in statuses),
+        failed=sum(s == RunStatus.FAILED for s in statuses),
+        pending=sum(s in (RunStatus.PENDING, RunStatus.RUNNING) for s in statuses),
+        valid_emails=sum(bool(v) for v in valid),
+        facts=n_facts,
+        dropped_facts=sum(p.dropped_facts for p in profiles),
+        model_calls=len(traces),
+        input_tokens=sum(t.input_tokens for t in traces),
+        output_tokens=sum(t.output_tokens for t in traces),
+        latency_p50_ms=quantiles[49] if quantiles else 0.0,
+        latency_p95_ms=quantiles[94] if quantiles else 0.0,
+        cost_usd=sum(t.cost_usd for t in traces),
+    )

@@ -1,0 +1,5 @@
+"""``python -m outreach`` runs the CLI."""
+
+from outreach.cli import app
+
+app()

@@ -1,0 +1,469 @@
+"""The ``outreach`` command line (typer + rich). Progress bars and tables live here, not in the library."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from outreach.settings import Settings, load_settings
+
+app = typer.Typer(
+    help="Trained miniatures for sales outreach: research prospects, write grounded emails, record every model call.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+world_app = typer.Typer(help="The demo world: a seeded, fictional market of companies with websites and gold profiles.")
+corpus_app = typer.Typer(help="The local web corpus (SQLite FTS5) that offline research searches and fetches.")
+traces_app = typer.Typer(help="Recorded model calls (one row per call).")
+emails_app = typer.Typer(help="Written emails.")
+realdata_app = typer.Typer(help="Jobs on the real data in ../shared/realdata (never copied into the repository).")
+for sub, name in ((world_app, "world"), (corpus_app, "corpus"), (traces_app, "traces"), (emails_app, "emails"),
+                  (realdata_app, "realdata")):
+    app.add_typer(sub, name=name, no_args_is_help=True)
+
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="Settings file (default: ./outreach.toml or $OUTREACH_CONFIG).")
+]
+StoreOpt = Annotated[str | None, typer.Option("--store", help="SQLAlchemy URL of the store (setting store_url).")]
+CorpusOpt = Annotated[Path | None, typer.Option("--corpus", help="Corpus file (setting corpus_path).")]
+
+
+def _settings(config: Path | None, **overrides: object) -> Settings:
+    import os
+
+    from pydantic import ValidationError
+
+    if config is not None:
+        if not config.is_file():
+            err.print(f"[red]settings file {config} not found[/red]")
+            raise typer.Exit(2)
+        os.environ["OUTREACH_CONFIG"] = str(config)
+    try:
+        return load_settings(**overrides)
+    except ValidationError as exc:
+        err.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _engine(settings: Settings):  # type: ignore[no-untyped-def]
+    from store import open_store
+
+    return open_store(settings.store_url)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at debug level.")] = False) -> None:
+    """Set up logging."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@world_app.command("generate")
+def world_generate(
+    out: Annotated[Path, typer.Option(help="Folder to write the world into.")] = Path("world"),
+    companies: Annotated[int, typer.Option(help="Companies with a prospect (distractors come on top).")] = 200,
+    seed: Annotated[int, typer.Option(help="Same seed, same world, byte for byte.")] = 7,
+    heldout: Annotated[float, typer.Option(help="Fraction of companies in the held-out split.")] = 0.3,
+    import_corpus: Annotated[bool, typer.Option("--import/--no-import", help="Import the sites into the corpus.")] = True,
+    corpus: CorpusOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Generate the demo world and import its websites into the corpus.
+
+    Example: `outreach world generate --out world --companies 200 --seed 7`
+    """
+    from evals.world import generate_world
+    from outreach.pipeline import import_world_corpus
+
+    settings = _settings(config, corpus_path=corpus)
+    manifest = generate_world(out, n_companies=companies, seed=seed, heldout_fraction=heldout)
+    console.print(f"wrote the demo world to {out}/: {json.dumps(manifest.counts)}")
+    if import_corpus:
+        n = import_world_corpus(out, settings.corpus_path)
+        console.print(f"imported {n} pages into the corpus {settings.corpus_path}")
+    console.print(f"next: outreach run {out}/prospects_train.csv --offer {out}/offer.toml")
+
+
+@corpus_app.command("import")
+def corpus_import(
+    path: Annotated[Path, typer.Argument(help="An HTML file or folder (<root>/<host>/<path>.html), a .csv or a .warc[.gz].")],
+    url: Annotated[str | None, typer.Option(help="Address of a single HTML file.")] = None,
+    name_column: Annotated[str, typer.Option(help="CSV: column with the page title.")] = "name",
+    url_column: Annotated[str, typer.Option(help="CSV: column with the website.")] = "website",
+    text_column: Annotated[list[str] | None, typer.Option(help="CSV: a column rendered into the text (repeat).")] = None,
+    where: Annotated[list[str] | None, typer.Option(help="CSV: keep rows where COLUMN=VALUE (repeat; all must hold).")] = None,
+    corpus: CorpusOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Import pages into the local corpus.
+
+    Examples:
+
+    * `outreach corpus import site/ `  (folders named after hosts)
+    * `outreach corpus import page.html --url https://acme.example/about`
+    * `outreach corpus import companies.csv --name-column company_name --url-column website --text-column long_description --where status=Active`
+    * `outreach corpus import crawl.warc.gz`
+    """
+    from tools import Corpus, import_csv, import_html, import_warc
+
+    settings = _settings(config, corpus_path=corpus)
+    if not path.exists():
+        err.print(f"[red]{path} does not exist[/red]")
+        raise typer.Exit(2)
+    store = Corpus(settings.corpus_path)
+    name = path.name.lower()
+    if name.endswith(".csv"):
+        conditions = [w.split("=", 1) for w in where or []]
+        if any(len(c) != 2 for c in conditions):
+            err.print("[red]--where takes COLUMN=VALUE[/red]")
+            raise typer.Exit(2)
+        report = import_csv(path, store, name_column=name_column, url_column=url_column,
+                            text_columns=text_column or [],
+                            where=(lambda row: all(row.get(k) == v for k, v in conditions)) if conditions else None)
+        for row, reason in report.skipped:
+            err.print(f"[yellow]skipped row {row}: {reason}[/yellow]")
+        n = report.imported
+    elif name.endswith((".warc", ".warc.gz")):
+        n = import_warc(path, store)
+    else:
+        n = import_html(path, store, url=url)
+    console.print(f"imported {n} documents into {settings.corpus_path} ({len(store)} in all)")
+
+
+@corpus_app.command("search")
+def corpus_search(
+    query: Annotated[str, typer.Argument(help="Words to search for (BM25 ranking).")],
+    limit: Annotated[int, typer.Option(help="Hits to show.")] = 8,
+    corpus: CorpusOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Search the local corpus. Example: `outreach corpus search "logistics software Austin"`"""
+    from tools import Corpus
+
+    settings = _settings(config, corpus_path=corpus)
+    table = Table("rank", "score", "url", "title")
+    for hit in Corpus(settings.corpus_path).search(query, max_results=limit):
+        table.add_row(str(hit.rank), f"{hit.score:.2f}", hit.url, hit.title)
+    console.print(table)
+
+
+def _progress_run(coro_factory, total: int):  # type: ignore[no-untyped-def]
+    """Run a campaign coroutine with a rich progress bar fed by its run events."""
+    from graphs.runner import RunEvent
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("[red]{task.fields[failed]} failed"), console=err, transient=False,
+                  disable=not err.is_terminal) as progress:
+        task = progress.add_task("prospects", total=total, failed=0)
+        failed = 0
+
+        def on_event(event: RunEvent) -> None:
+            nonlocal failed
+            if event.status != "running":
+                failed += event.status == "failed"
+                progress.update(task, advance=1, failed=failed)
+
+        return asyncio.run(coro_factory(on_event))
+
+
+def _print_report(report, engine, campaign: str) -> None:  # type: ignore[no-untyped-def]
+    from evals.campaigns import campaign_summary
+
+    summary = campaign_summary(engine, campaign)
+    table = Table(title=f"campaign {campaign}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("prospects run now", report.total), ("done now", report.done), ("failed now", report.failed),
+        ("already done before", report.skipped), ("seconds", f"{report.elapsed_s:.1f}"),
+        ("valid emails (all runs)", summary.valid_emails), ("grounded facts", summary.facts),
+        ("facts dropped (ungrounded)", summary.dropped_facts), ("model calls", summary.model_calls),
+        ("tokens in / out", f"{summary.input_tokens} / {summary.output_tokens}"),
+        ("latency p50 / p95 ms", f"{summary.latency_p50_ms:.1f} / {summary.latency_p95_ms:.1f}"),
+        ("cost USD", f"{summary.cost_usd:.4f}"),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+    for email, reason in report.failures[:10]:
+        err.print(f"[yellow]failed {email}: {reason}[/yellow]")
+    if len(report.failures) > 10:
+        err.print(f"[yellow]... and {len(report.failures) - 10} more failures (outreach traces list)[/yellow]")
+
+
+@app.command("run")
+def run(
+    prospects: Annotated[Path, typer.Argument(help="Prospects CSV: first_name,last_name,title,email,company,website.")],
+    offer: Annotated[Path, typer.Option(help="Offer TOML (sender_name, sender_company, product, value_proposition, call_to_action).")],
+    researcher: Annotated[str | None, typer.Option(help="Backend spec of the researcher (heuristic, openai:<model>[@url], ollama:<model>).")] = None,
+    writer: Annotated[str | None, typer.Option(help="Backend spec of the writer.")] = None,
+    campaign: Annotated[str | None, typer.Option(help="Campaign name (default: the CSV's file name). Rerun to resume.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Prospects in flight at once.")] = None,
+    web: Annotated[str | None, typer.Option(help="corpus (offline) or ddgs (live web).")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Also rerun prospects that failed before.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Run at most this many pending prospects.")] = None,
+    store: StoreOpt = None,
+    corpus: CorpusOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a campaign: research each prospect, write a grounded email, record every model call.
+
+    Running it again with the same campaign resumes it: done prospects are skipped, interrupted ones rerun.
+
+    Examples:
+
+    * `outreach run world/prospects_train.csv --offer world/offer.toml`
+    * `outreach run leads.csv --offer offer.toml --researcher openai:gpt-4.1-mini --writer ollama:qwen2.5:3b --web ddgs`
+    """
+    from graphs.inputs import InputError, load_offer, read_prospects_csv
+    from graphs.runner import add_prospects, run_campaign
+    from miniatures.specs import BackendSpecError
+    from outreach.pipeline import open_web
+
+    settings = _settings(config, researcher=researcher, writer=writer, concurrency=concurrency, web=web,
+                         store_url=store, corpus_path=corpus)
+    try:
+        offer_model = load_offer(offer)
+        parsed = read_prospects_csv(prospects)
+    except InputError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    for row_error in parsed.errors:
+        err.print(f"[yellow]skipped {prospects}: {row_error}[/yellow]")
+    name = campaign or prospects.stem
+    engine = _engine(settings)
+    added, present = add_prospects(engine, name, offer_model, parsed.prospects)
+    console.print(f"campaign {name}: {added} prospects added, {present} already there, "
+                  f"{len(parsed.errors)} rows skipped; researcher={settings.researcher} writer={settings.writer}")
+    try:
+        web_impl = open_web(settings, engine)
+    except FileNotFoundError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    try:
+        report = _progress_run(lambda on_event: run_campaign(
+            engine, name, web=web_impl, researcher=settings.researcher, writer=settings.writer,
+            concurrency=settings.concurrency, prices=settings.price_table(), max_pages=settings.max_pages,
+            prospect_timeout_s=settings.prospect_timeout_s, retry_failed=retry_failed, limit=limit,
+            on_event=on_event), total=limit or len(parsed.prospects))
+    except BackendSpecError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    _print_report(report, engine, name)
+
+
+@traces_app.command("list")
+def traces_list(
+    campaign: Annotated[str | None, typer.Option(help="Only this campaign.")] = None,
+    agent: Annotated[str | None, typer.Option(help="researcher or writer.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows to show (newest first).")] = 20,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """List recorded model calls. Example: `outreach traces list --agent writer --limit 5`"""
+    from outreach.queries import select_traces
+
+    settings = _settings(config, store_url=store)
+    table = Table("id", "run", "agent", "step", "backend", "in", "out", "ms", "USD", "error")
+    for t in select_traces(_engine(settings), campaign=campaign, agent=agent, limit=limit, newest_first=True):
+        table.add_row(str(t.id), str(t.run_id), t.agent, t.step, t.backend, str(t.input_tokens),
+                      str(t.output_tokens), f"{t.latency_ms:.1f}", f"{t.cost_usd:.5f}", (t.error or "")[:40])
+    console.print(table)
+
+
+@traces_app.command("show")
+def traces_show(trace_id: Annotated[int, typer.Argument(help="Trace id.")], store: StoreOpt = None,
+                config: ConfigOpt = None) -> None:
+    """Show one trace: messages, output, tokens, latency. Example: `outreach traces show 12`"""
+    from sqlmodel import Session
+
+    from store.models import Trace
+
+    settings = _settings(config, store_url=store)
+    with Session(_engine(settings)) as session:
+        trace = session.get(Trace, trace_id)
+    if trace is None:
+        err.print(f"[red]no trace {trace_id}; see `outreach traces list`[/red]")
+        raise typer.Exit(1)
+    console.print_json(json.dumps(trace.model_dump(mode="json"), ensure_ascii=False))
+
+
+@traces_app.command("export")
+def traces_export(
+    fmt: Annotated[str, typer.Option("--format", help="openai-jsonl: one {'messages': [...]} per line.")] = "openai-jsonl",
+    out: Annotated[Path | None, typer.Option(help="Output file (default: standard output).")] = None,
+    campaign: Annotated[str | None, typer.Option(help="Only this campaign.")] = None,
+    agent: Annotated[str | None, typer.Option(help="researcher or writer.")] = None,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Export traces as OpenAI chat fine-tuning JSONL (what TRL reads).
+
+    Example: `outreach traces export --format openai-jsonl --agent writer --out writer.jsonl`
+    """
+    from outreach.queries import select_traces
+    from store.exports import write_openai_jsonl
+
+    if fmt != "openai-jsonl":
+        err.print(f"[red]unknown format {fmt!r}; use openai-jsonl[/red]")
+        raise typer.Exit(2)
+    settings = _settings(config, store_url=store)
+    traces = select_traces(_engine(settings), campaign=campaign, agent=agent)
+    if out is None:
+        write_openai_jsonl(traces, sys.stdout)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as fh:
+        n = write_openai_jsonl(traces, fh)
+    err.print(f"wrote {n} examples to {out}")
+
+
+@emails_app.command("export")
+def emails_export(
+    fmt: Annotated[str, typer.Option("--format", help="csv, jsonl, or eml (one file per email in a folder).")] = "csv",
+    out: Annotated[Path, typer.Option(help="Output file (csv, jsonl) or folder (eml).")] = Path("emails.csv"),
+    campaign: Annotated[str | None, typer.Option(help="Only this campaign.")] = None,
+    include_invalid: Annotated[bool, typer.Option(help="Also emails that failed validation.")] = False,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Export written emails. Example: `outreach emails export --format eml --out outbox/`"""
+    from outreach.exports import EXPORT_FORMATS, export_emails, load_emails
+
+    if fmt not in EXPORT_FORMATS:
+        err.print(f"[red]unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}[/red]")
+        raise typer.Exit(2)
+    settings = _settings(config, store_url=store)
+    n = export_emails(load_emails(_engine(settings), campaign, include_invalid=include_invalid), fmt, out)
+    console.print(f"wrote {n} emails to {out}")
+
+
+def _scores_table(title: str, scores) -> Table:  # type: ignore[no-untyped-def]
+    table = Table(title=title)
+    for col in ("field", "precision", "recall", "F1", "tp", "predicted", "gold"):
+        table.add_column(col, justify="right" if col != "field" else "left")
+    for name, s in {**scores.per_field, "micro": scores.micro}.items():
+        table.add_row(name, f"{s.precision:.3f}", f"{s.recall:.3f}", f"{s.f1:.3f}", str(s.tp), str(s.n_pred),
+                      str(s.n_gold))
+    return table
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Working folder (world, store, corpus).")] = Path("demo"),
+    companies: Annotated[int, typer.Option(help="Demo-world companies.")] = 200,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 7,
+    concurrency: Annotated[int, typer.Option(help="Prospects in flight at once.")] = 8,
+) -> None:
+    """The main job offline: generate the demo world, run a campaign over its train prospects with the
+    `heuristic` teacher on the local corpus, and score the profiles against the world's gold.
+
+    Example: `outreach demo --out demo`
+    """
+    from evals.campaigns import campaign_predictions
+    from evals.scoring import score_profiles
+    from evals.world import generate_world, load_gold
+    from graphs.inputs import load_offer, read_prospects_csv
+    from graphs.runner import add_prospects, run_campaign
+    from outreach.pipeline import import_world_corpus, open_web
+
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(None, store_url=f"sqlite:///{out / 'outreach.sqlite'}", corpus_path=out / "corpus.sqlite",
+                         web="corpus", concurrency=concurrency)
+    world_dir = out / "world"
+    manifest = generate_world(world_dir, n_companies=companies, seed=seed)
+    pages = import_world_corpus(world_dir, settings.corpus_path)
+    console.print(f"demo world: {json.dumps(manifest.counts)}; {pages} pages in the corpus")
+    engine = _engine(settings)
+    parsed = read_prospects_csv(world_dir / "prospects_train.csv")
+    add_prospects(engine, "demo-train", load_offer(world_dir / "offer.toml"), parsed.prospects, split="train")
+    web_impl = open_web(settings, engine)
+    report = _progress_run(lambda on_event: run_campaign(
+        engine, "demo-train", web=web_impl, researcher=settings.researcher, writer=settings.writer,
+        concurrency=settings.concurrency, prices=settings.price_table(), on_event=on_event),
+        total=len(parsed.prospects))
+    _print_report(report, engine, "demo-train")
+    gold = {name: g.facts for name, g in load_gold(world_dir).items() if g.split == "train"}
+    predictions = campaign_predictions(engine, "demo-train")
+    scores = score_profiles({c: predictions.get(c, {}) for c in gold}, gold)
+    console.print(_scores_table("extraction vs gold (train split)", scores))
+    console.print(f"store: {settings.store_url}  -  try: outreach traces list --store {settings.store_url}")
+
+
+@realdata_app.command("companies")
+def realdata_companies(
+    csv_path: Annotated[Path, typer.Option("--csv", help="The YC companies CSV.")] = Path(
+        "../shared/realdata/companies/yc_companies_even_ids.csv"),
+    limit: Annotated[int, typer.Option(help="Prospects in the campaign.")] = 30,
+    campaign: Annotated[str, typer.Option(help="Campaign name.")] = "yc-b2b",
+    offer: Annotated[Path | None, typer.Option(help="Offer TOML (default: a built-in example offer).")] = None,
+    store: StoreOpt = None,
+    corpus: CorpusOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Real companies: import the Active, b2b-tagged YC rows as a corpus and as prospects (founders as
+    contacts), run a campaign, and report precision/recall of location, employee count and founded year
+    against the rows' own fields.
+
+    Example: `outreach realdata companies --limit 30 --store sqlite:///real.sqlite --corpus real-corpus.sqlite`
+    """
+    from agents.schemas import Offer
+    from graphs.inputs import load_offer
+    from outreach.pipeline import run_yc_campaign
+
+    if not csv_path.is_file():
+        err.print(f"[red]{csv_path} not found; it lives in ../shared/realdata/companies/[/red]")
+        raise typer.Exit(2)
+    settings = _settings(config, store_url=store, corpus_path=corpus)
+    offer_model = load_offer(offer) if offer else Offer(
+        sender_name="Dana Whitfield", sender_title="Account Executive", sender_company="Ledgerline",
+        product="Ledgerline", value_proposition="cuts month-end close time by automating reconciliation",
+        call_to_action="Would a 20-minute call next week be useful?")
+    engine = _engine(settings)
+    report, scores, imported = run_yc_campaign(engine, settings, csv_path, campaign=campaign, offer=offer_model,
+                                               limit=limit)
+    console.print(f"imported {imported} Active b2b companies into {settings.corpus_path}")
+    _print_report(report, engine, campaign)
+    console.print(_scores_table(f"extraction vs the rows' own fields ({campaign})", scores))
+
+
+@realdata_app.command("pages")
+def realdata_pages(
+    pages_dir: Annotated[Path, typer.Option("--dir", help="Folder of real pages (<name>/source.html).")] = Path(
+        "../shared/realdata/pages"),
+    corpus: CorpusOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Research real company pages with the heuristic researcher and show the facts it found.
+
+    Example: `outreach realdata pages --corpus pages-corpus.sqlite`
+    """
+    from outreach.pipeline import research_real_pages
+
+    if not pages_dir.is_dir():
+        err.print(f"[red]{pages_dir} not found; it lives in ../shared/realdata/pages/[/red]")
+        raise typer.Exit(2)
+    settings = _settings(config, corpus_path=corpus)
+    table = Table("page", "field", "value", "evidence")
+    results = research_real_pages(pages_dir, settings.corpus_path)
+    for page in results:
+        if not page.profile.facts:
+            table.add_row(page.name, "-", "(no grounded facts)", f"dropped {page.profile.dropped_facts}")
+        for fact in page.profile.facts:
+            table.add_row(page.name, fact.field, fact.value, fact.evidence[:90])
+    console.print(table)
+    found = sum(bool(p.profile.facts) for p in results)
+    console.print(f"{found} of {len(results)} pages gave at least one grounded fact; "
+                  f"{sum(len(p.profile.facts) for p in results)} facts in all")

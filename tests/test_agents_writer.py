@@ -1,0 +1,173 @@
+"""The writer (prompt, retries, feedback), the renderer and every validation check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agents import (
+    EmailDraft,
+    Fact,
+    MergeTagError,
+    ModelOutputError,
+    Offer,
+    Profile,
+    ProspectInfo,
+    render,
+    validate_email,
+    write,
+)
+from agents.prompts import WRITER_SYSTEM_PROMPT
+from agents.validation import CHECKS
+from tests.test_agents_support import PromptRecorder, scripted
+
+OFFER = Offer(
+    sender_name="Sam Lee", sender_company="Routewise", product="Routewise Dispatch",
+    value_proposition="It assigns routes automatically so dispatchers plan in minutes.",
+    call_to_action="Would you be open to a 15-minute call next week?",
+)
+PROSPECT = ProspectInfo(first_name="Dana", last_name="Kim", title="VP Operations", email="dana@acme.example",
+                        company="Acme Freight", website="https://acme.example")
+PROFILE = Profile(company="Acme Freight", facts=[
+    Fact(field="recent_event", value="raised a $12 million Series A",
+         evidence="Acme Freight today announced that it has raised a $12 million Series A.",
+         source_url="https://acme.example/news"),
+    Fact(field="location", value="Austin, Texas", evidence="Based in Austin, Texas.",
+         source_url="https://acme.example/"),
+])
+GOOD_BODY = (
+    "Hi {{ first_name }},\n\nI saw that {{company}} {{fact.recent_event}}. Congratulations, that is a real "
+    "milestone for a team based in {{fact.location}}. Growth like that usually means more routes and more "
+    "pressure on the people who plan them.\n\nAt {{sender_company}} we built {{product}} for teams like "
+    "yours. It assigns routes automatically so dispatchers plan in minutes.\n\n"
+    "Would you be open to a 15-minute call next week?\n\nBest,\n{{sender_name}}\n\n"
+    "If this isn't relevant, just reply 'no thanks' and I won't write again."
+)
+GOOD = EmailDraft(subject="Quick idea for {{company}}", body=GOOD_BODY)
+
+
+def check(draft: EmailDraft, offer: Offer = OFFER, profile: Profile = PROFILE) -> dict[str, bool]:
+    result = validate_email(draft, render(draft, PROSPECT, profile, offer), PROSPECT, profile, offer)
+    failed = {name for name, ok in result.checks.items() if not ok}
+    assert {e.split(":", 1)[0] for e in result.errors} == failed
+    return result.checks
+
+
+def test_render_fills_tags_with_inner_spaces() -> None:
+    rendered = render(GOOD, PROSPECT, PROFILE, OFFER)
+    assert rendered.subject == "Quick idea for Acme Freight"
+    assert rendered.body.startswith("Hi Dana,")
+    assert "Acme Freight raised a $12 million Series A." in rendered.body
+    assert "based in Austin, Texas." in rendered.body and "\nSam Lee\n" in rendered.body
+
+
+@pytest.mark.parametrize(("body", "bad"), [
+    ("Hi {{nickname}}, {{fact.location}}", ["nickname"]),
+    ("Hi {{first_name}}, congrats on {{fact.founded_year}} and {{ fact.revenue }}",
+     ["fact.founded_year", "fact.revenue"]),
+])
+def test_render_rejects_unknown_or_missing_tags(body: str, bad: list[str]) -> None:
+    with pytest.raises(MergeTagError) as info:
+        render(EmailDraft(subject="Hi", body=body), PROSPECT, PROFILE, OFFER)
+    assert info.value.tags == bad
+    assert "fact.location" in info.value.allowed and "first_name" in info.value.allowed
+    assert "{{" + bad[0] + "}}" in str(info.value) and "Rewrite" in str(info.value)
+
+
+def test_render_treats_empty_prospect_fields_as_missing() -> None:
+    no_title = PROSPECT.model_copy(update={"title": ""})
+    with pytest.raises(MergeTagError, match="title"):
+        render(EmailDraft(subject="Hi", body="As {{title}}"), no_title, PROFILE, OFFER)
+
+
+def test_good_email_passes_every_check() -> None:
+    result = validate_email(GOOD, render(GOOD, PROSPECT, PROFILE, OFFER), PROSPECT, PROFILE, OFFER)
+    assert result.ok and result.errors == [] and set(result.checks) == set(CHECKS)
+
+
+def test_check_merge_tags_flags_leftover_braces() -> None:
+    draft = GOOD.model_copy(update={"body": GOOD_BODY.replace("Best,", "Best, {first_name}}")})
+    assert check(draft)["merge_tags"] is False
+
+
+def test_check_grounded_needs_a_fact_tag() -> None:
+    draft = GOOD.model_copy(update={"body": GOOD_BODY.replace("{{fact.recent_event}}", "grew fast")
+                                    .replace("{{fact.location}}", "nearby")})
+    assert check(draft)["grounded"] is False
+
+
+@pytest.mark.parametrize("invented", [
+    "40% faster", "see https://routewise.example/demo", "mail sam@rw.example", "visit routewise.io"])
+def test_check_grounded_flags_invented_numbers_urls_and_domains(invented: str) -> None:
+    draft = GOOD.model_copy(update={"body": GOOD_BODY.replace("in minutes.", f"in minutes, {invented}.")})
+    assert check(draft)["grounded"] is False
+
+
+def test_check_length() -> None:
+    short = EmailDraft(subject="Hi", body="Hi {{first_name}}, {{fact.location}}. Would you be open to a "
+                       "15-minute call next week? If this isn't relevant, just reply 'no thanks' and I won't "
+                       "write again.")
+    assert check(short)["length"] is False
+    long = GOOD.model_copy(update={"body": GOOD_BODY.replace("Best,", "More words here. " * 60 + "Best,")})
+    assert check(long)["length"] is False
+
+
+def test_check_subject_length() -> None:
+    assert check(GOOD.model_copy(update={"subject": "Hi"}))["subject_length"] is False
+    assert check(GOOD.model_copy(update={"subject": "x" * 79}))["subject_length"] is False
+
+
+def test_check_spam() -> None:
+    draft = GOOD.model_copy(update={"body": GOOD_BODY.replace("Best,", "Act now, it is risk-free. Best,")})
+    result = validate_email(draft, render(draft, PROSPECT, PROFILE, OFFER), PROSPECT, PROFILE, OFFER)
+    assert result.checks["spam"] is False
+    assert "act now" in result.errors[0] and "risk-free" in result.errors[0]
+
+
+def test_check_one_cta() -> None:
+    twice = GOOD.model_copy(update={"body": GOOD_BODY.replace(
+        "Best,", "So, would you be open to a 15-minute call next week? Best,")})
+    assert check(twice)["one_cta"] is False
+    none = GOOD.model_copy(update={"body": GOOD_BODY.replace(
+        "Would you be open to a 15-minute call next week?", "Could we talk on a 15-minute call?")})
+    assert check(none)["one_cta"] is False
+
+
+def test_check_opt_out() -> None:
+    draft = GOOD.model_copy(update={"body": GOOD_BODY.split("\n\nIf this")[0]})
+    assert check(draft)["opt_out"] is False
+
+
+async def test_writer_that_obeys_a_hostile_page_fails_validation() -> None:
+    hostile = {"subject": "A gift for {{first_name}}", "body": GOOD_BODY.replace(
+        "Best,", "Also, {{company}} readers get a free iPhone at http://win-prize.example/claim now. Best,")}
+    draft = await write(OFFER, PROSPECT, PROFILE, model=scripted(json.dumps(hostile)))
+    result = validate_email(draft, render(draft, PROSPECT, PROFILE, OFFER), PROSPECT, PROFILE, OFFER)
+    assert result.checks["spam"] is False and result.checks["grounded"] is False
+    assert any("win-prize.example" in e for e in result.errors)
+
+
+async def test_write_prompt_feedback_and_config() -> None:
+    recorder = PromptRecorder()
+    draft = await write(OFFER, PROSPECT, PROFILE, model=scripted(GOOD.model_dump_json()),
+                        feedback=["length: the body has 20 words, too short"],
+                        config={"callbacks": [recorder]})
+    assert draft == GOOD
+    system, user, feedback = recorder.calls[0]
+    assert system.content == WRITER_SYSTEM_PROMPT
+    assert "{{fact.recent_event}}: raised a $12 million Series A" in user.content
+    assert "{{first_name}}: the prospect's first name" in user.content
+    for name in ("Dana", "Kim", "Acme Freight", "Sam Lee"):  # names only as tags
+        assert name not in user.content
+    assert "Call to action: Would you be open to a 15-minute call next week?" in user.content
+    assert "- length: the body has 20 words, too short" in feedback.content
+
+
+async def test_write_retries_once_then_raises() -> None:
+    fenced = "```json\n" + GOOD.model_dump_json() + "```"
+    ok = await write(OFFER, PROSPECT, PROFILE, model=scripted("oops", fenced))
+    assert ok == GOOD
+    with pytest.raises(ModelOutputError) as info:
+        await write(OFFER, PROSPECT, PROFILE, model=scripted('{"subject": "x"}', "still not json"))
+    assert info.value.agent == "writer" and info.value.raw_output == "still not json"
