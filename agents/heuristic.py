@@ -162,7 +162,8 @@ def _rules() -> list[_Rule]:
         r("industry", 3, rf"(?i:{_INDUSTRY})", *(x.lower() for x in _INDUSTRIES)),
         # product
         r("product", 10, rf"(?i:flagship product),?\s+{_PNAME}", "flagship"),
-        r("product", 10, rf"{_LEAD}(?:(?i:products?|platform|solutions?)\s+)?{_PNAME}\s+is our\b", "is our"),
+        r("product", 10, rf"{_LEAD}(?:(?i:(?:our\s+)?(?:products?|platform|solutions?))\s+)?{_PNAME}\s+is our\b",
+          "is our"),
         r("product", 10, rf"(?i:\bmeet)\s+{_PNAME},?\s+(?i:the|our|a|an)\b", "meet "),
         r("product", 11, rf"{_LEAD}(?:product|flagship product|main product){_LABEL_VALUE}", "product",
           flags=i),
@@ -244,8 +245,11 @@ def _post(field_name: str, sentence: str, start: int, end: int, company: str) ->
         digits = int(re.sub(r"\D", "", value) or 0)
         return (start, end) if 1 <= digits <= 2_000_000 else None
     if field_name == "product":
-        if (len(value) < 3 or low in _PRODUCT_STOP or low == company.lower()
-                or low.split()[0] in _PRODUCT_STOP):
+        if (len(value) < 3 or low in _PRODUCT_STOP or low.split()[0] in _PRODUCT_STOP
+                or (company and low == company.lower())
+                # "Opalspire Digital Lumanta is our ...": a glued heading, not a product named after a
+                # multi-word company (single-word companies do name products so: "Pellixo Route").
+                or (" " in company and low.startswith(company.lower() + " "))):
             return None
         return start, end
     if field_name == "industry":

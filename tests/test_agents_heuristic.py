@@ -62,6 +62,8 @@ PHRASINGS = [
     ("product", "Pellixo Route is our dispatch assistant.", "Pellixo Route"),
     ("product", "Meet Zentrova, the scheduling tool for clinics.", "Zentrova"),
     ("product", "Product: Brimlox", "Brimlox"),
+    ("product", "Our platform Zephista Ledger is our core platform.", "Zephista Ledger"),  # glued heading
+    ("product", "Welcome to Pellixo Lumanta is our core platform.", "Lumanta"),
     ("customer_segment", "Quorvanta is built for mid-sized freight carriers.", "mid-sized freight carriers"),
     ("customer_segment", "We serve regional banks across the Midwest.", "regional banks"),
     ("customer_segment", "Our customers are independent clinics.", "independent clinics"),
