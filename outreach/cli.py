@@ -229,15 +229,17 @@ def run(
     """
     from graphs.inputs import InputError, load_offer, read_prospects_csv
     from graphs.runner import add_prospects, run_campaign
-    from miniatures.specs import BackendSpecError
+    from miniatures.specs import BackendSpecError, parse_backend_spec
     from outreach.pipeline import open_web
 
     settings = _settings(config, researcher=researcher, writer=writer, concurrency=concurrency, web=web,
                          store_url=store, corpus_path=corpus)
     try:
+        for spec in (settings.researcher, settings.writer):
+            parse_backend_spec(spec)
         offer_model = load_offer(offer)
         parsed = read_prospects_csv(prospects)
-    except InputError as exc:
+    except (InputError, BackendSpecError) as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     for row_error in parsed.errors:
@@ -409,6 +411,7 @@ def realdata_companies(
     limit: Annotated[int, typer.Option(help="Prospects in the campaign.")] = 30,
     campaign: Annotated[str, typer.Option(help="Campaign name.")] = "yc-b2b",
     offer: Annotated[Path | None, typer.Option(help="Offer TOML (default: a built-in example offer).")] = None,
+    prose_only: Annotated[bool, typer.Option(help="Corpus documents hold only the descriptions, not the directory fields.")] = False,
     store: StoreOpt = None,
     corpus: CorpusOpt = None,
     config: ConfigOpt = None,
@@ -417,11 +420,14 @@ def realdata_companies(
     contacts), run a campaign, and report precision/recall of location, employee count and founded year
     against the rows' own fields.
 
+    With `--prose-only` each document holds only the company's descriptions, so the facts must be found in
+    free text (and mostly are not there: recall is low by construction, precision is the figure to watch).
+
     Example: `outreach realdata companies --limit 30 --store sqlite:///real.sqlite --corpus real-corpus.sqlite`
     """
     from agents.schemas import Offer
     from graphs.inputs import load_offer
-    from outreach.pipeline import run_yc_campaign
+    from outreach.pipeline import YC_PROSE_COLUMNS, YC_TEXT_COLUMNS, run_yc_campaign
 
     if not csv_path.is_file():
         err.print(f"[red]{csv_path} not found; it lives in ../shared/realdata/companies/[/red]")
@@ -432,8 +438,9 @@ def realdata_companies(
         product="Ledgerline", value_proposition="cuts month-end close time by automating reconciliation",
         call_to_action="Would a 20-minute call next week be useful?")
     engine = _engine(settings)
-    report, scores, imported = run_yc_campaign(engine, settings, csv_path, campaign=campaign, offer=offer_model,
-                                               limit=limit)
+    report, scores, imported = run_yc_campaign(
+        engine, settings, csv_path, campaign=campaign, offer=offer_model, limit=limit,
+        text_columns=YC_PROSE_COLUMNS if prose_only else YC_TEXT_COLUMNS)
     console.print(f"imported {imported} Active b2b companies into {settings.corpus_path}")
     _print_report(report, engine, campaign)
     console.print(_scores_table(f"extraction vs the rows' own fields ({campaign})", scores))

@@ -22,6 +22,7 @@ from tools import Corpus, CorpusWeb, DdgsSearch, Fetcher, FetchPolicy, LiveWeb, 
 from tools.types import Web
 
 __all__ = [
+    "YC_PROSE_COLUMNS",
     "YC_TEXT_COLUMNS",
     "PageResearch",
     "import_world_corpus",
@@ -32,6 +33,8 @@ __all__ = [
 
 #: Columns of the YC directory rows rendered into each corpus document, like a directory page.
 YC_TEXT_COLUMNS = ("short_description", "long_description", "tags", "location", "year_founded", "team_size")
+#: Only the companies' own prose: the facts must then be found in free text, if they are there at all.
+YC_PROSE_COLUMNS = ("short_description", "long_description")
 
 
 def open_web(settings: Settings, engine: Engine) -> Web:
@@ -70,19 +73,20 @@ def _is_active_b2b(row: dict[str, str]) -> bool:
 
 def run_yc_campaign(
     engine: Engine, settings: Settings, csv_path: Path, *, campaign: str, offer: Offer, limit: int,
-    on_event: Callable[[RunEvent], None] | None = None,
+    text_columns: Sequence[str] = YC_TEXT_COLUMNS, on_event: Callable[[RunEvent], None] | None = None,
 ) -> tuple[CampaignReport, ExtractionScores, int]:
     """The real-data job: import the Active, b2b-tagged YC rows as a corpus (one directory-page
     document per company) and ``limit`` of them as prospects (first founder as the contact), run the
     campaign with the settings' backends, and score location, employee count and founded year
-    against the rows' own fields.
+    against the rows' own fields. ``text_columns`` says which columns make each document's text
+    (``YC_PROSE_COLUMNS`` leaves the directory fields out, so facts must come from the prose).
 
     Returns:
         ``(campaign report, extraction scores, documents imported)``.
     """
     imported = import_csv(
         csv_path, Corpus(settings.corpus_path), name_column="company_name", url_column="website",
-        text_columns=YC_TEXT_COLUMNS, where=_is_active_b2b,
+        text_columns=text_columns, where=_is_active_b2b,
     ).imported
     companies = [c for c in load_yc_companies(csv_path) if c.website.strip() not in ("", "https://", "http://")][:limit]
     rows = [(i + 2, ProspectInfo(**p)) for i, p in enumerate(yc_prospects(companies))]
