@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from store.models import Campaign, EmailRecord, FactRecord, ProfileRecord, Run, RunStatus, Trace
 
@@ -74,11 +74,11 @@ def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
         cid = _campaign_id(session, campaign)
         statuses = session.exec(select(Run.status).where(Run.campaign_id == cid)).all()
         run_ids = select(Run.id).where(Run.campaign_id == cid)
-        valid = session.exec(select(EmailRecord.valid).where(EmailRecord.run_id.in_(run_ids))).all()  # type: ignore[union-attr]
-        profiles = session.exec(select(ProfileRecord).where(ProfileRecord.run_id.in_(run_ids))).all()  # type: ignore[attr-defined]
+        valid = session.exec(select(EmailRecord.valid).where(col(EmailRecord.run_id).in_(run_ids))).all()
+        profiles = session.exec(select(ProfileRecord).where(col(ProfileRecord.run_id).in_(run_ids))).all()
         n_facts = len(session.exec(select(FactRecord.id).where(
-            FactRecord.profile_id.in_([p.id for p in profiles]))).all())  # type: ignore[union-attr]
-        traces = session.exec(select(Trace).where(Trace.run_id.in_(run_ids))).all()  # type: ignore[union-attr]
+            col(FactRecord.profile_id).in_([p.id for p in profiles]))).all())
+        traces = session.exec(select(Trace).where(col(Trace.run_id).in_(run_ids))).all()
     latencies = sorted(t.latency_ms for t in traces)
     quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
     return CampaignSummary(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, inspect, select
+from sqlmodel import col
 
 from store import models
 
@@ -57,7 +58,7 @@ def applied_versions(engine: Engine) -> list[int]:
     if not inspect(engine).has_table("schema_migrations"):
         return []
     with engine.connect() as conn:
-        return list(conn.execute(select(models.SchemaMigration.version)).scalars())  # type: ignore[arg-type]
+        return list(conn.execute(select(col(models.SchemaMigration.version))).scalars())
 
 
 def migrate(engine: Engine) -> list[int]:

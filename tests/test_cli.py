@@ -27,7 +27,8 @@ def test_world_run_and_exports(cli_env):
     assert result.exit_code == 0, result.output
     prospects = (cli_env / "world" / "prospects_train.csv").read_text()
     (cli_env / "p.csv").write_text(prospects + "Zed,Q,CTO,not-an-email,Zeta,https://zeta.example\n")
-    result = runner.invoke(app, ["run", "p.csv", "--offer", "world/offer.toml", "--campaign", "t", "--concurrency", "2"])
+    run = ["run", "p.csv", "--offer", "world/offer.toml", "--campaign", "t", "--concurrency", "2"]
+    result = runner.invoke(app, run)
     assert result.exit_code == 0, result.output
     assert "row 6" in result.output and "invalid email" in result.output
     assert "4 prospects added" in result.output
