@@ -474,3 +474,13 @@ def realdata_pages(
     found = sum(bool(p.profile.facts) for p in results)
     console.print(f"{found} of {len(results)} pages gave at least one grounded fact; "
                   f"{sum(len(p.profile.facts) for p in results)} facts in all")
+
+
+def _register_subcommands() -> None:
+    from outreach.cli_eval import abtest_app, eval_command
+
+    app.command("eval")(eval_command)
+    app.add_typer(abtest_app, name="abtest")
+
+
+_register_subcommands()

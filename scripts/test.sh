@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Run the test suite from a fresh clone: make .venv, install the project with its dev extra, start a
-# throwaway PostgreSQL server on loopback (Debian's postgresql, installed when missing and we are root)
+# Run the test suite from a fresh clone: make .venv, install torch 2.13.0 (the CPU wheel on this machine
+# type) first and then the project with its dev, train and eval extras, install Debian's chromium (report
+# screenshots) and postgresql when missing and we are root, start a throwaway PostgreSQL server on loopback
 # so the store tests run on both SQLite and PostgreSQL, then run pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev,train,eval]"
+
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing Debian's chromium and chromedriver for the report screenshot test..."
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+    >/dev/null 2>&1 || echo "could not install chromium; the screenshot test will skip" >&2
+fi
 
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
 if [ -z "$pg_bin" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
