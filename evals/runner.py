@@ -599,7 +599,9 @@ async def run_eval(
         raise ValueError(f"evaluation set {eval_set.name!r} has no prospects")
     if concurrency < 1 or probe < 0:
         raise ValueError(f"concurrency must be >= 1 and probe >= 0, got {concurrency} and {probe}")
-    models = models or ModelPool(timeout_s=prospect_timeout_s)
+    models = models or ModelPool(timeout_s=prospect_timeout_s, store=engine)
+    if models.store is None:
+        models.store = engine
     emails = [p.email for _, p in eval_set.prospects]
 
     results: list[ConfigResult] = []

@@ -1,5 +1,7 @@
 """finetune package."""
 
+from finetune.base import BaseModelInfo, bootstrap_base, build_tokenizer, corpus_texts, load_base
+from finetune.config import TrainConfig
 from finetune.datasets import (
     DatasetFormatError,
     DatasetManifest,
@@ -10,6 +12,8 @@ from finetune.datasets import (
     save_dataset,
     write_openai_jsonl,
 )
+from finetune.plots import plot_losses
+from finetune.train import TrainResult
 
 __all__ = [
     "DatasetFormatError",
@@ -20,4 +24,12 @@ __all__ = [
     "read_openai_jsonl",
     "save_dataset",
     "write_openai_jsonl",
+    "BaseModelInfo",
+    "TrainConfig",
+    "TrainResult",
+    "bootstrap_base",
+    "build_tokenizer",
+    "corpus_texts",
+    "load_base",
+    "plot_losses",
 ]

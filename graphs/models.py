@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from miniatures.specs import BackendSpec, BackendSpecError, parse_backend_spec
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
+    from sqlalchemy import Engine
 
 __all__ = ["ModelPool", "build_chat_model"]
 
 
-def build_chat_model(spec: str | BackendSpec, *, timeout_s: float = 60.0) -> BaseChatModel:
+def build_chat_model(
+    spec: str | BackendSpec, *, timeout_s: float = 60.0, store: Engine | None = None,
+    engines: dict[str, Any] | None = None,
+) -> BaseChatModel:
     """Build the chat model a backend spec names.
 
     Args:
         spec: ``heuristic``, ``openai:<model>[@<base_url>]``, ``ollama:<model>[@<base_url>]``,
             ``vllm:<adapter>@<base_url>`` (see ``miniatures.specs``).
         timeout_s: per-request timeout of remote backends, seconds.
+        store: the store whose registry ``miniature:`` specs are looked up in.
+        engines: loaded local engines by base model, shared between miniatures (see
+            ``miniatures.local.build_miniature_chat_model``).
 
     Raises:
-        BackendSpecError: the spec is malformed, or names a kind this installation cannot build
-            (``miniature:`` needs a registered miniature; see ``outreach miniatures list``).
+        BackendSpecError: the spec is malformed, or is a ``miniature:`` spec without a store.
+        miniatures.registry.MiniatureNotFoundError: no such miniature is registered.
+        miniatures.local.AdapterPathError: the registered adapter folder is gone.
     """
     parsed = parse_backend_spec(spec) if isinstance(spec, str) else spec
     if parsed.kind == "heuristic":
@@ -34,10 +42,11 @@ def build_chat_model(spec: str | BackendSpec, *, timeout_s: float = 60.0) -> Bas
         from miniatures.remote import build_remote_chat_model
 
         return build_remote_chat_model(parsed, timeout_s=timeout_s)
-    raise BackendSpecError(
-        f"backend {parsed.raw!r}: no miniature named {parsed.model!r} is registered in this store; "
-        "distil one first or pick another backend (heuristic, openai:<model>@<url>, ollama:<model>)"
-    )
+    if store is None:
+        raise BackendSpecError(f"backend {parsed.raw!r} needs the store that registers miniatures")
+    from miniatures.local import build_miniature_chat_model
+
+    return build_miniature_chat_model(parsed, store, engines=engines)
 
 
 class ModelPool:
@@ -47,14 +56,19 @@ class ModelPool:
         timeout_s: per-request timeout of remote backends, seconds.
         preloaded: models already built, by spec (a scripted fake chat model in tests, a local
             miniature shared by several campaigns).
+        store: the store whose registry ``miniature:`` specs are looked up in.
     """
 
-    def __init__(self, timeout_s: float = 60.0, preloaded: Mapping[str, BaseChatModel] | None = None) -> None:
+    def __init__(self, timeout_s: float = 60.0, preloaded: Mapping[str, BaseChatModel] | None = None,
+                 store: Engine | None = None) -> None:
         self.timeout_s = timeout_s
+        self.store = store
         self._models: dict[str, BaseChatModel] = dict(preloaded or {})
+        self._engines: dict[str, Any] = {}
 
     def get(self, spec: str) -> BaseChatModel:
         """Return the model for ``spec``, building it on first use. Raises ``BackendSpecError``."""
         if spec not in self._models:
-            self._models[spec] = build_chat_model(spec, timeout_s=self.timeout_s)
+            self._models[spec] = build_chat_model(spec, timeout_s=self.timeout_s, store=self.store,
+                                                  engines=self._engines)
         return self._models[spec]

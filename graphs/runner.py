@@ -200,7 +200,9 @@ async def run_campaign(
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     started = time.perf_counter()
-    models = models or ModelPool()
+    models = models or ModelPool(store=engine)
+    if models.store is None:
+        models.store = engine  # miniature: specs are looked up in this campaign's store
     models.get(researcher), models.get(writer)  # fail fast on a bad spec, before touching any run
     record, todo, already_done = _pending_runs(engine, campaign, retry_failed, limit)
     offer = Offer.model_validate(record.offer)

@@ -1,8 +1,60 @@
 """Layer 1: backend specs -> langchain-core chat models (OpenAI-compatible, Ollama, vLLM, local miniatures)."""
 
+from typing import TYPE_CHECKING
+
 from miniatures.pricing import DEFAULT_PRICES, Price, call_cost_usd, price_for
 from miniatures.remote import OLLAMA_DEFAULT_URL, build_remote_chat_model
 from miniatures.specs import BACKEND_KINDS, BackendSpec, BackendSpecError, parse_backend_spec
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers
+    from miniatures.local import (
+        BASE_ADAPTER,
+        AdapterPathError,
+        Generation,
+        LocalEngine,
+        LocalMiniatureChatModel,
+        build_miniature_chat_model,
+        repair_json,
+    )
+    from miniatures.registry import (
+        MINIATURE_METHODS,
+        MiniatureInUseError,
+        MiniatureNotFoundError,
+        get_miniature,
+        lineage,
+        list_miniatures,
+        register_miniature,
+        remove_miniature,
+    )
+
+# Loaded on first use (PEP 562) so that importing the package stays cheap for the CLI's start-up:
+# miniatures.local pulls in langchain-core, miniatures.registry the store.
+_LAZY = {
+    "BASE_ADAPTER": "miniatures.local",
+    "AdapterPathError": "miniatures.local",
+    "Generation": "miniatures.local",
+    "LocalEngine": "miniatures.local",
+    "LocalMiniatureChatModel": "miniatures.local",
+    "build_miniature_chat_model": "miniatures.local",
+    "repair_json": "miniatures.local",
+    "MINIATURE_METHODS": "miniatures.registry",
+    "MiniatureInUseError": "miniatures.registry",
+    "MiniatureNotFoundError": "miniatures.registry",
+    "get_miniature": "miniatures.registry",
+    "lineage": "miniatures.registry",
+    "list_miniatures": "miniatures.registry",
+    "register_miniature": "miniatures.registry",
+    "remove_miniature": "miniatures.registry",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import the lazily exported names of ``miniatures.local`` and ``miniatures.registry`` on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'miniatures' has no attribute {name!r}")
 
 __all__ = [
     "BACKEND_KINDS",
@@ -15,4 +67,19 @@ __all__ = [
     "call_cost_usd",
     "parse_backend_spec",
     "price_for",
+    "BASE_ADAPTER",
+    "AdapterPathError",
+    "Generation",
+    "LocalEngine",
+    "LocalMiniatureChatModel",
+    "build_miniature_chat_model",
+    "repair_json",
+    "MINIATURE_METHODS",
+    "MiniatureInUseError",
+    "MiniatureNotFoundError",
+    "get_miniature",
+    "lineage",
+    "list_miniatures",
+    "register_miniature",
+    "remove_miniature",
 ]

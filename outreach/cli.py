@@ -478,9 +478,12 @@ def realdata_pages(
 
 def _register_subcommands() -> None:
     from outreach.cli_eval import abtest_app, eval_command
+    from outreach.cli_finetune import finetune_app, miniatures_app
 
     app.command("eval")(eval_command)
-    app.add_typer(abtest_app, name="abtest")
+    app.add_typer(abtest_app, name="abtest", no_args_is_help=True)
+    app.add_typer(finetune_app, name="finetune", no_args_is_help=True)
+    app.add_typer(miniatures_app, name="miniatures", no_args_is_help=True)
 
 
 _register_subcommands()

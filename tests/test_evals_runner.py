@@ -80,7 +80,7 @@ async def test_eval_runs_configurations_side_by_side_and_isolates_failures(
 
     teacher, shallow, mini, down = (result.config(n) for n in ("teacher", "shallow", "mini", "down"))
     assert teacher.status == shallow.status == "ok"
-    assert mini.status == "failed" and "no miniature named 'missing'" in (mini.error or "")
+    assert mini.status == "failed" and "no miniature 'missing' is registered" in (mini.error or "")
     assert down.status == "failed" and "probe prospects failed" in (down.error or "")
     assert "Connection" in (down.error or "") and down.done == 0 and down.failed_runs == 2  # stopped after the probe
 
@@ -133,7 +133,7 @@ def test_cli_eval_writes_the_report(tmp_path: Path) -> None:
         "--config", "shallow=heuristic,heuristic,max_pages=1", "--config", "mini=miniature:nope,heuristic",
         "--instance-price", "heuristic=3.6", "--out", str(out)], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "configuration mini failed" in result.output and "no miniature named 'nope'" in result.output
+    assert "configuration mini failed" in result.output and "no miniature 'nope' is registered" in result.output
     assert "teacher" in result.output and "reference" in result.output
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert [c["status"] for c in data["configs"]] == ["ok", "ok", "failed"]

@@ -1,0 +1,240 @@
+"""The training configuration of a miniature, in the style of TRL's ``SFTConfig``.
+
+Every field carries ``metadata={"help": ...}`` so a CLI can list the options with their help text.
+A config is built in code, read from a TOML or JSON file (``TrainConfig.from_file``), and changed
+field by field with ``with_overrides``; each way validates the values and names the bad one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["DEFAULT_LEARNING_RATES", "DEFAULT_TARGET_MODULES", "TrainConfig"]
+
+#: The projection layers of Llama/Qwen2/Mistral/Gemma-style decoders: LoRA on all linear layers, as in
+#: QLoRA (Dettmers et al. 2023, arXiv 2305.14314), which found that adapting every layer matters most.
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+#: Learning rates used when ``learning_rate`` is None: the common LoRA default (PEFT/TRL examples) and a
+#: conservative full fine-tuning rate.
+DEFAULT_LEARNING_RATES: dict[str, float] = {"lora": 2e-4, "full": 5e-5}
+
+_METHODS = ("lora", "full")
+
+
+@dataclass
+class TrainConfig:
+    """How to fine-tune one miniature (TRL ``SFTConfig`` style: each field has a help text).
+
+    Paths are kept as given (``str``); ``main`` resolves them. ``learning_rate`` None means the default of
+    the method (``DEFAULT_LEARNING_RATES``); read the effective value from ``effective_learning_rate``.
+
+    Raises:
+        ValueError: on construction, when a value is out of range or of the wrong kind; the message
+            names the field and what to give instead.
+    """
+
+    base_model: str = field(
+        metadata={"help": "Hugging Face model id (e.g. 'Qwen/Qwen2.5-0.5B-Instruct') or local folder of the base "
+                  "model."}
+    )
+    dataset_dir: str = field(
+        metadata={
+            "help": "Folder with train.jsonl, eval.jsonl (optional) and manifest.json; each line is "
+            '{"messages": [...]} in OpenAI chat format.'
+        }
+    )
+    output_dir: str = field(
+        metadata={"help": "Where checkpoints/, final/ (adapter or model + tokenizer), train_metrics.json and the loss "
+                  "plot are written."}
+    )
+    method: Literal["lora", "full"] = field(
+        default="lora", metadata={"help": "'lora' trains a LoRA adapter on a frozen base; 'full' trains every weight."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r (Hu et al. 2021, arXiv 2106.09685)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    target_modules: tuple[str, ...] = field(
+        default=DEFAULT_TARGET_MODULES,
+        metadata={"help": "Names of the linear modules that get LoRA adapters; names absent from the model are "
+                  "skipped (at least one must exist)."},
+    )
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training set (ignored when "
+                                                                    "max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps; -1 means use num_train_epochs."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate; None means 2e-4 for lora and 5e-5 for full."}
+    )
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per step."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches accumulated per optimizer step."}
+    )
+    max_length: int = field(
+        default=1024, metadata={"help": "Longest tokenized conversation in tokens; longer ones are truncated."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and dropout."})
+    logging_steps: int = field(default=5, metadata={"help": "Log the training loss every this many steps."})
+    eval_steps: int = field(default=50, metadata={"help": "Compute the eval loss every this many steps."})
+    save_steps: int = field(default=100, metadata={"help": "Save a checkpoint every this many steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    warmup_ratio: float = field(
+        default=0.03, metadata={"help": "Share of the steps with a linear learning-rate warmup, in [0, 1)."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
+        else:
+            self.target_modules = tuple(self.target_modules)
+        for name in ("base_model", "dataset_dir", "output_dir"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                setattr(self, name, str(value))
+            elif not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name} must be a non-empty path or model id, got {value!r}")
+        if self.method not in _METHODS:
+            raise ValueError(f"method must be one of {', '.join(_METHODS)}, got {self.method!r}")
+        positive = ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
+                    "max_length", "logging_steps", "eval_steps", "save_steps", "save_total_limit")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or (
+            self.max_steps < 1 and self.max_steps != -1
+        ):
+            raise ValueError(f"max_steps must be -1 (use num_train_epochs) or >= 1, got {self.max_steps!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be a whole number, got {self.seed!r}")
+        if not isinstance(self.num_train_epochs, int | float) or self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs must be > 0, got {self.num_train_epochs!r}")
+        if not isinstance(self.lora_dropout, int | float) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.warmup_ratio, int | float) or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.learning_rate is not None and (
+            not isinstance(self.learning_rate, int | float) or not 0.0 < self.learning_rate < 1.0
+        ):
+            raise ValueError(f"learning_rate must be in (0, 1) or None for the method's default, got "
+                             f"{self.learning_rate!r}")
+        if self.method == "lora" and not self.target_modules:
+            raise ValueError("target_modules is empty; name the linear modules to adapt, e.g. q_proj,v_proj")
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """``learning_rate``, or the method's default (2e-4 for lora, 5e-5 for full) when it is None."""
+        return float(self.learning_rate) if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.method]
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Map each field name to its help text (for CLIs and docs)."""
+        return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build a config from a mapping, naming unknown and missing keys.
+
+        Args:
+            data: field name -> value; lists become tuples.
+            source: what to call the input in error messages (a file name).
+
+        Raises:
+            ValueError: unknown keys, missing required keys (``base_model``, ``dataset_dir``, ``output_dir``),
+                or a bad value.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(names))}"
+            )
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"{source}: missing required key(s) {', '.join(missing)}")
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """Read a config from a TOML (``.toml``) or JSON (``.json``) file of field names and values.
+
+        A TOML file may hold the fields at the top level or under a ``[train]`` table. Relative paths in
+        the file are kept as written (relative to the working folder, as TRL does).
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: an unsupported extension, a syntax error, or a bad/unknown/missing field (the
+                message names the file and the key).
+        """
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {path} not found")
+        suffix = path.suffix.lower()
+        text = path.read_text(encoding="utf-8")
+        data: Any
+        try:
+            if suffix == ".toml":
+                data = tomllib.loads(text)
+                if isinstance(data.get("train"), dict):
+                    data = data["train"]
+            elif suffix == ".json":
+                data = json.loads(text)
+            else:
+                raise ValueError(f"training config {path} must be a .toml or .json file")
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"training config {path} is not valid {suffix[1:].upper()}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"training config {path} must hold a table/object of field names, got {type(data).__name__}"
+            )
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON/TOML-ready dict (tuples as lists; ``learning_rate`` None is kept)."""
+        data = dataclasses.asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    def to_file(self, path: str | Path) -> Path:
+        """Write the config as TOML (``.toml``; a None ``learning_rate`` is left out) or JSON (``.json``).
+
+        Raises:
+            ValueError: an unsupported extension.
+        """
+        path = Path(path).expanduser()
+        data = self.to_dict()
+        if path.suffix.lower() == ".toml":
+            import tomli_w
+
+            path.write_text(tomli_w.dumps({k: v for k, v in data.items() if v is not None}), encoding="utf-8")
+        elif path.suffix.lower() == ".json":
+            path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        else:
+            raise ValueError(f"training config {path} must be a .toml or .json file")
+        return path
+
+    def with_overrides(self, **kwargs: Any) -> TrainConfig:
+        """Return a copy with some fields changed (validated like a new config); ``None`` values are ignored
+        except for ``learning_rate``, where None means the method's default.
+
+        Raises:
+            ValueError: an unknown field name or a bad value.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown training option(s) {', '.join(unknown)}; valid ones are {', '.join(sorted(names))}"
+            )
+        changes = {k: v for k, v in kwargs.items() if v is not None or k == "learning_rate"}
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,92 @@
+"""Distillation: a teacher's traces in the store -> an SFT dataset -> TRL training -> a registered miniature.
+
+The loop of "Trained Miniatures" (arXiv 2508.15617): teacher-generated data, (optional) human review,
+then LoRA or full fine-tuning of a small model that replaces the teacher for one agent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Engine
+
+from finetune.config import TrainConfig
+from finetune.datasets import DatasetManifest, build_sft_dataset, save_dataset
+from miniatures.registry import register_miniature
+from store.models import MiniatureRecord
+
+__all__ = ["DistillResult", "distill"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """A registered miniature with the dataset manifest and training metrics it came from."""
+
+    miniature: MiniatureRecord
+    manifest: DatasetManifest
+    dataset_dir: Path
+    output_path: Path
+    metrics: dict[str, Any]
+
+
+def distill(
+    engine: Engine,
+    *,
+    agent: str,
+    name: str,
+    base_model: str,
+    work_dir: Path,
+    campaigns: Sequence[str] | None = None,
+    backends: Sequence[str] | None = None,
+    review: Literal["any", "approved", "reviewed"] = "any",
+    method: Literal["lora", "full"] = "lora",
+    parent: tuple[str, int] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    config_file: Path | None = None,
+) -> DistillResult:
+    """Build ``agent``'s dataset from the store, train a miniature on it and register it as ``name``.
+
+    Args:
+        engine: the store with the teacher's traces (and the registry).
+        agent: ``researcher`` or ``writer``.
+        name: registry name; a new version is added when the name exists.
+        base_model: Hugging Face model id or local folder (e.g. one made by ``bootstrap_base``).
+        work_dir: where ``datasets/<name>/`` and ``runs/<name>-v<N>/`` are written.
+        campaigns, backends, review: dataset filters (``finetune.datasets.build_sft_dataset``).
+        method: ``lora`` or ``full`` fine-tuning.
+        parent: ``(name, version)`` of the miniature this one continues from (lineage).
+        train_overrides: ``TrainConfig`` fields to override (e.g. ``{"num_train_epochs": 2}``).
+        config_file: a TOML/JSON ``TrainConfig`` file to start from.
+
+    Raises:
+        ValueError: the filters leave no training example (the message names the filters).
+    """
+    dataset = build_sft_dataset(engine, agent=agent, campaigns=campaigns, backends=backends, review=review)
+    if not dataset.train:
+        raise ValueError(
+            f"no training examples for agent {agent!r} (campaigns={list(campaigns or [])}, "
+            f"backends={list(backends or [])}, review={review}); run a campaign with the teacher first"
+        )
+    dataset_dir = save_dataset(dataset, work_dir / "datasets" / name)
+    run_dir = work_dir / "runs" / f"{name}-{dataset.manifest.content_hash[:8]}-{method}"
+    fields: dict[str, Any] = {"base_model": base_model, "dataset_dir": str(dataset_dir), "output_dir": str(run_dir),
+                              "method": method}
+    config = TrainConfig.from_file(config_file).with_overrides(**fields) if config_file else TrainConfig(**fields)
+    if train_overrides:
+        config = config.with_overrides(**train_overrides)
+    from finetune.train import main as train_main
+
+    logger.info("training %s (%s, %s) on %d examples", name, agent, method, len(dataset.train))
+    result = train_main(config)
+    record = register_miniature(
+        engine, name=name, agent=agent, base_model=base_model, adapter_path=str(result.output_path), method=method,
+        training_config={**config.to_dict(), "dataset_dir": str(dataset_dir)},
+        dataset_hash=dataset.manifest.content_hash, metrics=result.metrics, parent=parent,
+    )
+    return DistillResult(record, dataset.manifest, dataset_dir, result.output_path, result.metrics)

@@ -1,0 +1,332 @@
+"""Fine-tune a miniature: chat traces in, LoRA adapter (or full model) out, with TRL's ``SFTTrainer``.
+
+The TRL habit (DESIGN.md, "Habits"): a config dataclass (``finetune.config.TrainConfig``), a ``main(config)``
+that does the work, heavy imports inside the function. The loss is computed on the assistant turns only
+(``assistant_only_loss=True``), which needs the ``{% generation %}`` markers of the base's chat template with
+the end-of-turn token inside them (``finetune.base.CHATML_TEMPLATE``; DESIGN.md, "Known traps").
+
+Output folder layout::
+
+    <output_dir>/checkpoints/checkpoint-<step>/   every save_steps (at most save_total_limit kept)
+    <output_dir>/final/                           LoRA adapter (adapter_config.json, adapter_model.safetensors)
+                                                  or the full model, plus the tokenizer in both cases
+    <output_dir>/train_metrics.json               loss histories, tokens/s, seconds, trainable parameters
+    <output_dir>/train_config.json                the TrainConfig used
+    <output_dir>/loss.png                         train and eval loss against the step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune.config import TrainConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["TrainResult", "linear_module_names", "load_chat_jsonl", "main"]
+
+logger = logging.getLogger(__name__)
+
+_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``main`` produced.
+
+    Attributes:
+        output_path: ``<output_dir>/final``: the LoRA adapter (load with ``peft.PeftModel.from_pretrained``
+            on the base) or the full model (``AutoModelForCausalLM.from_pretrained``), with the tokenizer.
+        method: ``"lora"`` or ``"full"``.
+        metrics: the content of ``train_metrics.json``.
+        loss_png: the loss plot, or None when nothing was logged.
+        trainable_params: parameters updated by the optimizer.
+        train_tokens_per_s: non-padding input tokens per second of training wall time.
+    """
+
+    output_path: Path
+    method: str
+    metrics: dict[str, Any] = field(repr=False)
+    loss_png: Path | None
+    trainable_params: int
+    train_tokens_per_s: float
+
+
+def load_chat_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a chat JSONL file: one ``{"messages": [{"role": ..., "content": ...}, ...]}`` object per line.
+
+    Messages are reduced to ``role`` and ``content`` (a string; OpenAI content parts of type ``text`` are
+    joined), so every row has the same Arrow schema. Blank lines are skipped.
+
+    Args:
+        path: the JSONL file.
+
+    Returns:
+        Rows ``{"messages": [{"role": str, "content": str}, ...]}``.
+
+    Raises:
+        ValueError: a line that is not JSON, has no ``messages`` list, has a message with an unknown role or
+            non-text content, or has no assistant message; the message names the file and the line number.
+    """
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc}); each line must be one JSON object") from None
+            messages = obj.get("messages") if isinstance(obj, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise ValueError(f'{where}: expected {{"messages": [...]}} with a non-empty list of chat messages')
+            clean: list[dict[str, str]] = []
+            for i, msg in enumerate(messages):
+                role = msg.get("role") if isinstance(msg, dict) else None
+                if role not in _ROLES:
+                    raise ValueError(f"{where}: message {i} has role {role!r}; use one of {', '.join(_ROLES)}")
+                content = msg.get("content")
+                if isinstance(content, list):
+                    parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                    if len(parts) != len(content):
+                        raise ValueError(f"{where}: message {i} has non-text content parts; only text can be trained")
+                    content = "".join(str(p) for p in parts)
+                if content is None:
+                    content = ""
+                if not isinstance(content, str):
+                    raise ValueError(f"{where}: message {i} content must be a string, got {type(content).__name__}")
+                clean.append({"role": str(role), "content": content})
+            if not any(m["role"] == "assistant" and m["content"] for m in clean):
+                raise ValueError(f"{where}: no non-empty assistant message, so nothing to train on")
+            rows.append({"messages": clean})
+    return rows
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Sorted short names (last dotted component) of the ``torch.nn.Linear`` modules, ``lm_head`` excluded."""
+    from torch import nn
+
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def _resolve_targets(model: nn.Module, wanted: tuple[str, ...]) -> list[str]:
+    present = set(linear_module_names(model))
+    targets = [m for m in wanted if m in present]
+    missing = [m for m in wanted if m not in present]
+    if not targets:
+        raise ValueError(
+            f"none of target_modules ({', '.join(wanted)}) is a linear layer of this model; its linear layers are "
+            f"{', '.join(sorted(present)) or '(none)'}: set target_modules to some of them"
+        )
+    if missing:
+        logger.info("LoRA target modules not in this model, skipped: %s", ", ".join(missing))
+    return targets
+
+
+def main(config: TrainConfig) -> TrainResult:
+    """Fine-tune ``config.base_model`` on the chat dataset in ``config.dataset_dir``.
+
+    Loads the base with ``finetune.base.load_base`` (CUDA when available: bf16 weights for LoRA, float32
+    master weights with bf16 autocast for full fine-tuning; CPU: float32), the JSONL splits with
+    ``datasets``, and trains with TRL ``SFTTrainer`` (assistant-only loss, ``max_length`` truncation, the
+    Trainer's tqdm progress bar, checkpoints every ``save_steps``, eval loss every ``eval_steps`` when
+    ``eval.jsonl`` has rows). LoRA (Hu et al. 2021, arXiv 2106.09685) via ``peft.LoraConfig(task_type=
+    "CAUSAL_LM")`` on the configured modules that exist in the model; or every weight for ``method="full"``.
+
+    Args:
+        config: the run's settings.
+
+    Returns:
+        ``TrainResult``; the artefacts are in ``config.output_dir`` (see the module docstring).
+
+    Raises:
+        FileNotFoundError: ``dataset_dir`` or its ``train.jsonl`` is missing, or a local base folder is missing.
+        ValueError: a malformed dataset line, an empty training split, no LoRA target module in the model, or
+            a base whose tokenizer has no chat template.
+    """
+    dataset_dir = Path(config.dataset_dir).expanduser()
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(
+            f"dataset_dir {dataset_dir} is not a folder; build one from traces first (it must hold train.jsonl)"
+        )
+    train_file = dataset_dir / "train.jsonl"
+    if not train_file.is_file():
+        raise FileNotFoundError(
+            f"{train_file} not found; a dataset folder holds train.jsonl, eval.jsonl (optional) and manifest.json"
+        )
+    train_rows = load_chat_jsonl(train_file)
+    if not train_rows:
+        raise ValueError(f"{train_file} has no rows; nothing to train on")
+    eval_file = dataset_dir / "eval.jsonl"
+    eval_rows = load_chat_jsonl(eval_file) if eval_file.is_file() else []
+    manifest_file = dataset_dir / "manifest.json"
+    manifest: dict[str, Any] = {}
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    else:
+        logger.warning("%s not found; training without dataset provenance", manifest_file)
+
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune.base import load_base, pick_device
+    from finetune.plots import plot_losses
+
+    out_dir = Path(config.output_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+    set_seed(config.seed)
+
+    device = pick_device(None)
+    on_cuda = device.startswith("cuda")
+    bf16 = bool(on_cuda and torch.cuda.is_bf16_supported())
+    load_dtype = "auto" if config.method == "lora" else "float32"
+    model, tokenizer = load_base(config.base_model, device=device, dtype=load_dtype)
+    total_params = int(sum(p.numel() for p in model.parameters()))
+
+    peft_config = None
+    if config.method == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=_resolve_targets(model, config.target_modules),
+            bias="none",
+        )
+
+    train_ds = Dataset.from_list(train_rows)
+    eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
+    # TRL turns activation (gradient) checkpointing on by default: off here (small models; CPU). transformers 5.x
+    # renamed the option; older 5.x releases only know the deprecated name.
+    checkpointing_field = "activation_checkpointing" if "activation_checkpointing" in {
+        f.name for f in dataclasses.fields(SFTConfig)} else "gradient_checkpointing"
+    extra: dict[str, Any] = {checkpointing_field: False}
+    args = SFTConfig(
+        **extra,
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=float(config.num_train_epochs),
+        max_steps=config.max_steps,
+        learning_rate=config.effective_learning_rate,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=float(config.warmup_ratio),  # transformers 5: a float in [0, 1) is a ratio of the steps
+        max_length=config.max_length,
+        assistant_only_loss=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to="none",
+        use_cpu=not on_cuda,
+        bf16=bf16,
+        fp16=bool(on_cuda and not bf16),
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=on_cuda,
+        disable_tqdm=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trained_model: Any = trainer.model
+    trainable = int(sum(p.numel() for p in trained_model.parameters() if p.requires_grad))
+    logger.info(
+        "training %s on %s: %d train / %d eval conversations, %d of %d parameters trainable, %s%s",
+        config.method, config.base_model, len(train_rows), len(eval_rows), trainable, total_params, device,
+        " bf16" if bf16 else "",
+    )
+    started = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - started
+    final_eval: float | None = None
+    if eval_ds is not None:
+        evals_at_end = [r for r in trainer.state.log_history
+                        if "eval_loss" in r and r.get("step") == trainer.state.global_step]
+        final_eval = float(evals_at_end[-1]["eval_loss"] if evals_at_end else trainer.evaluate()["eval_loss"])
+
+    final_dir = out_dir / "final"
+    trained_model.save_pretrained(str(final_dir))
+    tokenizer.save_pretrained(str(final_dir))
+
+    history = list(trainer.state.log_history)
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    runtime = float(output.metrics.get("train_runtime", seconds)) or seconds
+    tokens_per_s = tokens / runtime if runtime > 0 else 0.0
+    train_curve = [(int(r["step"]), float(r["loss"])) for r in history if "loss" in r]
+    eval_curve = [(int(r["step"]), float(r["eval_loss"])) for r in history if "eval_loss" in r]
+    metrics: dict[str, Any] = {
+        "method": config.method,
+        "base_model": config.base_model,
+        "dataset_dir": str(dataset_dir),
+        "dataset_manifest": manifest,
+        "n_train": len(train_rows),
+        "n_eval": len(eval_rows),
+        "device": device,
+        "bf16": bf16,
+        "learning_rate": config.effective_learning_rate,
+        "global_step": int(trainer.state.global_step),
+        "epochs": float(trainer.state.epoch or 0.0),
+        "train_loss": float(output.training_loss),
+        "final_train_loss": train_curve[-1][1] if train_curve else None,
+        "final_eval_loss": final_eval,
+        "train_loss_history": train_curve,
+        "eval_loss_history": eval_curve,
+        "train_tokens": tokens,
+        "train_seconds": runtime,
+        "train_tokens_per_s": tokens_per_s,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "log_history": history,
+    }
+    metrics = json.loads(json.dumps(metrics, default=_json_default))
+    metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    loss_png: Path | None = None
+    if train_curve or eval_curve:
+        title = f"{config.method} on {Path(config.base_model).name}"
+        loss_png = plot_losses(history, out_dir / "loss.png", title=title)
+    logger.info(
+        "trained %d steps in %.1f s (%.0f tokens/s), train loss %.4f%s; saved %s",
+        trainer.state.global_step, runtime, tokens_per_s, output.training_loss,
+        f", eval loss {final_eval:.4f}" if final_eval is not None else "", final_dir,
+    )
+    return TrainResult(
+        output_path=final_dir,
+        method=config.method,
+        metrics=metrics,
+        loss_png=loss_png,
+        trainable_params=trainable,
+        train_tokens_per_s=tokens_per_s,
+    )
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)

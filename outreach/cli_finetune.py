@@ -1,0 +1,192 @@
+"""``outreach finetune ...`` and ``outreach miniatures ...``: distil traces into miniatures and manage them.
+
+Only typer and rich are imported at start-up; torch, transformers, peft and trl load inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+finetune_app = typer.Typer(help="Distil a teacher's traces into miniatures (datasets, base models, TRL training).")
+miniatures_app = typer.Typer(help="Registered miniatures (one LoRA adapter or fine-tuned model per agent and version).")
+
+console = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[str | None, typer.Option("--store", help="SQLAlchemy URL of the store (setting store_url).")]
+
+
+def _engine(store: str | None):  # type: ignore[no-untyped-def]
+    from outreach.settings import load_settings
+    from store import open_store
+
+    return open_store(load_settings(store_url=store).store_url)
+
+
+@finetune_app.command("bootstrap-base")
+def bootstrap_base_command(
+    out: Annotated[Path, typer.Option(help="Folder for the base model and tokenizer.")] = Path("models/base"),
+    corpus: Annotated[Path | None, typer.Option(help="Corpus whose texts train the tokenizer and the model.")] = None,
+    traces_store: Annotated[str | None, typer.Option("--store", help="Also learn from the traces in this store.")] = None,
+    arch: Annotated[str, typer.Option(help="llama or qwen2.")] = "llama",
+    preset: Annotated[str, typer.Option(help="2m, 10m or 30m parameters.")] = "10m",
+    steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 300,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Build a tiny base model offline: a byte-level BPE tokenizer trained on the corpus, a Llama- or
+    Qwen2-style model of 2M-30M parameters, briefly pretrained as a causal LM, saved like any Hugging Face model.
+
+    Example: `outreach finetune bootstrap-base --corpus corpus.sqlite --out models/base --preset 10m`
+    """
+    from finetune.base import bootstrap_base, corpus_texts
+    from outreach.settings import load_settings
+
+    corpus_path = corpus or load_settings().corpus_path
+    if not Path(corpus_path).is_file():
+        err.print(f"[red]no corpus at {corpus_path}; run `outreach world generate` or `outreach corpus import`[/red]")
+        raise typer.Exit(2)
+    texts = list(corpus_texts(corpus_path))
+    if traces_store:
+        from outreach.queries import select_traces
+        from store import open_store
+
+        for trace in select_traces(open_store(traces_store)):
+            texts.extend(str(m.get("content", "")) for m in trace.messages)
+            texts.append(trace.output)
+    info = bootstrap_base(out, texts, arch=arch, preset=preset, pretrain_steps=steps, seed=seed)  # type: ignore[arg-type]
+    console.print_json(json.dumps(info.to_json()))
+
+
+@finetune_app.command("dataset")
+def dataset_command(
+    agent: Annotated[str, typer.Option(help="researcher or writer.")],
+    out: Annotated[Path, typer.Option(help="Folder for train.jsonl, eval.jsonl, manifest.json.")],
+    campaign: Annotated[list[str] | None, typer.Option(help="Only traces of this campaign (repeat).")] = None,
+    backend: Annotated[list[str] | None, typer.Option(help="Only traces of this backend spec (repeat).")] = None,
+    review: Annotated[str, typer.Option(help="any, approved (approved or edited) or reviewed (not rejected).")] = "any",
+    include_failed: Annotated[bool, typer.Option(help="Also runs that failed validation.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Build an SFT dataset for one agent from the store's traces (deduplicated, split by company).
+
+    Example: `outreach finetune dataset --agent writer --campaign demo-train --out data/writer`
+    """
+    from finetune.datasets import build_sft_dataset, save_dataset
+
+    ds = build_sft_dataset(_engine(store), agent=agent, campaigns=campaign, backends=backend, review=review,  # type: ignore[arg-type]
+                           valid_only=not include_failed)
+    path = save_dataset(ds, out)
+    console.print(f"wrote {len(ds.train)} train and {len(ds.eval)} eval examples to {path} "
+                  f"(hash {ds.manifest.content_hash[:12]})")
+    console.print_json(json.dumps(ds.manifest.counts))
+
+
+@finetune_app.command("train")
+def train_command(
+    agent: Annotated[str, typer.Option(help="researcher or writer.")],
+    name: Annotated[str, typer.Option(help="Registry name of the miniature (a new version if it exists).")],
+    base_model: Annotated[str, typer.Option(help="Hugging Face model id or local folder (see bootstrap-base).")],
+    work_dir: Annotated[Path, typer.Option(help="Where datasets and training runs are written.")] = Path("models"),
+    campaign: Annotated[list[str] | None, typer.Option(help="Only traces of this campaign (repeat).")] = None,
+    backend: Annotated[list[str] | None, typer.Option(help="Only traces of this teacher backend (repeat).")] = None,
+    review: Annotated[str, typer.Option(help="any, approved or reviewed.")] = "any",
+    method: Annotated[str, typer.Option(help="lora or full.")] = "lora",
+    config: Annotated[Path | None, typer.Option(help="TrainConfig TOML/JSON file.")] = None,
+    parent: Annotated[str | None, typer.Option(help="NAME@VERSION of the miniature this one continues.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a TrainConfig field: FIELD=VALUE (repeat).")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Distil: build the agent's dataset from the store, fine-tune with TRL (LoRA or full, assistant-only
+    loss), and register the result.
+
+    Example: `outreach finetune train --agent writer --name writer --base-model models/base --set num_train_epochs=2`
+    """
+    from finetune.distill import distill
+
+    overrides = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            err.print(f"[red]--set takes FIELD=VALUE, got {item!r}[/red]")
+            raise typer.Exit(2)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    parent_ref = None
+    if parent:
+        pname, _, pver = parent.partition("@")
+        parent_ref = (pname, int(pver)) if pver.isdigit() else None
+        if parent_ref is None:
+            err.print("[red]--parent takes NAME@VERSION[/red]")
+            raise typer.Exit(2)
+    try:
+        result = distill(_engine(store), agent=agent, name=name, base_model=base_model, work_dir=work_dir,
+                         campaigns=campaign, backends=backend, review=review, method=method,  # type: ignore[arg-type]
+                         parent=parent_ref, train_overrides=overrides, config_file=config)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    m = result.miniature
+    console.print(f"registered miniature:{m.name}@{m.version} ({m.method}, agent {m.agent}) at {m.adapter_path}")
+
+
+@miniatures_app.command("list")
+def miniatures_list(store: StoreOpt = None) -> None:
+    """List registered miniatures. Example: `outreach miniatures list`"""
+    from miniatures.registry import list_miniatures
+
+    table = Table("name", "version", "agent", "method", "base model", "dataset", "created")
+    for m in list_miniatures(_engine(store)):
+        table.add_row(m.name, str(m.version), m.agent, m.method, m.base_model, m.dataset_hash[:12],
+                      m.created_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+
+
+@miniatures_app.command("show")
+def miniatures_show(
+    name: Annotated[str, typer.Argument(help="NAME or NAME@VERSION.")],
+    store: StoreOpt = None,
+) -> None:
+    """Show one miniature: base, adapter, training config, dataset hash, metrics and lineage.
+
+    Example: `outreach miniatures show writer@2`
+    """
+    from miniatures.registry import MiniatureNotFoundError, get_miniature, lineage
+
+    mname, _, ver = name.partition("@")
+    engine = _engine(store)
+    try:
+        record = get_miniature(engine, mname, int(ver) if ver.isdigit() else None)
+        chain = lineage(engine, record.name, record.version)
+    except MiniatureNotFoundError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print_json(json.dumps({
+        **record.model_dump(mode="json"),
+        "lineage": [f"{r.name}@{r.version} (dataset {r.dataset_hash[:12]})" for r in chain],
+    }))
+
+
+@miniatures_app.command("rm")
+def miniatures_rm(
+    name: Annotated[str, typer.Argument(help="NAME (all versions) or NAME@VERSION.")],
+    force: Annotated[bool, typer.Option(help="Also remove versions that are parents of others.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Remove a miniature from the registry (its files stay on disk). Example: `outreach miniatures rm writer@1`"""
+    from miniatures.registry import MiniatureInUseError, MiniatureNotFoundError, remove_miniature
+
+    mname, _, ver = name.partition("@")
+    try:
+        n = remove_miniature(_engine(store), mname, int(ver) if ver.isdigit() else None, force=force)
+    except (MiniatureNotFoundError, MiniatureInUseError) as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"removed {n} version(s) of {mname}")
