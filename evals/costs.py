@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from miniatures.pricing import DEFAULT_PRICES, Price, price_for
+from miniatures.pricing import DEFAULT_PRICES, Price, lookup_by_spec, price_for
 from miniatures.specs import parse_backend_spec
 
 __all__ = [
@@ -72,13 +72,7 @@ def instance_price_for(backend: str, table: Mapping[str, float] = DEFAULT_INSTAN
     Raises:
         miniatures.specs.BackendSpecError: ``backend`` is not a valid spec.
     """
-    if backend in table:
-        return table[backend]
-    spec = parse_backend_spec(backend)
-    for key in (spec.model, spec.kind):
-        if key and key in table:
-            return table[key]
-    return None
+    return lookup_by_spec(backend, table)
 
 
 @dataclass(frozen=True)

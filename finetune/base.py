@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from miniatures.device import pick_device, pick_dtype
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -37,8 +39,6 @@ __all__ = [
     "build_tokenizer",
     "corpus_texts",
     "load_base",
-    "pick_device",
-    "pick_dtype",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,6 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 _ARCHES = ("llama", "qwen2")
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -125,40 +123,6 @@ class BaseModelInfo:
         data = asdict(self)
         data["path"] = str(self.path)
         return data
-
-
-def pick_device(device: str | None = None) -> str:
-    """Return ``device`` if given, else ``"cuda"`` when ``torch.cuda.is_available()``, else ``"cpu"``."""
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def pick_dtype(dtype: str | None, device: str) -> str:
-    """Resolve a dtype name: ``None``/``"auto"`` is ``bfloat16`` on CUDA when supported, else ``float32``.
-
-    Args:
-        dtype: ``None``, ``"auto"``, ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``.
-        device: the device the model goes to (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
-
-    Returns:
-        One of ``"float32"``, ``"bfloat16"``, ``"float16"``.
-
-    Raises:
-        ValueError: an unknown dtype name.
-    """
-    if dtype is None or dtype == "auto":
-        if device.startswith("cuda"):
-            import torch
-
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16") from None
 
 
 def corpus_texts(corpus_path: str | Path) -> Iterator[str]:

@@ -38,6 +38,7 @@ from langchain_core.messages import AIMessage, BaseMessage, convert_to_openai_me
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict, Field
 
+from miniatures.device import pick_device, torch_dtype
 from miniatures.registry import get_miniature
 from miniatures.specs import BackendSpec, BackendSpecError
 
@@ -102,29 +103,6 @@ class _LoopState:
     worker: asyncio.Task[None] | None = None
 
 
-def _pick_device(device: str | None) -> str:
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use device='cpu' or None")
-    return device
-
-
-def _pick_dtype(dtype: Any, device: str) -> Any:
-    import torch
-
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16', 'float16' or None")
-    return resolved
-
-
 class LocalEngine:
     """A base model with several LoRA adapters, serving batched greedy generation in-process.
 
@@ -173,8 +151,8 @@ class LocalEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.base_model = str(base_model)
-        self.device = _pick_device(device)
-        self.dtype = _pick_dtype(dtype, self.device)
+        self.device = pick_device(device)
+        self.dtype = torch_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size
         self.batch_window_ms = batch_window_ms
         self.max_new_tokens = max_new_tokens

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from miniatures.specs import parse_backend_spec
 
-__all__ = ["DEFAULT_PRICES", "Price", "call_cost_usd", "price_for"]
+__all__ = ["DEFAULT_PRICES", "Price", "call_cost_usd", "lookup_by_spec", "price_for"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,8 @@ DEFAULT_PRICES: dict[str, Price] = {
 }
 
 
-def price_for(backend: str, table: Mapping[str, Price] = DEFAULT_PRICES) -> Price:
-    """Look up the price of ``backend`` (a backend spec string): the whole spec first, then its
-    model name, then its kind; unknown backends cost 0 (and the evaluation report says so).
+def lookup_by_spec(backend: str, table: Mapping[str, T]) -> T | None:
+    """The entry of ``table`` for ``backend``: the whole spec first, then its model name, then its kind.
 
     Raises:
         miniatures.specs.BackendSpecError: ``backend`` is not a valid spec.
@@ -45,7 +47,18 @@ def price_for(backend: str, table: Mapping[str, Price] = DEFAULT_PRICES) -> Pric
     for key in (spec.model, spec.kind):
         if key and key in table:
             return table[key]
-    return Price()
+    return None
+
+
+def price_for(backend: str, table: Mapping[str, Price] = DEFAULT_PRICES) -> Price:
+    """Look up the price of ``backend`` (a backend spec string): the whole spec first, then its
+    model name, then its kind; unknown backends cost 0 (and the evaluation report says so).
+
+    Raises:
+        miniatures.specs.BackendSpecError: ``backend`` is not a valid spec.
+    """
+    found = lookup_by_spec(backend, table)
+    return Price() if found is None else found
 
 
 def call_cost_usd(backend: str, input_tokens: int, output_tokens: int,

@@ -368,11 +368,20 @@ def demo(
     companies: Annotated[int, typer.Option(help="Demo-world companies.")] = 200,
     seed: Annotated[int, typer.Option(help="World seed.")] = 7,
     concurrency: Annotated[int, typer.Option(help="Prospects in flight at once.")] = 8,
+    distill: Annotated[bool, typer.Option(help="Also distil both miniatures and compare them with the teacher on the held-out prospects.")] = False,
+    base_model: Annotated[str | None, typer.Option(help="With --distill: base model id or folder (default: bootstrap a tiny one).")] = None,
+    method: Annotated[str | None, typer.Option(help="With --distill: lora or full (default: full on a bootstrapped base, lora otherwise).")] = None,
+    epochs: Annotated[int, typer.Option(help="With --distill: training epochs.")] = 3,
+    bootstrap_steps: Annotated[int, typer.Option(help="With --distill: pretraining steps of a bootstrapped base.")] = 150,
 ) -> None:
     """The main job offline: generate the demo world, run a campaign over its train prospects with the
     `heuristic` teacher on the local corpus, and score the profiles against the world's gold.
 
-    Example: `outreach demo --out demo`
+    With `--distill` the loop goes on: build both agents' datasets from the teacher's traces, bootstrap a
+    tiny base model unless `--base-model` is given, fine-tune a researcher and a writer miniature, and
+    evaluate teacher, miniatures and each mix side by side on the held-out prospects (report in OUT/eval).
+
+    Examples: `outreach demo --out demo`, `outreach demo --out demo --distill`
     """
     from evals.campaigns import campaign_predictions
     from evals.scoring import score_profiles
@@ -402,6 +411,57 @@ def demo(
     scores = score_profiles({c: predictions.get(c, {}) for c in gold}, gold)
     console.print(_scores_table("extraction vs gold (train split)", scores))
     console.print(f"store: {settings.store_url}  -  try: outreach traces list --store {settings.store_url}")
+    if distill:
+        _demo_distill(engine, settings, out, world_dir, base_model=base_model, method=method, epochs=epochs,
+                      bootstrap_steps=bootstrap_steps, concurrency=concurrency)
+
+
+def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, base_model: str | None,  # type: ignore[no-untyped-def]
+                  method: str | None, epochs: int, bootstrap_steps: int, concurrency: int) -> None:
+    """The second half of the demo: distil both agents, then teacher vs miniatures on held-out prospects."""
+    import time
+
+    from evals.report import write_report
+    from evals.runner import EvalConfig, run_eval, world_eval_set
+    from finetune.base import bootstrap_base, corpus_texts
+    from finetune.distill import distill
+    from outreach.cli_eval import overview_tables
+    from outreach.pipeline import open_web
+
+    started = time.perf_counter()
+    if base_model is None:
+        texts = list(corpus_texts(settings.corpus_path))
+        info = bootstrap_base(out / "models" / "base", texts, preset="2m", pretrain_steps=bootstrap_steps)
+        base_model = str(info.path)
+        method = method or "full"
+        console.print(f"bootstrapped a {info.n_params / 1e6:.1f}M-parameter base in {info.seconds:.0f} s "
+                      f"(loss {info.final_loss:.2f}); method {method}: a base this small and this briefly "
+                      "pretrained has little for a LoRA adapter to adapt, so every weight is trained")
+    else:
+        method = method or "lora"
+        console.print(f"base {base_model}; method {method}: LoRA adapters on a pretrained base, several per base")
+    lengths = {"researcher": 1664, "writer": 768}
+    for agent in ("researcher", "writer"):
+        result = distill(engine, agent=agent, name=f"demo-{agent}", base_model=base_model, work_dir=out / "models",
+                         campaigns=["demo-train"], method=method,  # type: ignore[arg-type]
+                         train_overrides={"num_train_epochs": epochs, "max_length": lengths[agent],
+                                          "learning_rate": 1e-3 if method == "full" else 2e-3, "save_steps": 10_000})
+        m = result.miniature
+        console.print(f"miniature:{m.name}@{m.version}: {len(result.manifest.train_trace_ids)} training examples, "
+                      f"final train loss {result.metrics.get('train_loss', float('nan')):.3f}")
+    configs = [
+        EvalConfig(name="teacher"),
+        EvalConfig(name="miniatures", researcher="miniature:demo-researcher", writer="miniature:demo-writer"),
+        EvalConfig(name="mini-researcher", researcher="miniature:demo-researcher"),
+        EvalConfig(name="mini-writer", writer="miniature:demo-writer"),
+    ]
+    eval_set = world_eval_set(world_dir, split="heldout")
+    result = asyncio.run(run_eval(engine, eval_set, configs, web=open_web(settings, engine), run_name="demo-heldout",
+                                  concurrency=concurrency, prices=settings.price_table()))
+    files = write_report(result, out / "eval")
+    for table in overview_tables(result):
+        console.print(table)
+    console.print(f"distillation and evaluation took {time.perf_counter() - started:.0f} s; report: {files.html}")
 
 
 @realdata_app.command("companies")

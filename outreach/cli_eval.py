@@ -139,7 +139,7 @@ def _f(v: float | None, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def _overview_tables(result: EvalResult) -> tuple[Table, Table]:
+def overview_tables(result: EvalResult) -> tuple[Table, Table]:
     """Two terminal tables: quality (research, rubric, win rate) and cost and speed."""
     quality = Table(title=f"evaluation {result.run_name}: {result.eval_set}, {result.n_prospects} prospects")
     for name in ("config", "status", "F1", "grounded", "schema", "rubric", "win rate [CI]"):
@@ -243,7 +243,7 @@ def eval_command(
         except (EvalSpecError, ValueError) as exc:
             raise _fail(str(exc)) from exc
     files = write_report(result, out)
-    for table in _overview_tables(result):
+    for table in overview_tables(result):
         console.print(table)
     for c in result.configs:
         if c.status == "failed":

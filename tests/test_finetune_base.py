@@ -23,8 +23,8 @@ from finetune.base import (  # noqa: E402
     build_tokenizer,
     corpus_texts,
     load_base,
-    pick_dtype,
 )
+from miniatures.device import pick_dtype
 
 WORDS = (
     "acme analytics austin founded employees logistics platform software revenue customers growth hiring "
