@@ -26,6 +26,25 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers
         register_miniature,
         remove_miniature,
     )
+    from miniatures.server import (
+        InsecureBindError,
+        RunningServer,
+        ServedModel,
+        check_bind,
+        create_app,
+        load_served_models,
+        run_server,
+        select_records,
+        serve_in_thread,
+    )
+    from miniatures.vllm_cmd import (
+        VLLM_LORA_RANKS,
+        VllmCommand,
+        VllmCommandError,
+        adapter_rank,
+        build_vllm_commands,
+        vllm_lora_rank,
+    )
 
 # Loaded on first use (PEP 562) so that importing the package stays cheap for the CLI's start-up:
 # miniatures.local pulls in langchain-core, miniatures.registry the store.
@@ -45,6 +64,21 @@ _LAZY = {
     "list_miniatures": "miniatures.registry",
     "register_miniature": "miniatures.registry",
     "remove_miniature": "miniatures.registry",
+    "InsecureBindError": "miniatures.server",
+    "RunningServer": "miniatures.server",
+    "ServedModel": "miniatures.server",
+    "check_bind": "miniatures.server",
+    "create_app": "miniatures.server",
+    "load_served_models": "miniatures.server",
+    "run_server": "miniatures.server",
+    "select_records": "miniatures.server",
+    "serve_in_thread": "miniatures.server",
+    "VLLM_LORA_RANKS": "miniatures.vllm_cmd",
+    "VllmCommand": "miniatures.vllm_cmd",
+    "VllmCommandError": "miniatures.vllm_cmd",
+    "adapter_rank": "miniatures.vllm_cmd",
+    "build_vllm_commands": "miniatures.vllm_cmd",
+    "vllm_lora_rank": "miniatures.vllm_cmd",
 }
 
 
@@ -82,4 +116,19 @@ __all__ = [
     "list_miniatures",
     "register_miniature",
     "remove_miniature",
+    "InsecureBindError",
+    "RunningServer",
+    "ServedModel",
+    "check_bind",
+    "create_app",
+    "load_served_models",
+    "run_server",
+    "select_records",
+    "serve_in_thread",
+    "VLLM_LORA_RANKS",
+    "VllmCommand",
+    "VllmCommandError",
+    "adapter_rank",
+    "build_vllm_commands",
+    "vllm_lora_rank",
 ]

@@ -539,8 +539,10 @@ def realdata_pages(
 def _register_subcommands() -> None:
     from outreach.cli_eval import abtest_app, eval_command
     from outreach.cli_finetune import finetune_app, miniatures_app
+    from outreach.cli_serve import serve_command
 
     app.command("eval")(eval_command)
+    app.command("serve")(serve_command)
     app.add_typer(abtest_app, name="abtest", no_args_is_help=True)
     app.add_typer(finetune_app, name="finetune", no_args_is_help=True)
     app.add_typer(miniatures_app, name="miniatures", no_args_is_help=True)

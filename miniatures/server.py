@@ -1,0 +1,721 @@
+"""An OpenAI-compatible HTTP server over registered miniatures (FastAPI + uvicorn), the CPU twin of vLLM.
+
+Endpoints (the subset of the OpenAI API that the campaign's ``openai:<model>@<base_url>`` backend uses):
+
+- ``POST /v1/chat/completions``: non-streaming, and ``"stream": true`` as server-sent events
+  (``data: {chat.completion.chunk}`` lines ending with ``data: [DONE]``, as OpenAI and vLLM send them);
+- ``GET /v1/models``: every served miniature as ``<name>@<version>`` and its plain ``<name>`` alias (the
+  highest served version of that name), each with ``"parent"`` (its base model) and ``"root"`` (its adapter
+  folder), the way vLLM lists ``--lora-modules``;
+- ``GET /health``: 200 when the server is up (no API key needed, like vLLM's).
+
+The request's ``model`` picks the miniature. A pinned version can also be asked for as ``<name>:<version>``,
+because a backend spec ``openai:<model>@<base_url>`` splits at the first ``@``
+(``openai:writer:2@http://127.0.0.1:8000/v1``).
+
+Generation goes through ``miniatures.local.LocalEngine``: LoRA miniatures on one base share one engine (one
+copy of the base weights, adapters switched per request in mixed-adapter batches), so concurrent requests are
+batched by the engine's dynamic batcher (``max_batch_size`` requests, ``batch_window_ms`` wait window).
+Decoding is greedy only: ``temperature`` 0 or absent is accepted, ``temperature > 0`` is rejected with a 400
+(``param: "temperature"``) rather than silently ignored, so a client that wants samples finds out at once;
+``top_p`` and ``seed`` are accepted and have no effect on greedy decoding. ``stop`` cuts the answer at the
+first stop string, as the in-process backend does.
+
+Streaming: the engine generates whole answers in batches, so a stream sends the ``role`` chunk at once, then,
+when the answer is ready, its text in word-sized chunks, the final chunk with ``finish_reason`` and, with
+``stream_options.include_usage``, a usage chunk. Time to first content token therefore equals the whole
+generation time; streaming exists for clients that only speak streaming. (transformers'
+``TextIteratorStreamer`` would stream token by token but only for one request per ``generate`` call,
+giving up batching.) A client that disconnects while its request waits is dropped: its queued request is
+cancelled before it reaches the model, and the others are not held up.
+
+With ``repair_json`` on (the default), an answer goes through ``miniatures.local.repair_json`` exactly as the
+in-process ``miniature:<name>`` backend does, so that a campaign against the server gives the same outputs
+as the in-process backend (vLLM does no such repair).
+
+Errors are OpenAI-style JSON ``{"error": {"message", "type", "param", "code"}}``: 400 invalid body (bad JSON,
+a missing or ill-typed field, unsupported options such as ``n > 1`` or ``tools``) or a prompt longer than
+``max_prompt_tokens`` or the model's context (``code: "context_length_exceeded"``, as OpenAI), 401 missing or
+wrong API key (``Authorization: Bearer <key>``), 404 unknown model (``code: "model_not_found"``) or route,
+413 a request body over ``max_body_bytes``.
+
+The server binds to 127.0.0.1 by default and refuses to start on any other address without an API key.
+
+Heavy imports (fastapi, uvicorn, torch) happen inside functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from miniatures.local import BASE_ADAPTER, Generation, LocalEngine, repair_json
+from miniatures.registry import get_miniature, list_miniatures
+from miniatures.specs import parse_backend_spec
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from sqlalchemy import Engine
+
+    from store.models import MiniatureRecord
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "InsecureBindError",
+    "RunningServer",
+    "ChatCompletionRequest",
+    "ServedModel",
+    "check_bind",
+    "create_app",
+    "is_loopback",
+    "load_served_models",
+    "run_server",
+    "select_records",
+    "serve_in_thread",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Default bind address: loopback only.
+DEFAULT_HOST = "127.0.0.1"
+#: Default port (vLLM's).
+DEFAULT_PORT = 8000
+#: Default cap on a request body, bytes.
+DEFAULT_MAX_BODY_BYTES = 4_000_000
+
+_ROLES = {"system", "user", "assistant", "developer"}
+_WORDS = re.compile(r"\s*\S+\s*|\s+")
+
+
+class InsecureBindError(ValueError):
+    """The server was asked to listen on a non-loopback address without an API key."""
+
+
+# ---------------------------------------------------------------------- what is served
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One miniature the server answers for.
+
+    Attributes:
+        name: the miniature's registered name (the alias clients may use for the latest served version).
+        version: its registered version.
+        engine: the ``LocalEngine`` that runs it (shared by LoRA miniatures on the same base).
+        adapter: its adapter name on ``engine``, or ``BASE_ADAPTER`` for a fully fine-tuned miniature,
+            which runs as its engine's base model.
+        parent: the base model it was trained from (``"parent"`` in ``/v1/models``).
+        root: its adapter (or fine-tuned model) folder (``"root"`` in ``/v1/models``).
+        created: registration time, Unix seconds.
+    """
+
+    name: str
+    version: int
+    engine: LocalEngine
+    adapter: str
+    parent: str
+    root: str
+    created: int = 0
+
+    @property
+    def id(self) -> str:
+        """``<name>@<version>``, the model id clients see."""
+        return f"{self.name}@{self.version}"
+
+
+def _parse_selector(selector: str) -> tuple[str, int | None]:
+    """``name``, ``name@3`` or ``name:3`` -> ``(name, version or None)``; raises ``ValueError``."""
+    text = selector.strip()
+    for sep in ("@", ":"):
+        name, found, tail = text.partition(sep)
+        if found:
+            if not name or not tail.isdigit() or int(tail) < 1:
+                raise ValueError(f"miniature {selector!r} is not <name>, <name>@<version> or <name>:<version>")
+            return name, int(tail)
+    if not text:
+        raise ValueError("an empty miniature name was given; name a registered miniature")
+    return text, None
+
+
+def select_records(store: Engine, selectors: Sequence[str] = ()) -> list[MiniatureRecord]:
+    """The registry records to serve: the named ones, or the latest version of every registered name.
+
+    Args:
+        store: the store holding the registry.
+        selectors: ``name`` (latest version), ``name@version`` or ``name:version``; empty for all names.
+
+    Returns:
+        Records ordered by name then version, without duplicates.
+
+    Raises:
+        ValueError: a selector is malformed, or nothing is registered when no selector is given.
+        MiniatureNotFoundError: a named miniature is not registered.
+    """
+    if selectors:
+        found = [get_miniature(store, *_parse_selector(s)) for s in selectors]
+    else:
+        latest: dict[str, MiniatureRecord] = {}
+        for record in list_miniatures(store):
+            if record.name not in latest or record.version > latest[record.name].version:
+                latest[record.name] = record
+        found = list(latest.values())
+        if not found:
+            raise ValueError(
+                "no miniature is registered in this store; distil one with `outreach finetune train`, "
+                "or point --store at the store that holds them"
+            )
+    unique = {(r.name, r.version): r for r in found}
+    return [unique[key] for key in sorted(unique)]
+
+
+def load_served_models(
+    store: Engine,
+    selectors: Sequence[str] = (),
+    *,
+    engines: dict[str, LocalEngine] | None = None,
+    device: str | None = None,
+    dtype: Any = None,
+    max_new_tokens: int = 512,
+    num_threads: int | None = None,
+) -> list[ServedModel]:
+    """Load registered miniatures into local engines, ready for ``create_app``.
+
+    LoRA miniatures on the same base share one engine (``miniatures.local.build_miniature_chat_model``);
+    a fully fine-tuned one gets an engine of its own.
+
+    Args:
+        store: the store holding the registry.
+        selectors: what to serve (see ``select_records``); empty: the latest version of every name.
+        engines: engines already loaded (by base model or model folder); new ones are added to it.
+        device: device of new engines (``None``: CUDA when available, else CPU).
+        dtype: dtype of new engines (``None``: bfloat16 on CUDA, float32 on CPU).
+        max_new_tokens: default cap on generated tokens when a request gives no ``max_tokens``.
+        num_threads: torch CPU threads (see ``LocalEngine``).
+
+    Returns:
+        One ``ServedModel`` per record, ordered by name then version.
+
+    Raises:
+        ValueError: a malformed selector, or an empty registry.
+        MiniatureNotFoundError: a named miniature is not registered.
+        miniatures.local.AdapterPathError: a registered adapter folder is gone.
+    """
+    from miniatures.local import build_miniature_chat_model
+
+    pool = engines if engines is not None else {}
+    served: list[ServedModel] = []
+    for record in select_records(store, selectors):
+        chat = build_miniature_chat_model(
+            parse_backend_spec(f"miniature:{record.name}@{record.version}"), store, engines=pool, device=device,
+            dtype=dtype, max_new_tokens=max_new_tokens, num_threads=num_threads,
+        )
+        created = int(record.created_at.timestamp()) if getattr(record, "created_at", None) else 0
+        served.append(ServedModel(
+            name=record.name, version=record.version, engine=chat.engine, adapter=chat.adapter,
+            parent=record.base_model, root=record.adapter_path, created=created,
+        ))
+    logger.info("loaded %d miniature(s) on %d engine(s)", len(served), len({id(m.engine) for m in served}))
+    return served
+
+
+# ---------------------------------------------------------------------- request schema
+
+
+class _ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[_ContentPart] | None = None
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The body of ``POST /v1/chat/completions`` (OpenAI's fields; unknown extra fields are ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: _StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+
+
+# ---------------------------------------------------------------------- errors
+
+
+class _APIError(Exception):
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _validation_error(exc: ValidationError) -> _APIError:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    return _APIError(400, f"invalid request body: {loc or 'body'}: {first.get('msg', 'invalid')}",
+                     param=loc or None, code="invalid_value")
+
+
+# ---------------------------------------------------------------------- the app
+
+
+def _chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
+    """OpenAI messages -> ``[{"role", "content"}]`` as ``LocalMiniatureChatModel`` builds them (text only)."""
+    chat: list[dict[str, str]] = []
+    for i, message in enumerate(request.messages):
+        if message.role not in _ROLES:
+            raise _APIError(400, f"messages[{i}].role {message.role!r} is not supported; use system, user or "
+                                 "assistant (tool messages and function calls are not supported by miniatures)",
+                            param=f"messages.{i}.role")
+        content = message.content
+        if isinstance(content, list):
+            if any(p.type != "text" for p in content):
+                raise _APIError(400, f"messages[{i}] has a non-text content part; miniatures read text only",
+                                param=f"messages.{i}.content")
+            content = "".join(p.text or "" for p in content)
+        chat.append({"role": "system" if message.role == "developer" else message.role, "content": content or ""})
+    return chat
+
+
+def _check_options(request: ChatCompletionRequest) -> None:
+    if request.temperature:
+        raise _APIError(400, f"temperature {request.temperature} asks for sampling, but miniatures are served with "
+                             "greedy decoding only; send temperature 0 (or leave it out)", param="temperature")
+    if request.n not in (None, 1):
+        raise _APIError(400, f"n={request.n}: greedy decoding gives one answer; send n=1", param="n")
+    if request.tools or request.functions:
+        raise _APIError(400, "tools and function calling are not supported by this server; send plain messages",
+                        param="tools")
+    if request.logprobs:
+        raise _APIError(400, "logprobs are not supported by this server", param="logprobs")
+    stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
+    if len(stops) > 4:
+        raise _APIError(400, f"stop has {len(stops)} strings; give at most 4", param="stop")
+
+
+def _cut_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+def _usage(generation: Generation) -> dict[str, int]:
+    return {"prompt_tokens": generation.input_tokens, "completion_tokens": generation.output_tokens,
+            "total_tokens": generation.input_tokens + generation.output_tokens}
+
+
+def create_app(
+    models: Sequence[ServedModel],
+    *,
+    api_key: str | None = None,
+    max_prompt_tokens: int | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_batch_size: int | None = None,
+    batch_window_ms: float | None = None,
+    repair_json_output: bool = True,
+) -> FastAPI:
+    """Build the FastAPI app that serves ``models`` over the OpenAI chat-completions API.
+
+    Args:
+        models: what to serve (``load_served_models``); ids ``<name>@<version>`` must be unique.
+        api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <api_key>`` (else 401).
+        max_prompt_tokens: longest accepted prompt, in tokens of the chat-templated prompt; ``None``: the
+            model's context length only. Longer prompts get a 400 ``context_length_exceeded``.
+        max_body_bytes: largest accepted request body, bytes (413 above it).
+        max_batch_size: when given, set on every engine: most requests in one ``generate`` call.
+        batch_window_ms: when given, set on every engine: how long the batcher waits for more requests, ms.
+        repair_json_output: pass answers through ``repair_json`` as the in-process backend does.
+
+    Returns:
+        A ``fastapi.FastAPI`` app; ``app.state.api_key`` holds the key (``run_server`` reads it).
+
+    Raises:
+        ValueError: no models, duplicate ids, or a bad size.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    if not models:
+        raise ValueError("no miniatures to serve; register one with `outreach finetune train`")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    if batch_window_ms is not None and batch_window_ms < 0:
+        raise ValueError(f"batch_window_ms must be >= 0, got {batch_window_ms}")
+    by_id: dict[str, ServedModel] = {}
+    for model in models:
+        if model.id in by_id:
+            raise ValueError(f"miniature {model.id} is given twice; serve each version once")
+        by_id[model.id] = model
+    aliases: dict[str, ServedModel] = {}
+    for model in models:
+        if model.name not in aliases or model.version > aliases[model.name].version:
+            aliases[model.name] = model
+    for engine in {id(m.engine): m.engine for m in models}.values():
+        if max_batch_size is not None:
+            engine.max_batch_size = max_batch_size
+        if batch_window_ms is not None:
+            engine.batch_window_ms = batch_window_ms
+
+    app = FastAPI(title="outreach miniatures (OpenAI-compatible)", docs_url=None, redoc_url=None)
+    app.state.api_key = api_key
+    app.state.models = by_id
+    app.state.stats = {"requests": 0, "errors": 0, "disconnects": 0}
+
+    def resolve(name: str) -> ServedModel:
+        if name in by_id:
+            return by_id[name]
+        if name in aliases:
+            return aliases[name]
+        head, sep, tail = name.partition(":")
+        if sep and f"{head}@{tail}" in by_id:
+            return by_id[f"{head}@{tail}"]
+        served = ", ".join(sorted([*by_id, *aliases]))
+        raise _APIError(404, f"The model {name!r} does not exist on this server (served: {served}); "
+                             "list them with GET /v1/models", param="model", code="model_not_found")
+
+    def error_response(error: _APIError) -> JSONResponse:
+        app.state.stats["errors"] += 1
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(_APIError)
+    async def _on_api_error(request: Request, exc: _APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_APIError(400, f"invalid request: {exc.errors()}", code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(_APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                        code=code))
+
+    def authenticate(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            message = ("missing API key: send the header 'Authorization: Bearer <key>'" if not header
+                       else "incorrect API key provided")
+            raise _APIError(401, message, code="invalid_api_key")
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def list_models(request: Request) -> JSONResponse:
+        authenticate(request)
+        data = [_model_card(served_id, model) for served_id, model in sorted(by_id.items())]
+        data += [_model_card(alias, model) for alias, model in sorted(aliases.items())]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def read_body(request: Request) -> ChatCompletionRequest:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            raise _APIError(413, f"request body of {declared} bytes is over the limit of {max_body_bytes} bytes; "
+                                 "send a shorter prompt", code="request_too_large")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise _APIError(413, f"request body is over the limit of {max_body_bytes} bytes; send a shorter "
+                                     "prompt", code="request_too_large")
+            chunks.append(chunk)
+        try:
+            payload = json.loads(b"".join(chunks) or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _APIError(400, f"request body is not valid JSON ({exc}); send a JSON object",
+                            code="invalid_json") from exc
+        if not isinstance(payload, dict):
+            raise _APIError(400, "request body must be a JSON object with 'model' and 'messages'",
+                            code="invalid_value")
+        try:
+            return ChatCompletionRequest.model_validate(payload)
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+
+    def prepare(body: ChatCompletionRequest) -> tuple[ServedModel, list[dict[str, str]], int | None]:
+        _check_options(body)
+        model = resolve(body.model)
+        chat = _chat_messages(body)
+        n_prompt = len(model.engine.prompt_ids(chat))
+        limit = max_prompt_tokens or model.engine.context_length or None
+        if model.engine.context_length:
+            limit = min(limit or model.engine.context_length, model.engine.context_length - 1)
+        if limit is not None and n_prompt > limit:
+            raise _APIError(400, f"This model's maximum prompt length is {limit} tokens; your messages make "
+                                 f"{n_prompt} tokens. Shorten the messages.", param="messages",
+                            code="context_length_exceeded")
+        return model, chat, body.max_completion_tokens or body.max_tokens
+
+    async def generate(model: ServedModel, chat: list[dict[str, str]], max_new: int | None) -> Generation:
+        try:
+            return await model.engine.generate(model.adapter, chat, max_new_tokens=max_new)
+        except ValueError as exc:
+            raise _APIError(400, str(exc), param="messages") from exc
+
+    def finish_text(generation: Generation, stop: str | list[str] | None) -> tuple[str, str]:
+        text, stopped = _cut_at_stop(generation.text, stop)
+        if repair_json_output and "{" in text:
+            text = repair_json(text)
+        return text, ("stop" if stopped else generation.finish_reason)
+
+    async def chat_completions(request: Request) -> Any:
+        app.state.stats["requests"] += 1
+        authenticate(request)
+        body = await read_body(request)
+        model, chat, max_new = prepare(body)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if not body.stream:
+            generation = await _unless_disconnected(request, generate(model, chat, max_new), app)
+            text, finish = finish_text(generation, body.stop)
+            return JSONResponse({
+                "id": completion_id, "object": "chat.completion", "created": created, "model": model.id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": finish}],
+                "usage": _usage(generation), "system_fingerprint": None,
+            })
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            payload: dict[str, Any] = {
+                "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model.id,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+            if include_usage:
+                payload["usage"] = None
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                generation = await generate(model, chat, max_new)
+            except _APIError as exc:  # after the 200 header: report in the stream, as vLLM does
+                app.state.stats["errors"] += 1
+                yield f"data: {json.dumps(exc.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            except asyncio.CancelledError:
+                app.state.stats["disconnects"] += 1
+                logger.info("client went away during %s; its request was dropped", completion_id)
+                raise
+            text, finish = finish_text(generation, body.stop)
+            for piece in _WORDS.findall(text):
+                yield chunk({"content": piece})
+            yield chunk({}, finish)
+            if include_usage:
+                usage = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                         "model": model.id, "choices": [], "usage": _usage(generation)}
+                yield f"data: {json.dumps(usage)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # Plain Starlette routes (the handler gets the request as is): the body is read and validated here, so that
+    # its size is capped while it streams in and every error has the OpenAI shape.
+    app.add_route("/health", health, methods=["GET"])
+    app.add_route("/v1/models", list_models, methods=["GET"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    return app
+
+
+async def _unless_disconnected(request: Any, work: Any, app: Any) -> Generation:
+    """Await ``work``; when the client disconnects first, cancel it (its queued request never reaches the model)."""
+    task: asyncio.Task[Generation] = asyncio.ensure_future(work)
+
+    async def wait_for_disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(wait_for_disconnect())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            app.state.stats["disconnects"] += 1
+            logger.info("client went away before its answer; request dropped")
+            raise asyncio.CancelledError
+        return task.result()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+def _model_card(model_id: str, model: ServedModel) -> dict[str, Any]:
+    return {
+        "id": model_id, "object": "model", "created": model.created, "owned_by": "outreach",
+        "root": model.root, "parent": model.parent, "max_model_len": model.engine.context_length or None,
+        "permission": [],
+        "metadata": {"name": model.name, "version": model.version,
+                     "method": "full" if model.adapter == BASE_ADAPTER else "lora"},
+    }
+
+
+# ---------------------------------------------------------------------- running it
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1); False for anything else, ``0.0.0.0``
+    included."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to listen beyond this machine without an API key.
+
+    Raises:
+        InsecureBindError: ``host`` is not a loopback address and ``api_key`` is empty.
+    """
+    if not is_loopback(host) and not api_key:
+        raise InsecureBindError(
+            f"refusing to serve miniatures on {host!r} without an API key: anyone who can reach it could use the "
+            "models; pass --api-key (or set OUTREACH_SERVE_API_KEY), or bind to 127.0.0.1"
+        )
+
+
+def _uvicorn_server(app: FastAPI, host: str, port: int, log_level: str) -> Any:
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="off")
+    return uvicorn.Server(config)
+
+
+def run_server(app: FastAPI, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until interrupted (blocking; Ctrl-C stops it).
+
+    Raises:
+        InsecureBindError: ``host`` is not loopback and the app has no API key (``create_app(api_key=...)``).
+        OSError: the port is taken.
+    """
+    check_bind(host, getattr(app.state, "api_key", None))
+    logger.info("serving %d miniature(s) on http://%s:%d/v1", len(app.state.models), host, port)
+    _uvicorn_server(app, host, port, log_level).run()
+
+
+@dataclass
+class RunningServer:
+    """A server started by ``serve_in_thread``.
+
+    Attributes:
+        host: the bound address.
+        port: the bound port (the free one picked when 0 was asked for).
+        server: the ``uvicorn.Server``.
+        thread: the thread running it.
+    """
+
+    host: str
+    port: int
+    server: Any
+    thread: threading.Thread
+
+    @property
+    def base_url(self) -> str:
+        """``http://<host>:<port>/v1``, the base URL an ``openai:<model>@<base_url>`` spec takes."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask uvicorn to exit and wait for the thread, at most ``timeout_s`` seconds."""
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, *, host: str = DEFAULT_HOST, port: int = 0, log_level: str = "warning",
+                    start_timeout_s: float = 30.0) -> Iterator[RunningServer]:
+    """Run ``app`` with uvicorn in a background thread for the duration of a ``with`` block.
+
+    Port 0 picks a free port (the socket is bound here, before uvicorn starts, so there is no race).
+
+    Yields:
+        ``RunningServer`` with the bound ``port`` and ``base_url``.
+
+    Raises:
+        InsecureBindError: ``host`` is not loopback and the app has no API key.
+        TimeoutError: uvicorn did not start within ``start_timeout_s`` seconds.
+    """
+    check_bind(host, getattr(app.state, "api_key", None))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = _uvicorn_server(app, host, sock.getsockname()[1], log_level)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="miniature-server")
+    thread.start()
+    running = RunningServer(host=host, port=sock.getsockname()[1], server=server, thread=thread)
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            running.stop(1.0)
+            sock.close()
+            raise TimeoutError(f"the miniature server did not start on {host}:{running.port}")
+        time.sleep(0.01)
+    try:
+        yield running
+    finally:
+        running.stop()
+        sock.close()
