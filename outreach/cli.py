@@ -371,7 +371,7 @@ def demo(
     distill: Annotated[bool, typer.Option(help="Also distil both miniatures and compare them with the teacher on the held-out prospects.")] = False,
     base_model: Annotated[str | None, typer.Option(help="With --distill: base model id or folder (default: bootstrap a tiny one).")] = None,
     method: Annotated[str | None, typer.Option(help="With --distill: lora or full (default: full on a bootstrapped base, lora otherwise).")] = None,
-    epochs: Annotated[int, typer.Option(help="With --distill: training epochs.")] = 3,
+    epochs: Annotated[int, typer.Option(help="With --distill: training epochs.")] = 5,
     bootstrap_steps: Annotated[int, typer.Option(help="With --distill: pretraining steps of a bootstrapped base.")] = 150,
 ) -> None:
     """The main job offline: generate the demo world, run a campaign over its train prospects with the
@@ -445,7 +445,7 @@ def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, bas
         distilled = distill(engine, agent=agent, name=f"demo-{agent}", base_model=base_model, work_dir=out / "models",
                          campaigns=["demo-train"], method=method,  # type: ignore[arg-type]
                          train_overrides={"num_train_epochs": epochs, "max_length": lengths[agent],
-                                          "learning_rate": 1e-3 if method == "full" else 2e-3, "save_steps": 10_000})
+                                          "learning_rate": 2e-3, "save_steps": 10_000})
         m = distilled.miniature
         console.print(f"miniature:{m.name}@{m.version}: {len(distilled.manifest.train_trace_ids)} training examples, "
                       f"final train loss {distilled.metrics.get('train_loss', float('nan')):.3f}")
