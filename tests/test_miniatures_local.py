@@ -31,64 +31,7 @@ from miniatures import (
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-CORPUS = [
-    'You extract facts about one company. {"facts": [{"field": "industry", "value": "fintech", "evidence": "S3"}]}',
-    "Hi {{first_name}}, I saw that {{company}} is based in {{fact.location}} and wanted to share an idea.",
-    "The company builds logistics software for mid-sized freight carriers in Austin, Texas since 2012.",
-    '{"subject": "{{company}} and invoices", "body": "Best, {{sender_name}}"} research writer email',
-]
-PROMPTS = [
-    [{"role": "system", "content": "You write emails."}, {"role": "user", "content": "Write to the company."}],
-    [{"role": "user", "content": "extract facts about the freight company"}],
-    [{"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": "You extract facts."}, {"role": "user", "content": "logistics software in Austin"}],
-]
-
-
-def build_tiny_base(folder: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, vocab: int = 400) -> Path:
-    """Save a tiny random Llama and a locally trained ChatML tokenizer to ``folder``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(CORPUS * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-        initializer_range=0.1, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
-def build_adapter(base: Path, folder: Path, seed: int) -> Path:
-    """Save a LoRA adapter with random, non-zero A and B (so adapters differ) to ``folder``."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(str(folder))
-    return folder
+from tests.miniature_fixtures import PROMPTS, build_adapter, build_tiny_base  # noqa: E402
 
 
 @pytest.fixture(scope="module")
