@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from outreach.settings import Settings, load_settings
+from outreach.cli_common import err, settings_or_exit
+from outreach.settings import Settings
 
 app = typer.Typer(
     help="Trained miniatures for sales outreach: research prospects, write grounded emails, record every model call.",
@@ -31,30 +32,12 @@ for sub, name in ((world_app, "world"), (corpus_app, "corpus"), (traces_app, "tr
     app.add_typer(sub, name=name, no_args_is_help=True)
 
 console = Console()
-err = Console(stderr=True)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="Settings file (default: ./outreach.toml or $OUTREACH_CONFIG).")
 ]
 StoreOpt = Annotated[str | None, typer.Option("--store", help="SQLAlchemy URL of the store (setting store_url).")]
 CorpusOpt = Annotated[Path | None, typer.Option("--corpus", help="Corpus file (setting corpus_path).")]
-
-
-def _settings(config: Path | None, **overrides: object) -> Settings:
-    import os
-
-    from pydantic import ValidationError
-
-    if config is not None:
-        if not config.is_file():
-            err.print(f"[red]settings file {config} not found[/red]")
-            raise typer.Exit(2)
-        os.environ["OUTREACH_CONFIG"] = str(config)
-    try:
-        return load_settings(**overrides)
-    except ValidationError as exc:
-        err.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
 
 
 def _engine(settings: Settings):  # type: ignore[no-untyped-def]
@@ -87,7 +70,7 @@ def world_generate(
     from evals.world import generate_world
     from outreach.pipeline import import_world_corpus
 
-    settings = _settings(config, corpus_path=corpus)
+    settings = settings_or_exit(config, corpus_path=corpus)
     manifest = generate_world(out, n_companies=companies, seed=seed, heldout_fraction=heldout)
     console.print(f"wrote the demo world to {out}/: {json.dumps(manifest.counts)}")
     if import_corpus:
@@ -118,7 +101,7 @@ def corpus_import(
     """
     from tools import Corpus, import_csv, import_html, import_warc
 
-    settings = _settings(config, corpus_path=corpus)
+    settings = settings_or_exit(config, corpus_path=corpus)
     if not path.exists():
         err.print(f"[red]{path} does not exist[/red]")
         raise typer.Exit(2)
@@ -152,7 +135,7 @@ def corpus_search(
     """Search the local corpus. Example: `outreach corpus search "logistics software Austin"`"""
     from tools import Corpus
 
-    settings = _settings(config, corpus_path=corpus)
+    settings = settings_or_exit(config, corpus_path=corpus)
     table = Table("rank", "score", "url", "title")
     for hit in Corpus(settings.corpus_path).search(query, max_results=limit):
         table.add_row(str(hit.rank), f"{hit.score:.2f}", hit.url, hit.title)
@@ -232,7 +215,7 @@ def run(
     from miniatures.specs import BackendSpecError, parse_backend_spec
     from outreach.pipeline import open_web
 
-    settings = _settings(config, researcher=researcher, writer=writer, concurrency=concurrency, web=web,
+    settings = settings_or_exit(config, researcher=researcher, writer=writer, concurrency=concurrency, web=web,
                          store_url=store, corpus_path=corpus)
     try:
         for spec in (settings.researcher, settings.writer):
@@ -277,7 +260,7 @@ def traces_list(
     """List recorded model calls. Example: `outreach traces list --agent writer --limit 5`"""
     from outreach.queries import select_traces
 
-    settings = _settings(config, store_url=store)
+    settings = settings_or_exit(config, store_url=store)
     table = Table("id", "run", "agent", "step", "backend", "in", "out", "ms", "USD", "error")
     for t in select_traces(_engine(settings), campaign=campaign, agent=agent, limit=limit, newest_first=True):
         table.add_row(str(t.id), str(t.run_id), t.agent, t.step, t.backend, str(t.input_tokens),
@@ -293,7 +276,7 @@ def traces_show(trace_id: Annotated[int, typer.Argument(help="Trace id.")], stor
 
     from store.models import Trace
 
-    settings = _settings(config, store_url=store)
+    settings = settings_or_exit(config, store_url=store)
     with Session(_engine(settings)) as session:
         trace = session.get(Trace, trace_id)
     if trace is None:
@@ -321,7 +304,7 @@ def traces_export(
     if fmt != "openai-jsonl":
         err.print(f"[red]unknown format {fmt!r}; use openai-jsonl[/red]")
         raise typer.Exit(2)
-    settings = _settings(config, store_url=store)
+    settings = settings_or_exit(config, store_url=store)
     traces = select_traces(_engine(settings), campaign=campaign, agent=agent)
     if out is None:
         write_openai_jsonl(traces, sys.stdout)
@@ -347,7 +330,7 @@ def emails_export(
     if fmt not in EXPORT_FORMATS:
         err.print(f"[red]unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}[/red]")
         raise typer.Exit(2)
-    settings = _settings(config, store_url=store)
+    settings = settings_or_exit(config, store_url=store)
     n = export_emails(load_emails(_engine(settings), campaign, include_invalid=include_invalid), fmt, out)
     console.print(f"wrote {n} emails to {out}")
 
@@ -391,7 +374,7 @@ def demo(
     from outreach.pipeline import import_world_corpus, open_web
 
     out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(None, store_url=f"sqlite:///{out / 'outreach.sqlite'}", corpus_path=out / "corpus.sqlite",
+    settings = settings_or_exit(None, store_url=f"sqlite:///{out / 'outreach.sqlite'}", corpus_path=out / "corpus.sqlite",
                          web="corpus", concurrency=concurrency)
     world_dir = out / "world"
     manifest = generate_world(world_dir, n_companies=companies, seed=seed)
@@ -492,7 +475,7 @@ def realdata_companies(
     if not csv_path.is_file():
         err.print(f"[red]{csv_path} not found; it lives in ../shared/realdata/companies/[/red]")
         raise typer.Exit(2)
-    settings = _settings(config, store_url=store, corpus_path=corpus)
+    settings = settings_or_exit(config, store_url=store, corpus_path=corpus)
     offer_model = load_offer(offer) if offer else Offer(
         sender_name="Dana Whitfield", sender_title="Account Executive", sender_company="Ledgerline",
         product="Ledgerline", value_proposition="cuts month-end close time by automating reconciliation",
@@ -522,7 +505,7 @@ def realdata_pages(
     if not pages_dir.is_dir():
         err.print(f"[red]{pages_dir} not found; it lives in ../shared/realdata/pages/[/red]")
         raise typer.Exit(2)
-    settings = _settings(config, corpus_path=corpus)
+    settings = settings_or_exit(config, corpus_path=corpus)
     table = Table("page", "field", "value", "evidence")
     results = research_real_pages(pages_dir, settings.corpus_path)
     for page in results:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,15 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from outreach.cli_common import err, settings_or_exit
+
 if TYPE_CHECKING:
     from evals.abtest import ABReport
     from evals.runner import EvalConfig, EvalResult, EvalSet
-    from outreach.settings import Settings
 
 __all__ = ["abtest_app", "eval_command"]
 
 console = Console()
-err = Console(stderr=True)
 
 abtest_app = typer.Typer(
     help="A/B statistics on engagement events exported from an email-sending tool.", no_args_is_help=True
@@ -33,23 +32,6 @@ SettingsOpt = Annotated[
     Path | None, typer.Option("--settings", help="Settings file (default: ./outreach.toml or $OUTREACH_CONFIG).")
 ]
 StoreOpt = Annotated[str | None, typer.Option("--store", help="SQLAlchemy URL of the store (setting store_url).")]
-
-
-def _settings(path: Path | None, **overrides: object) -> Settings:
-    from pydantic import ValidationError
-
-    from outreach.settings import load_settings
-
-    if path is not None:
-        if not path.is_file():
-            err.print(f"[red]settings file {path} not found[/red]")
-            raise typer.Exit(2)
-        os.environ["OUTREACH_CONFIG"] = str(path)
-    try:
-        return load_settings(**overrides)
-    except ValidationError as exc:
-        err.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -208,7 +190,7 @@ def eval_command(
     from outreach.pipeline import open_web
     from store import open_store
 
-    settings = _settings(settings_file, store_url=store, corpus_path=corpus, concurrency=concurrency)
+    settings = settings_or_exit(settings_file, store_url=store, corpus_path=corpus, concurrency=concurrency)
     try:
         configs, plan_reference, plan_judge, prices = _configs(config or [])
     except (EvalSpecError, FileNotFoundError) as exc:
@@ -314,7 +296,7 @@ def abtest_report(
         if save or all_stored:
             from store import open_store
 
-            engine = open_store(_settings(settings_file, store_url=store).store_url)
+            engine = open_store(settings_or_exit(settings_file, store_url=store).store_url)
         parsed = import_events(engine, events) if save and engine is not None else read_events(events)
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
