@@ -3,12 +3,12 @@ runs, emails, grounding, tokens, latency and cost (read from the store, never re
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from evals.costs import percentile
 from store.models import Campaign, EmailRecord, FactRecord, ProfileRecord, Run, RunStatus, Trace
 
 __all__ = ["CampaignSummary", "campaign_predictions", "campaign_summary"]
@@ -79,8 +79,7 @@ def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
         n_facts = len(session.exec(select(FactRecord.id).where(
             col(FactRecord.profile_id).in_([p.id for p in profiles]))).all())
         traces = session.exec(select(Trace).where(col(Trace.run_id).in_(run_ids))).all()
-    latencies = sorted(t.latency_ms for t in traces)
-    quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    latencies = [t.latency_ms for t in traces]
     return CampaignSummary(
         runs=len(statuses),
         done=sum(s == RunStatus.DONE for s in statuses),
@@ -92,7 +91,7 @@ def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
         model_calls=len(traces),
         input_tokens=sum(t.input_tokens for t in traces),
         output_tokens=sum(t.output_tokens for t in traces),
-        latency_p50_ms=quantiles[49] if quantiles else 0.0,
-        latency_p95_ms=quantiles[94] if quantiles else 0.0,
+        latency_p50_ms=percentile(latencies, 50),
+        latency_p95_ms=percentile(latencies, 95),
         cost_usd=sum(t.cost_usd for t in traces),
     )
