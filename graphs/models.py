@@ -66,6 +66,10 @@ class ModelPool:
         self._models: dict[str, BaseChatModel] = dict(preloaded or {})
         self._engines: dict[str, Any] = {}
 
+    def put(self, key: str, model: BaseChatModel) -> None:
+        """Hand ``model`` out for ``key`` from now on (a key need not be a valid spec when it is put here)."""
+        self._models[key] = model
+
     def get(self, spec: str) -> BaseChatModel:
         """Return the model for ``spec``, building it on first use. Raises ``BackendSpecError``."""
         if spec not in self._models:

@@ -37,7 +37,7 @@ from store.models import (
 )
 from tools.types import Web
 
-__all__ = ["CampaignReport", "RunEvent", "add_prospects", "run_campaign"]
+__all__ = ["BeforePersist", "CampaignReport", "RunEvent", "add_prospects", "run_campaign"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +121,18 @@ def _mark_running(engine: Engine, run_id: int, researcher: str, writer: str) -> 
         run.started_at, run.finished_at, run.error = utcnow(), None, None
 
 
-def _persist(engine: Engine, run_id: int, final: Mapping[str, Any], recorder: TraceRecorder) -> None:
+#: Called with a run (attached to the saving session) and its recorder just before they are written.
+BeforePersist = Callable[[Run, TraceRecorder], None]
+
+
+def _persist(engine: Engine, run_id: int, final: Mapping[str, Any], recorder: TraceRecorder,
+             before_persist: BeforePersist | None = None) -> None:
     """Write a run's profile, email, traces and tool calls and its status in ONE transaction."""
     with session_scope(engine) as session:
         run = session.get(Run, run_id)
         assert run is not None
+        if before_persist is not None:
+            before_persist(run, recorder)
         old = session.exec(select(ProfileRecord.id).where(ProfileRecord.run_id == run_id)).all()
         if old:
             session.exec(delete(FactRecord).where(FactRecord.profile_id.in_(old)))  # type: ignore[call-overload,attr-defined]
@@ -173,6 +180,7 @@ async def run_campaign(
     retry_failed: bool = False,
     limit: int | None = None,
     on_event: Callable[[RunEvent], None] | None = None,
+    before_persist: BeforePersist | None = None,
 ) -> CampaignReport:
     """Run (or resume) a campaign: every prospect whose run is not done goes through the graph.
 
@@ -189,6 +197,8 @@ async def run_campaign(
         retry_failed: also rerun runs that failed before.
         limit: run at most this many of the pending runs.
         on_event: called as each run starts and ends (for progress bars).
+        before_persist: called with each finished run and its ``TraceRecorder`` inside the transaction
+            that saves them, to adjust what is written (``finetune.replay`` links replayed traces).
 
     Returns:
         ``CampaignReport`` with counts and each failure's prospect email and reason.
@@ -235,7 +245,7 @@ async def run_campaign(
             except Exception as exc:  # noqa: BLE001 - one prospect's failure never stops the campaign
                 logger.warning("run for %s failed: %s", info.email, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
                 saved = {**saved, "status": RunStatus.FAILED, "error": f"{type(exc).__name__}: {exc}"}
-            _persist(engine, run.id, saved, recorder)
+            _persist(engine, run.id, saved, recorder, before_persist)
             status = saved.get("status", RunStatus.FAILED)
             if status == RunStatus.DONE:
                 report.done += 1

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, inspect, select
+from sqlalchemy import Connection, Engine, inspect, select, text
 from sqlmodel import col
 
 from store import models
@@ -48,8 +48,16 @@ def _m001_initial(conn: Connection) -> None:
     models.SQLModel.metadata.create_all(conn, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]
 
 
+def _m002_run_replay_of(conn: Connection) -> None:
+    # A database created after this migration was written already has the column (001 creates
+    # the tables from the current models); older ones get it added.
+    if "replay_of_id" not in {c["name"] for c in inspect(conn).get_columns("runs")}:
+        conn.execute(text("ALTER TABLE runs ADD COLUMN replay_of_id INTEGER REFERENCES runs(id)"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial tables", _m001_initial),
+    Migration(2, "runs.replay_of_id: the run a replay run replays", _m002_run_replay_of),
 ]
 
 

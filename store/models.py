@@ -85,7 +85,10 @@ class Prospect(SQLModel, table=True):
 
 
 class Run(SQLModel, table=True):
-    """One pass of the campaign graph over one prospect; ``status`` is one of ``RunStatus``."""
+    """One pass of the campaign graph over one prospect; ``status`` is one of ``RunStatus``.
+
+    ``replay_of_id`` is the run this one replays (``outreach replay``), None for an original run.
+    """
 
     __tablename__ = "runs"
     __table_args__ = (UniqueConstraint("campaign_id", "prospect_id", name="uq_run_campaign_prospect"),)
@@ -97,6 +100,7 @@ class Run(SQLModel, table=True):
     attempts: int = 0
     researcher: str = ""
     writer: str = ""
+    replay_of_id: int | None = Field(default=None, foreign_key="runs.id")
     started_at: datetime | None = None
     finished_at: datetime | None = None
 

@@ -82,3 +82,25 @@ def test_one_run_per_prospect_and_campaign(engine):
     with pytest.raises(IntegrityError):
         with session_scope(engine) as s:
             s.add(Run(campaign_id=1, prospect_id=1))
+
+
+def test_migration_002_adds_replay_link_to_an_older_store(tmp_path):
+    from sqlalchemy import create_engine, text
+
+    from store.engine import open_store
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    old = create_engine(url)
+    with old.begin() as conn:  # the runs table as migration 001 made it before runs.replay_of_id existed
+        conn.execute(text("CREATE TABLE runs (id INTEGER PRIMARY KEY, campaign_id INTEGER NOT NULL, "
+                          "prospect_id INTEGER NOT NULL, status VARCHAR NOT NULL, error TEXT, attempts INTEGER NOT "
+                          "NULL, researcher VARCHAR NOT NULL, writer VARCHAR NOT NULL, started_at DATETIME, "
+                          "finished_at DATETIME)"))
+        conn.execute(text("INSERT INTO runs VALUES (1, 1, 1, 'done', NULL, 1, 'heuristic', 'heuristic', NULL, NULL)"))
+    old.dispose()
+    engine = open_store(url)
+    assert "replay_of_id" in {c["name"] for c in inspect(engine).get_columns("runs")}
+    with session_scope(engine) as s:
+        run = s.get(Run, 1)
+        assert run is not None and run.status == "done" and run.replay_of_id is None  # kept, not lost
+    assert applied_versions(engine) == [m.version for m in MIGRATIONS]

@@ -6,7 +6,7 @@ extraction path (``extract_document``):
 
 - ``CorpusWeb``: the local SQLite FTS5 corpus (offline default);
 - ``LiveWeb``: ddgs search + guarded httpx fetch, every page snapshotted;
-- ``SnapshotWeb``: stored snapshots only (offline replays).
+- ``SnapshotWeb``: stored snapshots (and, for replays, ``RecordedSearch``: the recorded searches).
 """
 
 from tools.corpus import Corpus, CorpusWeb, fts_query, url_key
@@ -21,7 +21,7 @@ from tools.corpus_import import (
 from tools.extract import decode_html, extract_document, jsonld_evidence_lines, parse_jsonld
 from tools.fetch import Fetcher, FetchPolicy, FetchResult, LiveWeb, is_public_address
 from tools.search import DEFAULT_BACKENDS, DdgsSearch
-from tools.snapshots import SnapshotStore, SnapshotWeb
+from tools.snapshots import RecordedSearch, SnapshotStore, SnapshotWeb
 from tools.types import Document, FetchError, SearchError, SearchHit, Web
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Fetcher",
     "LiveWeb",
     "SearchError",
+    "RecordedSearch",
     "SearchHit",
     "SnapshotStore",
     "SnapshotWeb",

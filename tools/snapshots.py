@@ -1,5 +1,8 @@
 """Web snapshots: every page ``LiveWeb`` fetched, stored as it was; ``SnapshotWeb`` replays them offline.
 
+``RecordedSearch`` answers searches with the result URLs that recorded runs got (their ``search``
+tool calls), so a replay ranks and fetches the same pages without a search engine.
+
 Snapshots live in the store's ``web_snapshots`` table (``store.models.WebSnapshot``): requested URL,
 final URL after redirects, HTTP status, content type, raw HTML and the fetch time (UTC). Replays
 extract the stored HTML with the same ``tools.extract.extract_document`` the live path used, so a
@@ -10,19 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
-from store.models import WebSnapshot
+from store.models import ToolCall, WebSnapshot
 from tools.extract import extract_document
-from tools.types import Document, FetchError, SearchError, SearchHit
+from tools.types import Document, FetchError, SearchError, SearchHit, Web
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["SearchBackend", "SnapshotStore", "SnapshotWeb"]
+__all__ = ["RecordedSearch", "SearchBackend", "SnapshotStore", "SnapshotWeb"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +118,16 @@ class SnapshotWeb:
 
     Args:
         engine: the store engine holding the snapshots.
-        search: where searches go; None means searching raises ``SearchError`` (a replay normally
-            fetches the URLs its trace recorded and does not search).
+        search: where searches go (``RecordedSearch`` for a replay); None means searching raises
+            ``SearchError``.
+        pages: where a page without a snapshot is fetched from instead (the ``CorpusWeb`` an offline
+            campaign read: the corpus is the stored copy of its web); None means only snapshots.
     """
 
-    def __init__(self, engine: Engine, search: SearchBackend | None = None) -> None:
+    def __init__(self, engine: Engine, search: SearchBackend | None = None, pages: Web | None = None) -> None:
         self.store = SnapshotStore(engine)
         self.searcher = search
+        self.pages = pages
 
     async def search(self, query: str, *, max_results: int = 8) -> list[SearchHit]:
         """Delegate to the configured search backend.
@@ -136,13 +143,19 @@ class SnapshotWeb:
         return await self.searcher.search(query, max_results=max_results)
 
     async def fetch(self, url: str) -> Document:
-        """Extract the newest snapshot of ``url`` (``Document.url`` is its final URL).
+        """Extract the newest snapshot of ``url`` (``Document.url`` is its final URL), else ask ``pages``.
 
         Raises:
-            FetchError: ``not-in-snapshot`` when no snapshot matches; ``status`` when the stored
-                page was an HTTP 4xx/5xx answer (as the live fetch raised then).
+            FetchError: ``not-in-snapshot`` when no snapshot matches and ``pages`` has no such page
+                either; ``status`` when the stored page was an HTTP 4xx/5xx answer (as the live fetch
+                raised then).
         """
         snapshot = await asyncio.to_thread(self.store.latest, url)
+        if snapshot is None and self.pages is not None:
+            try:
+                return await self.pages.fetch(url)
+            except FetchError as exc:
+                raise FetchError(url, "not-in-snapshot", f"no stored snapshot, and {exc}") from exc
         if snapshot is None:
             raise FetchError(url, "not-in-snapshot", "no stored snapshot; fetch it live first")
         if snapshot.status_code >= 400:
@@ -150,3 +163,46 @@ class SnapshotWeb:
         page_url = snapshot.final_url or snapshot.url
         status = snapshot.status_code
         return await asyncio.to_thread(extract_document, snapshot.html, page_url, status_code=status)
+
+
+class RecordedSearch:
+    """Searches answered from the ``search`` tool calls recorded for some runs (a ``SearchBackend``).
+
+    Each query returns the result URLs its recorded call got, in the recorded order (``SearchHit`` with
+    ``url`` and ``rank`` only: the researcher ranks pages by URL). When several of the runs recorded the
+    same query, the newest call wins. A query recorded as failed raises ``SearchError`` with the
+    recorded error; a query never recorded raises ``SearchError`` naming it.
+
+    Args:
+        engine: the store holding the tool calls.
+        run_ids: the runs whose recorded searches answer.
+    """
+
+    def __init__(self, engine: Engine, run_ids: Iterable[int]) -> None:
+        self._answers: dict[str, list[str] | str] = {}
+        ids = list(run_ids)
+        statement = (
+            select(ToolCall)
+            .where(ToolCall.tool == "search", col(ToolCall.run_id).in_(ids))
+            .order_by(col(ToolCall.id))
+        )
+        with Session(engine) as session:
+            for call in session.exec(statement):
+                query = str(call.input.get("query", ""))
+                self._answers[query] = call.error if call.error else [str(u) for u in call.output.get("urls", [])]
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    async def search(self, query: str, *, max_results: int = 8) -> list[SearchHit]:
+        """The recorded result URLs for ``query`` (at most ``max_results``).
+
+        Raises:
+            SearchError: the query was not recorded for these runs, or its recorded call failed.
+        """
+        answer = self._answers.get(query)
+        if answer is None:
+            raise SearchError(f"no recorded search for {query!r} in the replayed runs")
+        if isinstance(answer, str):
+            raise SearchError(f"recorded search {query!r} failed: {answer}")
+        return [SearchHit(url=url, rank=i) for i, url in enumerate(answer[:max_results])]
