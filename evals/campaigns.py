@@ -3,15 +3,17 @@ runs, emails, grounding, tokens, latency and cost (read from the store, never re
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from agents.schemas import Fact, Profile, ProspectInfo
 from evals.costs import percentile
-from store.models import Campaign, EmailRecord, FactRecord, ProfileRecord, Run, RunStatus, Trace
+from store.models import Campaign, EmailRecord, FactRecord, ProfileRecord, Prospect, Run, RunStatus, Trace
 
-__all__ = ["CampaignSummary", "campaign_predictions", "campaign_summary"]
+__all__ = ["CampaignRow", "CampaignSummary", "campaign_predictions", "campaign_summary", "collect_rows"]
 
 
 def _campaign_id(session: Session, campaign: str) -> int:
@@ -95,3 +97,53 @@ def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
         latency_p95_ms=percentile(latencies, 95),
         cost_usd=sum(t.cost_usd for t in traces),
     )
+
+
+@dataclass
+class CampaignRow:
+    """One prospect of a campaign with its run, profile and email as stored (None where missing)."""
+
+    prospect: ProspectInfo
+    run: Run | None
+    profile: Profile | None
+    email: EmailRecord | None
+
+
+def collect_rows(engine: Engine, campaign: str, emails: Iterable[str] | None = None
+                 ) -> tuple[dict[str, CampaignRow], list[Trace]]:
+    """The campaign's prospects (by email; only ``emails`` when given) with their stored results, and
+    every trace of the campaign. An unknown campaign gives ``({}, [])``."""
+    wanted = set(emails) if emails is not None else None
+    with Session(engine) as session:
+        record = session.exec(select(Campaign).where(Campaign.name == campaign)).first()
+        if record is None:
+            return {}, []
+        pairs = session.exec(
+            select(Prospect, Run).join(Run, col(Run.prospect_id) == col(Prospect.id), isouter=True)
+            .where(Prospect.campaign_id == record.id)
+        ).all()
+        run_ids = [r.id for _, r in pairs if r is not None]
+        mails = {e.run_id: e for e in session.exec(select(EmailRecord).where(col(EmailRecord.run_id).in_(run_ids)))}
+        profiles = {p.run_id: p for p in session.exec(
+            select(ProfileRecord).where(col(ProfileRecord.run_id).in_(run_ids)))}
+        facts: dict[int, list[Fact]] = {}
+        profile_ids = [p.id for p in profiles.values()]
+        for f in session.exec(select(FactRecord).where(col(FactRecord.profile_id).in_(profile_ids))
+                              .order_by(col(FactRecord.id))):
+            facts.setdefault(f.profile_id, []).append(
+                Fact(field=f.field, value=f.value, evidence=f.evidence, source_url=f.source_url))
+        traces = list(session.exec(select(Trace).where(col(Trace.run_id).in_(run_ids))).all())
+    rows: dict[str, CampaignRow] = {}
+    for p, run in pairs:
+        if wanted is not None and p.email not in wanted:
+            continue
+        info = ProspectInfo(first_name=p.first_name, last_name=p.last_name, title=p.title, email=p.email,
+                            company=p.company, website=p.website)
+        run_id = run.id if run is not None and run.id is not None else -1
+        prec = profiles.get(run_id)
+        profile = None
+        if prec is not None:
+            profile = Profile(company=prec.company, website=prec.website, facts=facts.get(prec.id or -1, []),
+                              dropped_facts=prec.dropped_facts, sources=prec.sources)
+        rows[p.email] = CampaignRow(info, run, profile, mails.get(run_id))
+    return rows, traces

@@ -34,10 +34,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine
-from sqlmodel import Session, col, select
 
 from agents.parsing import OutputParseError, parse_model_output
-from agents.schemas import FACT_FIELDS, EmailDraft, ExtractionOutput, Fact, Offer, Profile, ProspectInfo, RenderedEmail
+from agents.schemas import FACT_FIELDS, EmailDraft, ExtractionOutput, Offer, Profile, ProspectInfo, RenderedEmail
+from evals.campaigns import CampaignRow, collect_rows
 from evals.costs import DEFAULT_INSTANCE_PRICES, CostFigures, cost_figures
 from evals.judge import Judge, JudgeItem, LLMJudge, PairwiseResult, RubricJudge, judge_pairs
 from evals.rubric import RUBRIC_CHECKS, RubricResult, RubricSummary, score_email, summarize_rubric
@@ -46,7 +46,7 @@ from graphs.models import ModelPool
 from graphs.runner import CampaignReport, RunEvent, add_prospects, run_campaign
 from miniatures.pricing import DEFAULT_PRICES, Price
 from miniatures.specs import BackendSpecError, parse_backend_spec
-from store.models import Campaign, EmailRecord, FactRecord, ProfileRecord, Prospect, Run, RunStatus, Trace
+from store.models import RunStatus, Trace
 from tools.types import Web
 
 __all__ = [
@@ -385,53 +385,7 @@ class EvalResult(BaseModel):
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Row:
-    prospect: ProspectInfo
-    run: Run | None
-    profile: Profile | None
-    email: EmailRecord | None
-
-
-def _collect(engine: Engine, campaign: str, emails: Sequence[str]) -> tuple[dict[str, _Row], list[Trace]]:
-    """Rows of the eval's prospects (by email) and every trace of the campaign."""
-    wanted = set(emails)
-    with Session(engine) as session:
-        record = session.exec(select(Campaign).where(Campaign.name == campaign)).first()
-        if record is None:
-            return {}, []
-        pairs = session.exec(
-            select(Prospect, Run).join(Run, col(Run.prospect_id) == col(Prospect.id), isouter=True)
-            .where(Prospect.campaign_id == record.id)
-        ).all()
-        run_ids = [r.id for _, r in pairs if r is not None]
-        mails = {e.run_id: e for e in session.exec(select(EmailRecord).where(col(EmailRecord.run_id).in_(run_ids)))}
-        profiles = {p.run_id: p for p in session.exec(
-            select(ProfileRecord).where(col(ProfileRecord.run_id).in_(run_ids)))}
-        facts: dict[int, list[Fact]] = {}
-        profile_ids = [p.id for p in profiles.values()]
-        for f in session.exec(select(FactRecord).where(col(FactRecord.profile_id).in_(profile_ids))
-                              .order_by(col(FactRecord.id))):
-            facts.setdefault(f.profile_id, []).append(
-                Fact(field=f.field, value=f.value, evidence=f.evidence, source_url=f.source_url))
-        traces = list(session.exec(select(Trace).where(col(Trace.run_id).in_(run_ids))).all())
-    rows: dict[str, _Row] = {}
-    for p, run in pairs:
-        if p.email not in wanted:
-            continue
-        info = ProspectInfo(first_name=p.first_name, last_name=p.last_name, title=p.title, email=p.email,
-                            company=p.company, website=p.website)
-        run_id = run.id if run is not None and run.id is not None else -1
-        prec = profiles.get(run_id)
-        profile = None
-        if prec is not None:
-            profile = Profile(company=prec.company, website=prec.website, facts=facts.get(prec.id or -1, []),
-                              dropped_facts=prec.dropped_facts, sources=prec.sources)
-        rows[p.email] = _Row(info, run, profile, mails.get(run_id))
-    return rows, traces
-
-
-def _research_figures(eval_set: EvalSet, rows: Mapping[str, _Row], traces: Sequence[Trace]) -> ResearchFigures:
+def _research_figures(eval_set: EvalSet, rows: Mapping[str, CampaignRow], traces: Sequence[Trace]) -> ResearchFigures:
     facts = sum(len(r.profile.facts) for r in rows.values() if r.profile)
     dropped = sum(r.profile.dropped_facts for r in rows.values() if r.profile)
     researcher_traces = [t for t in traces if t.agent == "researcher"]
@@ -464,7 +418,7 @@ def _research_figures(eval_set: EvalSet, rows: Mapping[str, _Row], traces: Seque
     return figures
 
 
-def _judge_items(offer: Offer, rows: Mapping[str, _Row]) -> dict[str, JudgeItem]:
+def _judge_items(offer: Offer, rows: Mapping[str, CampaignRow]) -> dict[str, JudgeItem]:
     items: dict[str, JudgeItem] = {}
     for key, row in rows.items():
         profile = row.profile or Profile(company=row.prospect.company, website=row.prospect.website)
@@ -487,7 +441,7 @@ def _ms(start: datetime | None, end: datetime | None) -> float | None:
     return (end - start).total_seconds() * 1000
 
 
-def _store_span_s(rows: Mapping[str, _Row]) -> float:
+def _store_span_s(rows: Mapping[str, CampaignRow]) -> float:
     """Wall time from the first run's start to the last run's end (for a fully resumed campaign)."""
     runs = [r.run for r in rows.values() if r.run and r.run.started_at and r.run.finished_at]
     if not runs:
@@ -613,7 +567,7 @@ async def run_eval(
         reports, error = await _run_config(
             engine, campaign, config, web=web, models=models, prices=prices, concurrency=concurrency, probe=probe,
             prospect_timeout_s=prospect_timeout_s, retry_failed=retry_failed, on_event=callback)
-        rows, traces = _collect(engine, campaign, emails)
+        rows, traces = collect_rows(engine, campaign, emails)
         ran = sum(r.total for r in reports)
         wall_s = sum(r.elapsed_s for r in reports) if ran else _store_span_s(rows)
         result = ConfigResult(
