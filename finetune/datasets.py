@@ -61,7 +61,10 @@ __all__ = [
     "DatasetManifest",
     "SftDataset",
     "build_sft_dataset",
+    "by_ids",
     "content_hash",
+    "flatten_content",
+    "latest_reviews",
     "load_dataset_dir",
     "near_duplicate_indices",
     "read_openai_jsonl",
@@ -396,7 +399,8 @@ def near_duplicate_indices(rows: Sequence[Mapping[str, Any]], threshold: float) 
 M = TypeVar("M", bound=SQLModel)
 
 
-def _by_ids(session: Any, model: type[M], ids: Iterable[int]) -> dict[int, M]:
+def by_ids(session: Any, model: type[M], ids: Iterable[int]) -> dict[int, M]:
+    """Rows of table ``model`` by primary key (``{id: row}``), fetched in chunks of ``_CHUNK`` ids."""
     wanted = sorted(set(ids))
     found: dict[int, M] = {}
     for start in range(0, len(wanted), _CHUNK):
@@ -406,7 +410,8 @@ def _by_ids(session: Any, model: type[M], ids: Iterable[int]) -> dict[int, M]:
     return found
 
 
-def _latest_reviews(session: Any, trace_ids: Sequence[int]) -> dict[int, Review]:
+def latest_reviews(session: Any, trace_ids: Sequence[int]) -> dict[int, Review]:
+    """The latest ``Review`` of each trace that has one (``{trace id: review}``; later rows win)."""
     latest: dict[int, Review] = {}
     wanted = sorted(set(trace_ids))
     for start in range(0, len(wanted), _CHUNK):
@@ -421,7 +426,7 @@ def _company_key(name: str) -> str:
     return _WS.sub(" ", unicodedata.normalize("NFKC", name)).strip().casefold()
 
 
-def _flatten_content(messages: Any) -> Any:
+def flatten_content(messages: Any) -> Any:
     """Text-part lists (``[{"type": "text", "text": ...}]``) become one string; anything else is left as is."""
     if not isinstance(messages, list):
         return messages
@@ -480,7 +485,7 @@ def _iter_candidates(
     ok = [t for t in traces if not t.error]
     counts["errored"] = len(traces) - len(ok)
     # Replays carry no run of their own: they belong to the run of the trace they replay.
-    originals = _by_ids(session, Trace, [t.replay_of_id for t in ok if t.replay_of_id is not None and t.run_id is None])
+    originals = by_ids(session, Trace, [t.replay_of_id for t in ok if t.replay_of_id is not None and t.run_id is None])
     run_of: dict[int, int] = {}
     for t in ok:
         rid = t.run_id
@@ -494,9 +499,9 @@ def _iter_candidates(
             last[_kind_key(t, run_of[_id(t)])] = t
     counts["no_run"] = len(ok) - len(run_of)
     counts["superseded"] = len(run_of) - len(last)
-    runs = _by_ids(session, Run, run_of.values())
-    prospects = _by_ids(session, Prospect, [r.prospect_id for r in runs.values()])
-    campaign_names = {c.id: c.name for c in _by_ids(session, Campaign, [r.campaign_id for r in runs.values()]).values()}
+    runs = by_ids(session, Run, run_of.values())
+    prospects = by_ids(session, Prospect, [r.prospect_id for r in runs.values()])
+    campaign_names = {c.id: c.name for c in by_ids(session, Campaign, [r.campaign_id for r in runs.values()]).values()}
     for trace in sorted(last.values(), key=_id):
         run = runs[run_of[_id(trace)]]
         if backends is not None and trace.backend not in backends:
@@ -566,7 +571,7 @@ def build_sft_dataset(
             session, agent=agent, backends=set(backends) if backends is not None else None,
             campaigns=set(campaigns) if campaigns is not None else None, valid_only=valid_only, counts=counts,
         ))
-        reviews = _latest_reviews(session, [_id(t) for t, _ in candidates])
+        reviews = latest_reviews(session, [_id(t) for t, _ in candidates])
         for trace, company in candidates:
             rev = reviews.get(_id(trace))
             status = rev.status.strip().lower() if rev is not None else None
@@ -592,7 +597,7 @@ def build_sft_dataset(
                 target = rev.edited_output
             try:
                 example = trace_to_openai_example(trace, output=target)
-                example["messages"] = _flatten_content(example["messages"])
+                example["messages"] = flatten_content(example["messages"])
                 validate_example(example)
             except (ValueError, AttributeError, TypeError) as exc:  # DatasetFormatError is a ValueError
                 logger.warning("trace %s skipped: %s", trace.id, exc)

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import Engine
+from sqlmodel import Session, col, select
 
 from finetune.config import TrainConfig
 from finetune.datasets import DatasetManifest, build_sft_dataset, save_dataset
-from miniatures.registry import register_miniature
-from store.models import MiniatureRecord
+from miniatures.registry import get_miniature, register_miniature
+from store.models import Campaign, MiniatureRecord, Run, Trace
 
-__all__ = ["DistillResult", "distill"]
+__all__ = ["DistillResult", "dataset_provenance", "distill"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,39 @@ class DistillResult:
     dataset_dir: Path
     output_path: Path
     metrics: dict[str, Any]
+
+
+def dataset_provenance(engine: Engine, manifest: DatasetManifest, dataset_dir: Path) -> dict[str, Any]:
+    """Where a dataset's rows came from, as the registry records it (``training_config["dataset"]``).
+
+    Returns:
+        ``{"dir", "content_hash", "filters", "train", "eval", "campaigns": {name: rows}, "backends":
+        {spec: rows}, "replayed_rows", "reviewed": {"approved", "edited", "rejected_excluded"}}``.
+    """
+    ids = [*manifest.train_trace_ids, *manifest.eval_trace_ids]
+    campaigns: dict[str, int] = {}
+    backends: dict[str, int] = {}
+    replayed = 0
+    with Session(engine) as session:
+        rows = session.exec(
+            select(Trace.id, Trace.backend, Trace.replay_of_id, Campaign.name)
+            .join(Run, col(Run.id) == col(Trace.run_id), isouter=True)
+            .join(Campaign, col(Campaign.id) == col(Run.campaign_id), isouter=True)
+            .where(col(Trace.id).in_(ids))
+        ).all()
+    for _id, backend, replay_of, campaign in rows:
+        campaigns[campaign or "(no campaign)"] = campaigns.get(campaign or "(no campaign)", 0) + 1
+        backends[backend] = backends.get(backend, 0) + 1
+        replayed += replay_of is not None
+    counts = manifest.counts
+    return {
+        "dir": str(dataset_dir), "content_hash": manifest.content_hash, "filters": manifest.filters,
+        "train": len(manifest.train_trace_ids), "eval": len(manifest.eval_trace_ids),
+        "campaigns": dict(sorted(campaigns.items())), "backends": dict(sorted(backends.items())),
+        "replayed_rows": replayed,
+        "reviewed": {"approved": counts.get("approved", 0), "edited": counts.get("edited", 0),
+                     "rejected_excluded": counts.get("rejected", 0)},
+    }
 
 
 def distill(
@@ -52,6 +86,10 @@ def distill(
 ) -> DistillResult:
     """Build ``agent``'s dataset from the store, train a miniature on it and register it as ``name``.
 
+    The registry records the dataset's provenance (``dataset_provenance``: campaigns, replayed rows,
+    review counts, hash, folder) in ``training_config["dataset"]`` and the parent, so ``outreach
+    miniatures show`` can print which data and which miniature a version came from.
+
     Args:
         engine: the store with the teacher's traces (and the registry).
         agent: ``researcher`` or ``writer``.
@@ -60,13 +98,17 @@ def distill(
         work_dir: where ``datasets/<name>/`` and ``runs/<name>-v<N>/`` are written.
         campaigns, backends, review: dataset filters (``finetune.datasets.build_sft_dataset``).
         method: ``lora`` or ``full`` fine-tuning.
-        parent: ``(name, version)`` of the miniature this one continues from (lineage).
+        parent: ``(name, version)`` of the miniature this one succeeds, recorded as its parent (lineage);
+            training starts from ``base_model`` as always.
         train_overrides: ``TrainConfig`` fields to override (e.g. ``{"num_train_epochs": 2}``).
         config_file: a TOML/JSON ``TrainConfig`` file to start from.
 
     Raises:
         ValueError: the filters leave no training example (the message names the filters).
+        miniatures.registry.MiniatureNotFoundError: ``parent`` is not registered (checked before training).
     """
+    if parent is not None:
+        get_miniature(engine, *parent)  # an unknown parent fails now, not after training
     dataset = build_sft_dataset(engine, agent=agent, campaigns=campaigns, backends=backends, review=review)
     if not dataset.train:
         raise ValueError(
@@ -86,7 +128,7 @@ def distill(
     result = train_main(config)
     record = register_miniature(
         engine, name=name, agent=agent, base_model=base_model, adapter_path=str(result.output_path), method=method,
-        training_config={**config.to_dict(), "dataset_dir": str(dataset_dir)},
+        training_config={**config.to_dict(), "dataset": dataset_provenance(engine, dataset.manifest, dataset_dir)},
         dataset_hash=dataset.manifest.content_hash, metrics=result.metrics, parent=parent,
     )
     return DistillResult(record, dataset.manifest, dataset_dir, result.output_path, result.metrics)

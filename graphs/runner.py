@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, delete
-from sqlmodel import select
+from sqlalchemy import Engine, delete, update
+from sqlmodel import col, select
 
 from agents.schemas import Offer, Profile, ProspectInfo
 from graphs.campaign import graph
@@ -31,6 +31,7 @@ from store.models import (
     FactRecord,
     ProfileRecord,
     Prospect,
+    Review,
     Run,
     RunStatus,
     utcnow,
@@ -134,7 +135,12 @@ def _persist(engine: Engine, run_id: int, final: Mapping[str, Any], recorder: Tr
         if before_persist is not None:
             before_persist(run, recorder)
         old = session.exec(select(ProfileRecord.id).where(ProfileRecord.run_id == run_id)).all()
+        # A rerun (--retry-failed) replaces the run's profile and email; reviews of the old ones keep
+        # their trace and note, and lose only the link to the rows that are replaced.
+        old_emails = select(EmailRecord.id).where(EmailRecord.run_id == run_id)
+        session.exec(update(Review).where(col(Review.email_id).in_(old_emails)).values(email_id=None))  # type: ignore[call-overload]
         if old:
+            session.exec(update(Review).where(col(Review.profile_id).in_(old)).values(profile_id=None))  # type: ignore[call-overload]
             session.exec(delete(FactRecord).where(FactRecord.profile_id.in_(old)))  # type: ignore[call-overload,attr-defined]
             session.exec(delete(ProfileRecord).where(ProfileRecord.run_id == run_id))  # type: ignore[call-overload,arg-type]
         session.exec(delete(EmailRecord).where(EmailRecord.run_id == run_id))  # type: ignore[call-overload,arg-type]

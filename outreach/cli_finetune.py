@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from store.models import MiniatureRecord
 
 finetune_app = typer.Typer(help="Distil a teacher's traces into miniatures (datasets, base models, TRL training).")
 miniatures_app = typer.Typer(help="Registered miniatures (one LoRA adapter or fine-tuned model per agent and version).")
@@ -98,7 +101,7 @@ def train_command(
     review: Annotated[str, typer.Option(help="any, approved or reviewed.")] = "any",
     method: Annotated[str, typer.Option(help="lora or full.")] = "lora",
     config: Annotated[Path | None, typer.Option(help="TrainConfig TOML/JSON file.")] = None,
-    parent: Annotated[str | None, typer.Option(help="NAME@VERSION of the miniature this one continues.")] = None,
+    parent: Annotated[str | None, typer.Option(help="NAME@VERSION of the miniature this one succeeds (recorded as its parent in the lineage).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a TrainConfig field: FIELD=VALUE (repeat).")] = None,
     store: StoreOpt = None,
 ) -> None:
@@ -108,6 +111,7 @@ def train_command(
     Example: `outreach finetune train --agent writer --name writer --base-model models/base --set num_train_epochs=2`
     """
     from finetune.distill import distill
+    from miniatures.registry import MiniatureNotFoundError
 
     overrides = {}
     for item in set_ or []:
@@ -130,7 +134,7 @@ def train_command(
         result = distill(_engine(store), agent=agent, name=name, base_model=base_model, work_dir=work_dir,
                          campaigns=campaign, backends=backend, review=review, method=method,  # type: ignore[arg-type]
                          parent=parent_ref, train_overrides=overrides, config_file=config)
-    except ValueError as exc:
+    except (ValueError, MiniatureNotFoundError) as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     m = result.miniature
@@ -172,6 +176,24 @@ def miniatures_show(
         **record.model_dump(mode="json"),
         "lineage": [f"{r.name}@{r.version} (dataset {r.dataset_hash[:12]})" for r in chain],
     }))
+    console.print("lineage (newest first):")
+    for depth, r in enumerate(chain):
+        console.print(f"{'  ' * depth}{'<- ' if depth else ''}{describe_lineage_step(r)}", markup=False,
+                      highlight=False, soft_wrap=True)
+
+
+def describe_lineage_step(record: MiniatureRecord) -> str:
+    """One line of ``miniatures show``'s lineage: the version, its method and the data it was trained on."""
+    ds = record.training_config.get("dataset") or {}
+    line = f"{record.name}@{record.version} [{record.method} on {record.base_model}] dataset {record.dataset_hash[:12]}"
+    if not ds:
+        return line
+    campaigns = ", ".join(f"{name} ({n})" for name, n in ds.get("campaigns", {}).items())
+    reviewed = ds.get("reviewed", {})
+    return (f"{line}: {ds.get('train', 0)} train / {ds.get('eval', 0)} eval rows from {campaigns or '-'}; "
+            f"{ds.get('replayed_rows', 0)} replayed; reviewed: {reviewed.get('approved', 0)} approved, "
+            f"{reviewed.get('edited', 0)} edited, {reviewed.get('rejected_excluded', 0)} rejected (excluded); "
+            f"review filter {ds.get('filters', {}).get('review', 'any')}; folder {ds.get('dir', '-')}")
 
 
 @miniatures_app.command("rm")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,11 +12,10 @@ from sqlalchemy import Engine
 
 from evals.report import PLOT_TITLES, render_html, write_report
 from evals.runner import EvalResult, parse_config, run_eval, world_eval_set
+from tests.browser import headless_chromium
 from tests.helpers import small_world
 from tools import CorpusWeb
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,22 +56,10 @@ def test_html_embeds_plots_and_escapes_hostile_text(result: EvalResult) -> None:
 
 
 def test_report_looks_right_in_headless_chromium(result: EvalResult, tmp_path: Path) -> None:
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip(f"needs Debian's {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-
     files = write_report(result, tmp_path / "out")
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                "--window-size=1300,2400"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
+    with headless_chromium("1300,2400") as driver:
+        from selenium.webdriver.common.by import By
+
         driver.get(files.html.resolve().as_uri())
         images = driver.find_elements(By.CSS_SELECTOR, "figure img")
         assert len(images) == len(PLOT_TITLES)
@@ -91,6 +77,3 @@ def test_report_looks_right_in_headless_chromium(result: EvalResult, tmp_path: P
         assert driver.save_screenshot(str(shot))
         print(f"\nscreenshot of the evaluation report: {shot}")
         assert shot.read_bytes().startswith(PNG_MAGIC)
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)

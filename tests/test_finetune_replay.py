@@ -20,6 +20,7 @@ from finetune.replay import (
     replay_campaign_name,
     select_replay_runs,
 )
+from finetune.review import apply_review, review_queue
 from graphs.models import ModelPool
 from graphs.runner import add_prospects, run_campaign
 from store.models import Campaign, Run, ToolCall, Trace, WebSnapshot
@@ -118,12 +119,15 @@ def test_a_changed_input_goes_to_the_original_backend(source) -> None:  # type: 
     assert all(t.replay_of_id is None for t in writers if t not in firsts)
 
 
-def test_replayed_traces_feed_datasets(source) -> None:  # type: ignore[no-untyped-def]
+def test_replayed_traces_are_reviewed_and_feed_datasets(source) -> None:  # type: ignore[no-untyped-def]
     engine, corpus, _world = source
     asyncio.run(replay(engine, "src", researcher="heuristic", writer="heuristic", pages=CorpusWeb(corpus), name="d"))
+    replayed = [t.id for t in _traces(engine, "d") if t.agent == "writer"]
+    queue = review_queue(engine, campaign="d", agent="writer")
+    assert sorted(item.trace_id for item in queue) == sorted(replayed) and len(replayed) == 4
+    apply_review(engine, replayed[0], "reject")
     dataset = build_sft_dataset(engine, agent="writer", campaigns=["d"], eval_fraction=0.0)
-    replayed = {t.id for t in _traces(engine, "d") if t.agent == "writer"}
-    assert set(dataset.manifest.train_trace_ids) == replayed and len(replayed) == 4
+    assert set(dataset.manifest.train_trace_ids) == set(replayed[1:])
 
 
 def test_missing_snapshots_are_reported_and_the_rest_replayed(source) -> None:  # type: ignore[no-untyped-def]
