@@ -178,10 +178,14 @@ def replay_command(
             failed = True
             continue
         _print_report(report)
-        if report.result is not None or report.runs == []:
-            try:
-                print_comparison(compare_replay(engine, report.campaign))
-            except KeyError as exc:
-                err.print(f"[yellow]{exc.args[0]}[/yellow]")
+        if report.result is None and report.missing:
+            err.print(f"[red]nothing of {source!r} replayed: every selected run misses pages; read them from the "
+                      "corpus the campaign used (--use-corpus --corpus FILE) or fetch them live first[/red]")
+            failed = True
+            continue
+        try:
+            print_comparison(compare_replay(engine, report.campaign))
+        except KeyError as exc:
+            err.print(f"[yellow]{exc.args[0]}[/yellow]")
     if failed:
         raise typer.Exit(2)

@@ -59,6 +59,7 @@ def test_replay_prints_a_comparison_and_links_traces(cli_env) -> None:  # type: 
     (["--traces", "agent=writer colour=red", "--writer", "heuristic"], "cannot read 'colour=red'"),
     (["--traces", "backend=openai:none", "--writer", "heuristic"], "no finished run has a trace matching"),
     (["--campaign", "q4", "--writer", "gpt"], "unknown backend spec 'gpt'"),
+    (["--campaign", "q4", "--writer", "heuristic", "--snapshots-only"], "nothing of 'q4' replayed"),
 ])
 def test_replay_errors_are_clear(cli_env, args, message) -> None:  # type: ignore[no-untyped-def]
     result = CliRunner().invoke(app, ["replay", *args])
