@@ -15,8 +15,9 @@ common source of silent quality loss; see DESIGN.md, "The one interface for mode
 
 1. *Qualify*: traces of the agent without an error, not superseded (only the LAST successful call of
    each kind ``(run, agent, step)`` counts: a writer retry after failed validation supersedes the first
-   attempt; replays, ``Trace.replay_of_id``, form kinds of their own per backend), matching the backend
-   and campaign filters, and with ``valid_only`` from runs whose status is ``done``.
+   attempt; a replay, ``Trace.replay_of_id``, belongs to its own run in the replay campaign that
+   ``finetune.replay`` made, so it is a row of its own), matching the backend and campaign filters, and
+   with ``valid_only`` from runs whose status is ``done``.
 2. *Review*: the latest ``Review`` row of a trace decides: ``rejected`` drops it, ``edited`` replaces the
    target by ``Review.edited_output``, ``approved`` keeps it; ``review="approved"`` keeps only approved or
    edited traces, ``review="reviewed"`` any reviewed trace not rejected.
@@ -464,12 +465,6 @@ def _id(obj: Any) -> int:
     return int(obj.id)
 
 
-def _kind_key(trace: Trace, run_id: int) -> tuple[Any, ...]:
-    if trace.replay_of_id is not None:
-        return (run_id, trace.agent, trace.step, "replay", trace.backend)
-    return (run_id, trace.agent, trace.step)
-
-
 def _iter_candidates(
     session: Any,
     *,
@@ -484,19 +479,11 @@ def _iter_candidates(
     counts["traces"] = len(traces)
     ok = [t for t in traces if not t.error]
     counts["errored"] = len(traces) - len(ok)
-    # Replays carry no run of their own: they belong to the run of the trace they replay.
-    originals = by_ids(session, Trace, [t.replay_of_id for t in ok if t.replay_of_id is not None and t.run_id is None])
-    run_of: dict[int, int] = {}
-    for t in ok:
-        rid = t.run_id
-        if rid is None and t.replay_of_id is not None and t.replay_of_id in originals:
-            rid = originals[t.replay_of_id].run_id
-        if rid is not None:
-            run_of[_id(t)] = rid
-    last: dict[tuple[Any, ...], Trace] = {}
+    run_of = {_id(t): int(t.run_id) for t in ok if t.run_id is not None}
+    last: dict[tuple[int, str, str], Trace] = {}
     for t in ok:  # ascending id: a later call of the same kind supersedes an earlier one
         if _id(t) in run_of:
-            last[_kind_key(t, run_of[_id(t)])] = t
+            last[(run_of[_id(t)], t.agent, t.step)] = t
     counts["no_run"] = len(ok) - len(run_of)
     counts["superseded"] = len(run_of) - len(last)
     runs = by_ids(session, Run, run_of.values())

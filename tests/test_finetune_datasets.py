@@ -107,10 +107,14 @@ def test_writer_retry_supersedes_first_attempt_and_replays_stand_apart(engine):
     first = st.trace(run, output='{"subject": "x", "body": "missing the opt-out line"}')
     retry = st.trace(run)
     st.trace(run, error="TimeoutError: slow")  # a later failed call supersedes nothing
-    replay = st.trace(None, backend="openai:gpt-4.1", replay_of=retry)
+    replay_run = st.run("q4 -> replay(recorded, openai:gpt-4.1)", "Acme")  # a replay has a run of its own
+    replay_first = st.trace(replay_run, backend="openai:gpt-4.1", replay_of=first)
+    replay = st.trace(replay_run, backend="openai:gpt-4.1")  # its retry, which replays nothing
+    st.trace(None, backend="openai:gpt-4.1", replay_of=retry)  # a call outside any run is never a row
     ds = build_sft_dataset(engine, agent="writer", eval_fraction=0.0)
-    assert first not in _ids(ds) and _ids(ds) == [retry, replay]
-    assert ds.manifest.counts["superseded"] == 1 and ds.manifest.counts["errored"] == 1
+    assert first not in _ids(ds) and replay_first not in _ids(ds) and _ids(ds) == [retry, replay]
+    assert ds.manifest.counts["superseded"] == 2 and ds.manifest.counts["errored"] == 1
+    assert ds.manifest.counts["no_run"] == 1
     assert _ids(build_sft_dataset(engine, agent="writer", backends=["heuristic"], eval_fraction=0.0)) == [retry]
 
 
