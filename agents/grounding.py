@@ -86,6 +86,8 @@ _FACT_CUE = re.compile(
     re.IGNORECASE,
 )
 _TABLE_CELL = re.compile(r"(?<!\\)\|")
+_PROMPT_SOURCE = re.compile(r"^Source (\d+):\s*(\S*)\s*$")
+_PROMPT_SENTENCE = re.compile(r"^(S\d+): ?(.*)$")
 _SENTENCE_ID = re.compile(r"^\[?\s*S\s*(\d+)\s*\]?$", re.IGNORECASE)
 
 
@@ -201,6 +203,24 @@ class NumberedSentences:
                 lines.append(f"Source {current}: {s.url}")
             lines.append(f"{s.sid}: {s.text}")
         return "\n".join(lines)
+
+    @classmethod
+    def parse(cls, text: str) -> NumberedSentences:
+        """Read sentences back from text made by ``format`` (e.g. an extraction prompt, as traces store it).
+
+        ``Source k: <url>`` lines set the source of the ``S<i>: <text>`` lines after them; other lines
+        are ignored. The inverse of ``format`` up to whitespace at the ends of sentences.
+        """
+        sentences: list[Sentence] = []
+        sources: list[str] = []
+        source, url = 0, ""
+        for line in text.splitlines():
+            if m := _PROMPT_SENTENCE.match(line):
+                sentences.append(Sentence(m.group(1), m.group(2).strip(), url, source))
+            elif m := _PROMPT_SOURCE.match(line):
+                source, url = int(m.group(1)), m.group(2)
+                sources.append(url)
+        return cls(sentences, sources)
 
 
 def _cut(sentence: str) -> str:

@@ -13,6 +13,18 @@ from finetune.datasets import (
     write_openai_jsonl,
 )
 from finetune.plots import plot_losses
+from finetune.review import (
+    ReviewCounts,
+    ReviewInputError,
+    ReviewItem,
+    ReviewNotFoundError,
+    apply_review,
+    editable_text,
+    load_item,
+    output_from_editable,
+    review_counts,
+    review_queue,
+)
 from finetune.train import TrainResult
 
 __all__ = [
@@ -32,4 +44,14 @@ __all__ = [
     "corpus_texts",
     "load_base",
     "plot_losses",
+    "ReviewCounts",
+    "ReviewInputError",
+    "ReviewItem",
+    "ReviewNotFoundError",
+    "apply_review",
+    "editable_text",
+    "load_item",
+    "output_from_editable",
+    "review_counts",
+    "review_queue",
 ]

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from outreach.cli_common import err, settings_or_exit
+from outreach.cli_common import ConfigOpt, CorpusOpt, StoreOpt, err, open_engine, settings_or_exit
 from outreach.settings import Settings
 
 app = typer.Typer(
@@ -32,19 +32,6 @@ for sub, name in ((world_app, "world"), (corpus_app, "corpus"), (traces_app, "tr
     app.add_typer(sub, name=name, no_args_is_help=True)
 
 console = Console()
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="Settings file (default: ./outreach.toml or $OUTREACH_CONFIG).")
-]
-StoreOpt = Annotated[str | None, typer.Option("--store", help="SQLAlchemy URL of the store (setting store_url).")]
-CorpusOpt = Annotated[Path | None, typer.Option("--corpus", help="Corpus file (setting corpus_path).")]
-
-
-def _engine(settings: Settings):  # type: ignore[no-untyped-def]
-    from store import open_store
-
-    return open_store(settings.store_url)
-
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at debug level.")] = False) -> None:
@@ -228,7 +215,7 @@ def run(
     for row_error in parsed.errors:
         err.print(f"[yellow]skipped {prospects}: {row_error}[/yellow]")
     name = campaign or prospects.stem
-    engine = _engine(settings)
+    engine = open_engine(settings)
     added, present = add_prospects(engine, name, offer_model, parsed.prospects)
     console.print(f"campaign {name}: {added} prospects added, {present} already there, "
                   f"{len(parsed.errors)} rows skipped; researcher={settings.researcher} writer={settings.writer}")
@@ -262,7 +249,7 @@ def traces_list(
 
     settings = settings_or_exit(config, store_url=store)
     table = Table("id", "run", "agent", "step", "backend", "in", "out", "ms", "USD", "error")
-    for t in select_traces(_engine(settings), campaign=campaign, agent=agent, limit=limit, newest_first=True):
+    for t in select_traces(open_engine(settings), campaign=campaign, agent=agent, limit=limit, newest_first=True):
         table.add_row(str(t.id), str(t.run_id), t.agent, t.step, t.backend, str(t.input_tokens),
                       str(t.output_tokens), f"{t.latency_ms:.1f}", f"{t.cost_usd:.5f}", (t.error or "")[:40])
     console.print(table)
@@ -277,7 +264,7 @@ def traces_show(trace_id: Annotated[int, typer.Argument(help="Trace id.")], stor
     from store.models import Trace
 
     settings = settings_or_exit(config, store_url=store)
-    with Session(_engine(settings)) as session:
+    with Session(open_engine(settings)) as session:
         trace = session.get(Trace, trace_id)
     if trace is None:
         err.print(f"[red]no trace {trace_id}; see `outreach traces list`[/red]")
@@ -305,7 +292,7 @@ def traces_export(
         err.print(f"[red]unknown format {fmt!r}; use openai-jsonl[/red]")
         raise typer.Exit(2)
     settings = settings_or_exit(config, store_url=store)
-    traces = select_traces(_engine(settings), campaign=campaign, agent=agent)
+    traces = select_traces(open_engine(settings), campaign=campaign, agent=agent)
     if out is None:
         write_openai_jsonl(traces, sys.stdout)
         return
@@ -331,7 +318,7 @@ def emails_export(
         err.print(f"[red]unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}[/red]")
         raise typer.Exit(2)
     settings = settings_or_exit(config, store_url=store)
-    n = export_emails(load_emails(_engine(settings), campaign, include_invalid=include_invalid), fmt, out)
+    n = export_emails(load_emails(open_engine(settings), campaign, include_invalid=include_invalid), fmt, out)
     console.print(f"wrote {n} emails to {out}")
 
 
@@ -380,7 +367,7 @@ def demo(
     manifest = generate_world(world_dir, n_companies=companies, seed=seed)
     pages = import_world_corpus(world_dir, settings.corpus_path)
     console.print(f"demo world: {json.dumps(manifest.counts)}; {pages} pages in the corpus")
-    engine = _engine(settings)
+    engine = open_engine(settings)
     parsed = read_prospects_csv(world_dir / "prospects_train.csv")
     add_prospects(engine, "demo-train", load_offer(world_dir / "offer.toml"), parsed.prospects, split="train")
     web_impl = open_web(settings, engine)
@@ -480,7 +467,7 @@ def realdata_companies(
         sender_name="Dana Whitfield", sender_title="Account Executive", sender_company="Ledgerline",
         product="Ledgerline", value_proposition="cuts month-end close time by automating reconciliation",
         call_to_action="Would a 20-minute call next week be useful?")
-    engine = _engine(settings)
+    engine = open_engine(settings)
     report, scores, imported = run_yc_campaign(
         engine, settings, csv_path, campaign=campaign, offer=offer_model, limit=limit,
         text_columns=YC_PROSE_COLUMNS if prose_only else YC_TEXT_COLUMNS)
@@ -522,10 +509,14 @@ def realdata_pages(
 def _register_subcommands() -> None:
     from outreach.cli_eval import abtest_app, eval_command
     from outreach.cli_finetune import finetune_app, miniatures_app
+    from outreach.cli_replay import replay_command
+    from outreach.cli_review import review_command
     from outreach.cli_serve import serve_command
 
     app.command("eval")(eval_command)
     app.command("serve")(serve_command)
+    app.command("review")(review_command)
+    app.command("replay")(replay_command)
     app.add_typer(abtest_app, name="abtest", no_args_is_help=True)
     app.add_typer(finetune_app, name="finetune", no_args_is_help=True)
     app.add_typer(miniatures_app, name="miniatures", no_args_is_help=True)

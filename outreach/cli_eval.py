@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from outreach.cli_common import err, settings_or_exit
+from outreach.cli_common import StoreOpt, err, settings_or_exit
 
 if TYPE_CHECKING:
     from evals.abtest import ABReport
@@ -31,7 +31,6 @@ abtest_app = typer.Typer(
 SettingsOpt = Annotated[
     Path | None, typer.Option("--settings", help="Settings file (default: ./outreach.toml or $OUTREACH_CONFIG).")
 ]
-StoreOpt = Annotated[str | None, typer.Option("--store", help="SQLAlchemy URL of the store (setting store_url).")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:

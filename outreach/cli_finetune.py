@@ -13,23 +13,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from outreach.cli_common import StoreOpt, err, open_engine, settings_or_exit
+
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from store.models import MiniatureRecord
 
 finetune_app = typer.Typer(help="Distil a teacher's traces into miniatures (datasets, base models, TRL training).")
 miniatures_app = typer.Typer(help="Registered miniatures (one LoRA adapter or fine-tuned model per agent and version).")
 
 console = Console()
-err = Console(stderr=True)
-
-StoreOpt = Annotated[str | None, typer.Option("--store", help="SQLAlchemy URL of the store (setting store_url).")]
 
 
-def _engine(store: str | None):  # type: ignore[no-untyped-def]
-    from outreach.settings import load_settings
-    from store import open_store
 
-    return open_store(load_settings(store_url=store).store_url)
+def _engine(store: str | None) -> Engine:
+    return open_engine(settings_or_exit(None, store_url=store))
 
 
 @finetune_app.command("bootstrap-base")

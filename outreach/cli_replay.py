@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from outreach.cli_common import err, settings_or_exit
+from outreach.cli_common import ConfigOpt, CorpusOpt, StoreOpt, err, open_engine, settings_or_exit
 
 if TYPE_CHECKING:
     from evals.replays import ReplayComparison
@@ -116,11 +116,9 @@ def replay_command(
         "--use-corpus/--snapshots-only", help="Read pages without a snapshot from the corpus (offline campaigns).")
     ] = True,
     concurrency: Annotated[int | None, typer.Option(help="Runs replayed at once.")] = None,
-    store: Annotated[str | None, typer.Option("--store", help="SQLAlchemy URL of the store (setting store_url).")
-                     ] = None,
-    corpus: Annotated[Path | None, typer.Option("--corpus", help="Corpus file (setting corpus_path).")] = None,
-    config: Annotated[Path | None, typer.Option(
-        "--config", help="Settings file (default: ./outreach.toml or $OUTREACH_CONFIG).")] = None,
+    store: StoreOpt = None,
+    corpus: CorpusOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Replay stored runs through other backends, offline, and compare the outputs per agent.
 
@@ -136,7 +134,6 @@ def replay_command(
     from evals.replays import compare_replay
     from finetune.replay import ReplayError, replay, select_replay_runs
     from miniatures.specs import BackendSpecError, parse_backend_spec
-    from store import open_store
     from tools import Corpus, CorpusWeb
 
     if (campaign is None) == (traces is None):
@@ -151,7 +148,7 @@ def replay_command(
     except (BackendSpecError, TraceFilterError) as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
-    engine = open_store(settings.store_url)
+    engine = open_engine(settings)
     selected = select_replay_runs(engine, **wanted)
     if campaign is not None and not selected:
         selected = {campaign: []}  # let replay() say whether the campaign exists or has nothing finished

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from outreach.cli_common import StoreOpt, err, open_engine, settings_or_exit
+
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
 console = Console()
-err = Console(stderr=True)
 
 __all__ = ["serve_command"]
 
@@ -46,8 +47,7 @@ def serve_command(
     threads: Annotated[int | None, typer.Option(help="local: torch CPU threads.")] = None,
     repair_json: Annotated[bool, typer.Option(
         "--repair-json/--raw", help="local: repair truncated JSON answers as the in-process backend does.")] = True,
-    store: Annotated[str | None, typer.Option("--store", help="SQLAlchemy URL of the store (setting store_url).")]
-    = None,
+    store: StoreOpt = None,
 ) -> None:
     """Serve registered miniatures over an OpenAI-compatible API (/v1/chat/completions, /v1/models).
 
@@ -57,8 +57,6 @@ def serve_command(
     Example: `outreach serve writer researcher --port 8000` or `outreach serve --engine vllm --print`
     """
     from miniatures.server import InsecureBindError, check_bind
-    from outreach.settings import load_settings
-    from store import open_store
 
     if engine not in ("local", "vllm"):
         _fail(f"--engine {engine!r} is unknown; use local or vllm")
@@ -68,7 +66,7 @@ def serve_command(
     except InsecureBindError as exc:
         _fail(str(exc))
         raise typer.Exit(2) from exc
-    store_engine = open_store(load_settings(store_url=store).store_url)
+    store_engine = open_engine(settings_or_exit(None, store_url=store))
     if engine == "vllm":
         _serve_vllm(store_engine, miniatures or [], host=host, port=port, api_key=api_key, print_only=print_only)
         return

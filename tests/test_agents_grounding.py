@@ -111,3 +111,16 @@ def test_ground_facts_keeps_grounded_and_counts_the_rest() -> None:
         ("employee_count", "40", "We employ 40 people", "https://acme.example/"),
     ]
     assert dropped == 5
+
+
+def test_numbered_sentences_parse_back_from_their_prompt_form() -> None:
+    from agents.grounding import NumberedSentences, Sentence
+
+    numbered = NumberedSentences([Sentence("S1", "Acme was founded in 2012.", "https://acme.example/", 1),
+                                  Sentence("S2", "It has 40 staff.", "https://acme.example/", 1),
+                                  Sentence("S3", "Acme raised $5 million.", "https://news.example/acme", 2)],
+                                 ["https://acme.example/", "https://news.example/acme"])
+    prompt = f"Company: Acme\nWebsite: https://acme.example\n\nSentences:\n{numbered.format()}\n\nAnswer with JSON."
+    parsed = NumberedSentences.parse(prompt)
+    assert parsed.sentences == numbered.sentences and parsed.sources == numbered.sources
+    assert parsed.get("s3") is not None and parsed.get("S3").url == "https://news.example/acme"  # type: ignore[union-attr]
