@@ -192,8 +192,8 @@ def _web(engine: Engine, *, agent: str | None, campaign: str | None, backend: st
         import jinja2  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
-        err.print(_t(f"the review page needs fastapi and uvicorn (extra 'serve') and jinja2 (extra 'eval'), "
-                     f"and {exc.name} is missing: pip install -e '.[serve,eval]'", "red"))
+        err.print(_t(f"the review page needs the 'serve' extra (fastapi, uvicorn, jinja2), and {exc.name} is "
+                     "missing: pip install -e '.[serve]'", "red"))
         raise typer.Exit(2) from exc
     from finetune.review import ReviewInputError
     from miniatures.server import InsecureBindError, check_bind, is_loopback
