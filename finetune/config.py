@@ -74,8 +74,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches accumulated per optimizer step."}
     )
-    max_length: int = field(
-        default=1024, metadata={"help": "Longest tokenized conversation in tokens; longer ones are truncated."}
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest tokenized conversation in tokens; None: the longest training "
+                                "conversation. A longer one is refused, since truncation would cut its answer."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order and dropout."})
     logging_steps: int = field(default=5, metadata={"help": "Log the training loss every this many steps."})
@@ -103,6 +104,8 @@ class TrainConfig:
                     "max_length", "logging_steps", "eval_steps", "save_steps", "save_total_limit")
         for name in positive:
             value = getattr(self, name)
+            if name == "max_length" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or (

@@ -134,12 +134,35 @@ def _resolve_targets(model: nn.Module, wanted: tuple[str, ...]) -> list[str]:
     return targets
 
 
+def _checked_max_length(tokenizer: Any, rows: list[dict[str, Any]], max_length: int | None) -> int:
+    """The sequence length to train with: ``max_length``, or the longest conversation when it is None.
+
+    TRL truncates from the right, so a conversation longer than ``max_length`` loses the end of its
+    answer (the model then never learns to finish it: broken JSON at inference). Such data is refused.
+
+    Raises:
+        ValueError: some conversations are longer than ``max_length`` (the message gives the numbers).
+    """
+    lengths = [len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False))["input_ids"])
+               for r in rows]
+    longest = max(lengths, default=1)
+    if max_length is None:
+        return longest
+    too_long = sum(n > max_length for n in lengths)
+    if too_long:
+        raise ValueError(
+            f"{too_long} of {len(lengths)} conversations are longer than max_length={max_length} tokens (the longest "
+            f"has {longest}); truncation would cut their answers. Raise max_length to at least {longest} "
+            "(--set max_length=...) or leave it unset to use the longest")
+    return max_length
+
+
 def main(config: TrainConfig) -> TrainResult:
     """Fine-tune ``config.base_model`` on the chat dataset in ``config.dataset_dir``.
 
     Loads the base with ``finetune.base.load_base`` (CUDA when available: bf16 weights for LoRA, float32
     master weights with bf16 autocast for full fine-tuning; CPU: float32), the JSONL splits with
-    ``datasets``, and trains with TRL ``SFTTrainer`` (assistant-only loss, ``max_length`` truncation, the
+    ``datasets``, and trains with TRL ``SFTTrainer`` (assistant-only loss, sequences up to ``max_length``, the
     Trainer's tqdm progress bar, checkpoints every ``save_steps``, eval loss every ``eval_steps`` when
     ``eval.jsonl`` has rows). LoRA (Hu et al. 2021, arXiv 2106.09685) via ``peft.LoraConfig(task_type=
     "CAUSAL_LM")`` on the configured modules that exist in the model; or every weight for ``method="full"``.
@@ -152,8 +175,8 @@ def main(config: TrainConfig) -> TrainResult:
 
     Raises:
         FileNotFoundError: ``dataset_dir`` or its ``train.jsonl`` is missing, or a local base folder is missing.
-        ValueError: a malformed dataset line, an empty training split, no LoRA target module in the model, or
-            a base whose tokenizer has no chat template.
+        ValueError: a malformed dataset line, an empty training split, a conversation longer than
+            ``max_length``, no LoRA target module in the model, or a base whose tokenizer has no chat template.
     """
     dataset_dir = Path(config.dataset_dir).expanduser()
     if not dataset_dir.is_dir():
@@ -195,6 +218,7 @@ def main(config: TrainConfig) -> TrainResult:
     bf16 = bool(on_cuda and torch.cuda.is_bf16_supported())
     load_dtype = "auto" if config.method == "lora" else "float32"
     model, tokenizer = load_base(config.base_model, device=device, dtype=load_dtype)
+    max_length = _checked_max_length(tokenizer, train_rows + eval_rows, config.max_length)
     total_params = int(sum(p.numel() for p in model.parameters()))
 
     peft_config = None
@@ -227,7 +251,7 @@ def main(config: TrainConfig) -> TrainResult:
         per_device_eval_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         warmup_steps=float(config.warmup_ratio),  # transformers 5: a float in [0, 1) is a ratio of the steps
-        max_length=config.max_length,
+        max_length=max_length,
         assistant_only_loss=True,
         seed=config.seed,
         data_seed=config.seed,

@@ -410,12 +410,10 @@ def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, bas
     else:
         method = method or "lora"
         console.print(f"base {base_model}; method {method}: LoRA adapters on a pretrained base, several per base")
-    lengths = {"researcher": 1664, "writer": 768}
     for agent in ("researcher", "writer"):
         distilled = distill(engine, agent=agent, name=f"demo-{agent}", base_model=base_model, work_dir=out / "models",
                          campaigns=["demo-train"], method=method,  # type: ignore[arg-type]
-                         train_overrides={"num_train_epochs": epochs, "max_length": lengths[agent],
-                                          "learning_rate": 2e-3, "save_steps": 10_000})
+                         train_overrides={"num_train_epochs": epochs, "learning_rate": 2e-3, "save_steps": 10_000})
         m = distilled.miniature
         console.print(f"miniature:{m.name}@{m.version}: {len(distilled.manifest.train_trace_ids)} training examples, "
                       f"final train loss {distilled.metrics.get('train_loss', float('nan')):.3f}")

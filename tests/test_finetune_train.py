@@ -312,6 +312,16 @@ def test_main_rejects_missing_dataset_and_bad_rows(tmp_path: Path, base: BaseMod
         load_chat_jsonl(ds / "train.jsonl")
 
 
+def test_main_refuses_conversations_longer_than_max_length(tmp_path: Path, base: BaseModelInfo,
+                                                         dataset_dir: Path) -> None:
+    cfg = TrainConfig(base_model=str(base.path), dataset_dir=str(dataset_dir), output_dir=str(tmp_path),
+                      max_length=8, max_steps=1)
+    with pytest.raises(ValueError, match=r"40 of 40 conversations are longer than max_length=8 tokens .*Raise "
+                                         r"max_length to at least \d+"):
+        main(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # refused before any training
+
+
 def test_main_rejects_lora_targets_absent_from_model(
     tmp_path: Path, base: BaseModelInfo, dataset_dir: Path
 ) -> None:
