@@ -30,6 +30,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -420,7 +421,7 @@ async def replay(
         originals[agent] = original = _original_spec(sources, agent)
         answers[agent] = {messages_key(t.messages): (int(t.id or 0), t.output)
                           for s in sources for t in s.traces[agent] if not t.error}
-        fallback = (lambda spec=original: pool.get(spec)) if original else None  # type: ignore[misc]
+        fallback = partial(pool.get, original) if original else None
         keys[agent] = f"{RECORDED}:{agent}"
         pool.put(keys[agent], RecordedAnswers(answers=answers[agent], fallback=fallback))
 
