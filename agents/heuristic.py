@@ -399,7 +399,7 @@ def extract_facts(user: str) -> dict[str, list[dict[str, str]]]:
                 best[rule.field] = (key, s.text[span[0]:span[1]], s.sid)
             break
     facts = [
-        {"field": f, "value": best[f][1], "evidence": best[f][2]} for f in FACT_FIELDS if f in best
+        {"field": f, "evidence": best[f][2], "value": best[f][1]} for f in FACT_FIELDS if f in best
     ]
     return {"facts": facts}
 

@@ -86,15 +86,19 @@ class Profile(BaseModel):
 
 
 class ExtractedFact(BaseModel):
-    """One fact as the model returns it: ``evidence`` is a sentence id like ``"S12"`` (or a quote)."""
+    """One fact as the model returns it: ``evidence`` is a sentence id like ``"S12"`` (or a quote).
+
+    Evidence comes before value (in this order in the JSON schema and the prompt): the model cites the
+    sentence first and then copies the span, which ``miniatures.span_copy`` can then hold to that sentence.
+    """
 
     field: str
-    value: str
     evidence: str
+    value: str
 
 
 class ExtractionOutput(BaseModel):
-    """The researcher model's JSON answer: ``{"facts": [{"field", "value", "evidence"}, ...]}``."""
+    """The researcher model's JSON answer: ``{"facts": [{"field", "evidence", "value"}, ...]}``."""
 
     facts: list[ExtractedFact] = Field(default_factory=list)
 
