@@ -120,9 +120,10 @@ class LocalEngine:
             default. On a CPU shared with other busy processes, 1 is much faster than the default:
             measured on a 2-core machine with one core busy, a 10M-parameter Llama made 70 tokens/s
             with 1 thread and 10 tokens/s with 2 (OpenMP threads wait on each other).
-        span_copy: constrain the value of every fact that cites a numbered prompt sentence
-            (``"evidence": "S12", "value": "..."``) to a verbatim span of that sentence
-            (``miniatures.span_copy``); prompts without numbered sentences are not affected.
+        span_copy: hold answers to prompts with numbered sentences (the researcher's extraction prompt)
+            to the extraction grammar: JSON in the trained layout, listed fields, cited ids that exist,
+            and each value a verbatim span of the sentence it cites (``miniatures.span_copy``); other
+            prompts are not affected.
 
     Attributes:
         tokenizer: the base model's tokenizer (left padding).
@@ -318,7 +319,7 @@ class LocalEngine:
             if self._vocabulary is None:
                 self._vocabulary = decode_vocabulary(self.tokenizer)
             kwargs["logits_processor"] = LogitsProcessorList(
-                [SpanCopyProcessor(self.tokenizer, prompts, width, self._vocabulary)])
+                [SpanCopyProcessor(self.tokenizer, prompts, width, self._vocabulary, self.stop_token_ids)])
         if adapter_names is not None:
             kwargs["adapter_names"] = adapter_names
         with torch.inference_mode():

@@ -1,36 +1,42 @@
-"""Span-copy decoding: a cited fact's value can only be a verbatim span of the sentence it cites.
+"""Grammar-constrained decoding of extraction answers: every fact cites a prompt sentence and copies a span of it.
 
-The researcher's extraction prompt numbers page sentences as ``S<i>: <text>`` lines and its answer
-cites one per fact, evidence first: ``{"field": "product", "evidence": "S12", "value": "..."}``
-(``agents.prompts``). While a model writes the value string of such a fact, ``SpanCopyProcessor``
-masks (logit -inf) every token that would make the value stop being a substring of sentence S12,
-and the closing quote until the value is non-empty. The model still chooses the sentence, where the
-span starts and where it ends; it no longer has to spell a name or number it has never seen, which
-small models do badly (issue 3: a 10M model got held-out company names right 0% of the time). This
-is grammar-constrained decoding (as in llama.cpp's GBNF grammars or the ``outlines`` library) with a
-grammar made per answer from the prompt; grounding (``agents.grounding.ground_facts``) still checks
-every fact afterwards.
+The researcher's extraction prompt numbers page sentences as ``S<i>: <text>`` lines and lists the fields
+as ``- <name>: <description>`` lines; its answer is ``{"facts": [{"field": ..., "evidence": "S12", "value":
+...}, ...]}`` with evidence before value (``agents.prompts``). ``ExtractionGrammar`` is that answer as a
+grammar made from the prompt: the JSON layout is fixed (``json.dumps`` separators), ``field`` is a listed
+field not used before, ``evidence`` a sentence id the prompt has, and ``value`` a non-blank verbatim span of
+that sentence. ``SpanCopyProcessor`` masks (logit -inf) every token that would leave the grammar, and the
+stop tokens until the answer is complete. The model still chooses which fields to fill, which sentence to
+cite and where the span starts and ends; it no longer has to spell a name or number it has never seen,
+nor keep JSON syntax, which small models do badly (issue 3: a 10M model got held-out company names right
+0% of the time). This is grammar-constrained decoding as in llama.cpp's GBNF grammars or the ``outlines``
+library, with a grammar made per prompt; grounding (``agents.grounding.ground_facts``) still checks every
+fact afterwards.
 
 Token texts are decoded one id at a time (``tokenizer.decode([id])``): exact for byte-level BPE
 tokenizers (GPT-2 style: the bootstrapped bases, Qwen, Llama 3); for SentencePiece tokenizers, whose
-single-token decode drops the leading space, the mask is approximate. A token that decodes to a
-partial UTF-8 character (``\\ufffd``) is allowed where the sentence has non-ASCII text, so accented
-names stay reachable. Values with JSON escapes (``\\"``, ``\\u00e9``) are left unconstrained.
+single-token decode drops the leading space, the mask is approximate. A token that decodes to a partial
+UTF-8 character (``\\ufffd``) is allowed inside a value whose sentence has non-ASCII text, so accented
+names stay reachable.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-__all__ = ["SpanCopyProcessor", "cited_sentences", "decode_vocabulary"]
+__all__ = ["ExtractionGrammar", "SpanCopyProcessor", "cited_sentences", "decode_vocabulary", "listed_fields"]
 
 _SENTENCE_LINE = re.compile(r"^(S\d+): ?(.*)$", re.MULTILINE)
-# The answer so far ends inside the value string of a fact whose evidence id came first.
-_OPEN_VALUE = re.compile(r'"evidence"\s*:\s*"\s*\[?\s*(S\d+)\s*\]?\s*"\s*,\s*"value"\s*:\s*"([^"\\]*)\Z',
-                         re.IGNORECASE)
+_FIELD_LINE = re.compile(r"^- ([a-z_][a-z0-9_]*): ", re.MULTILINE)
+_FREE_FIELD = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 _REPLACEMENT = "\ufffd"
+
+# A state: (kind, buffer, next kind, cited id, fields used). Kinds: "lit" (buffer = literal still to
+# match, then "next kind"), "items" (after the opening bracket), "field", "id", "span" (buffer = text so
+# far), "after" (after a fact), "done".
+State = tuple[str, str, str, str, frozenset[str]]
 
 
 def cited_sentences(prompt: str) -> dict[str, str]:
@@ -45,84 +51,180 @@ def cited_sentences(prompt: str) -> dict[str, str]:
     return found
 
 
+def listed_fields(prompt: str) -> tuple[str, ...]:
+    """The field names a prompt lists as ``- <name>: <description>`` lines, in order (may be empty)."""
+    return tuple(dict.fromkeys(m.group(1) for m in _FIELD_LINE.finditer(prompt)))
+
+
 def decode_vocabulary(tokenizer: Any) -> list[str]:
     """``tokenizer.decode([i])`` for every id of ``tokenizer`` (special tokens decode to their text)."""
     return [tokenizer.decode([i]) for i in range(len(tokenizer))]
 
 
-class SpanCopyProcessor:
-    """A ``transformers`` logits processor for one batched ``generate`` call (see the module docstring).
+class ExtractionGrammar:
+    """The extraction answer of one prompt as a character-level grammar (see the module docstring).
 
     Args:
-        tokenizer: the model's tokenizer (``decode`` and ``len`` are used).
+        sentences: ``{"S12": text}`` of the prompt (``cited_sentences``).
+        fields: the field names allowed, each at most once; empty: any lower-case identifier.
+    """
+
+    def __init__(self, sentences: Mapping[str, str], fields: Collection[str] = ()) -> None:
+        self.sentences = dict(sentences)
+        self.fields = frozenset(fields)
+        self._id_prefixes = {sid[:k] for sid in self.sentences for k in range(len(sid) + 1)}
+        self._field_prefixes = {f[:k] for f in self.fields for k in range(len(f) + 1)}
+
+    def start(self) -> State:
+        """The state before the answer's first character."""
+        return ("lit", '{"facts": [', "items", "", frozenset())
+
+    def _enter(self, kind: str, sid: str, used: frozenset[str]) -> State:
+        return (kind, "", "", sid, used)
+
+    def _room(self, used: frozenset[str]) -> bool:
+        return not self.fields or bool(self.fields - used)
+
+    def advance(self, state: State, ch: str) -> State | None:
+        """The state after ``ch``, or None when ``ch`` leaves the grammar."""
+        kind, buf, nxt, sid, used = state
+        if kind == "lit":
+            if ch != buf[0]:
+                return None
+            return ("lit", buf[1:], nxt, sid, used) if len(buf) > 1 else self._enter(nxt, sid, used)
+        if kind in ("items", "after"):
+            if ch == "]":
+                return ("lit", "}", "done", "", used)
+            if kind == "items" and ch == "{" and self._room(used):
+                return ("lit", '"field": "', "field", "", used)
+            if kind == "after" and ch == "," and self._room(used):
+                return ("lit", ' {"field": "', "field", "", used)
+            return None
+        if kind == "field":
+            if ch == '"':
+                ok = buf in self.fields and buf not in used if self.fields else bool(_FREE_FIELD.fullmatch(buf))
+                return ("lit", ', "evidence": "', "id", "", used | {buf}) if ok else None
+            grown = buf + ch
+            if self.fields:
+                free = any(f.startswith(grown) and f not in used for f in self.fields)
+                return ("field", grown, "", "", used) if grown in self._field_prefixes and free else None
+            return ("field", grown, "", "", used) if _FREE_FIELD.fullmatch(grown) else None
+        if kind == "id":
+            if ch == '"':
+                return ("lit", ', "value": "', "span", buf, used) if buf in self.sentences else None
+            grown = buf + ch
+            return ("id", grown, "", "", used) if grown in self._id_prefixes else None
+        if kind == "span":
+            if ch == '"':
+                return ("lit", "}", "after", "", used) if buf.strip() else None
+            grown = buf + ch
+            return ("span", grown, "", sid, used) if ch != "\\" and grown in self.sentences[sid] else None
+        return None  # done: only a stop token may follow
+
+    def run(self, text: str) -> State | None:
+        """The state after ``text`` from the start, or None when ``text`` is not a prefix of an answer."""
+        state: State | None = self.start()
+        for ch in text:
+            if state is None:
+                return None
+            state = self.advance(state, ch)
+        return state
+
+
+class SpanCopyProcessor:
+    """A ``transformers`` logits processor holding extraction answers to their prompt's grammar.
+
+    Made for one batched ``generate`` call. Rows whose prompt has no numbered sentences (a writer prompt)
+    pass through unchanged; the others follow ``ExtractionGrammar`` from their first generated token.
+
+    Args:
+        tokenizer: the model's tokenizer (``decode`` is used).
         prompts: the rendered prompt text of each batch row, in batch order.
         prompt_width: the padded prompt length in tokens (generated tokens start there).
-        token_texts: ``tokenizer.decode([i])`` for every token id ``i`` (computed once per tokenizer by
-            ``decode_vocabulary``; passed in so batches share it).
+        vocabulary: ``decode_vocabulary(tokenizer)``, computed once per tokenizer and shared by batches.
+        stop_token_ids: ids that end an answer (allowed only once the answer is complete).
 
     ``__call__(input_ids, scores)`` takes ``input_ids`` (batch, prompt_width + generated) and ``scores``
     (batch, vocab) and returns ``scores`` with the disallowed tokens of constrained rows set to -inf.
-    Rows whose prompt has no numbered sentences, or whose answer is not inside a cited value, pass
-    through unchanged.
     """
 
-    def __init__(self, tokenizer: Any, prompts: Sequence[str], prompt_width: int, token_texts: Sequence[str]) -> None:
+    def __init__(self, tokenizer: Any, prompts: Sequence[str], prompt_width: int, vocabulary: Sequence[str],
+                 stop_token_ids: Collection[int]) -> None:
         self.tokenizer = tokenizer
-        self.sentences = [cited_sentences(p) for p in prompts]
         self.prompt_width = prompt_width
-        self.token_texts = token_texts
-        self._candidates: dict[str, list[tuple[int, str, bool]]] = {}
+        self.stop_token_ids = sorted(set(stop_token_ids))
+        self.grammars: list[ExtractionGrammar | None] = []
+        for prompt in prompts:
+            sentences = cited_sentences(prompt)
+            self.grammars.append(ExtractionGrammar(sentences, listed_fields(prompt)) if sentences else None)
+        stops = set(self.stop_token_ids)
+        self._by_first: dict[str, list[tuple[int, str]]] = {}
+        for i, text in enumerate(vocabulary):
+            if text and i not in stops:
+                self._by_first.setdefault(text[0], []).append((i, text))
+        self._allowed: dict[tuple[int, State], list[int]] = {}
+        self._masks: dict[tuple[int, State], Any] = {}
+        self._last: list[tuple[str, State | None]] = [("", g.start() if g else None) for g in self.grammars]
         self.constrained_steps = 0
 
-    def _candidates_for(self, sentence: str) -> list[tuple[int, str, bool]]:
-        """Token ids whose text before any quote occurs in ``sentence``: (id, that text, has a quote)."""
-        cached = self._candidates.get(sentence)
+    def allowed(self, row: int, state: State) -> list[int]:
+        """Token ids that keep row ``row``'s answer inside its grammar from ``state`` (cached)."""
+        key = (row, state)
+        cached = self._allowed.get(key)
         if cached is not None:
             return cached
-        partial_ok = any(ord(ch) > 127 for ch in sentence)
-        out: list[tuple[int, str, bool]] = []
-        for i, text in enumerate(self.token_texts):
-            if not text:
+        grammar = self.grammars[row]
+        assert grammar is not None
+        ok: list[int] = list(self.stop_token_ids) if state[0] == "done" else []
+        partial = state[0] == "span" and any(ord(c) > 127 for c in grammar.sentences[state[3]])
+        for first, tokens in self._by_first.items():
+            if first == _REPLACEMENT:
+                if partial:
+                    ok.extend(i for i, _ in tokens)
                 continue
-            head, quote, _tail = text.partition('"')
-            if _REPLACEMENT in head:
-                if partial_ok and not quote:
-                    out.append((i, head, False))
+            after_first = grammar.advance(state, first)
+            if after_first is None:
                 continue
-            if head in sentence:
-                out.append((i, head, bool(quote)))
-        self._candidates[sentence] = out
-        return out
-
-    def allowed(self, sentence: str, value: str) -> list[int]:
-        """Token ids that keep ``value`` a substring of ``sentence`` (or close a value that is not blank)."""
-        value = value.rstrip(_REPLACEMENT)
-        ok: list[int] = []
-        for i, head, quote in self._candidates_for(sentence):
-            grown = value + head.replace(_REPLACEMENT, "")
-            if (grown in sentence or _REPLACEMENT in head) and (not quote or grown.strip()):
-                ok.append(i)
+            for i, text in tokens:
+                current: State | None = after_first
+                for ch in text[1:]:
+                    if ch == _REPLACEMENT and partial and current is not None and current[0] == "span":
+                        break
+                    current = grammar.advance(current, ch) if current is not None else None
+                    if current is None:
+                        break
+                if current is not None:
+                    ok.append(i)
+        self._allowed[key] = ok
         return ok
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        for row, sentences in enumerate(self.sentences):
-            if not sentences:
+        for row, grammar in enumerate(self.grammars):
+            if grammar is None:
                 continue
             text = self.tokenizer.decode(input_ids[row, self.prompt_width:].tolist(), skip_special_tokens=True)
-            match = _OPEN_VALUE.search(text)
-            if match is None:
-                continue
-            sentence = sentences.get(match.group(1).upper())
-            if sentence is None:
-                continue  # an id the prompt does not have: grounding drops the fact
-            allowed = self.allowed(sentence, match.group(2))
-            if not allowed:
-                continue
-            keep = torch.tensor(allowed, device=scores.device)
-            masked = torch.full_like(scores[row], float("-inf"))
-            masked[keep] = scores[row, keep]
-            scores[row] = masked
+            text = text.rstrip(_REPLACEMENT)
+            seen, state = self._last[row]
+            if text.startswith(seen):  # the usual case: advance over the new characters only
+                for ch in text[len(seen):]:
+                    state = grammar.advance(state, ch) if state is not None else None
+            else:
+                state = grammar.run(text)
+            self._last[row] = (text, state)
+            if state is None:
+                continue  # already off the grammar (cannot happen from the first token on): leave it be
+            key = (row, state)
+            mask = self._masks.get(key)
+            if mask is None:
+                allowed = self.allowed(row, state)
+                mask = torch.full((scores.shape[-1],), float("-inf"), device=scores.device)
+                if allowed:
+                    mask[torch.tensor(allowed, device=scores.device)] = 0.0
+                else:
+                    mask.zero_()
+                self._masks[key] = mask
+            scores[row] = scores[row] + mask
             self.constrained_steps += 1
         return scores

@@ -1,7 +1,7 @@
-"""Span-copy decoding: a cited fact's value is held to a verbatim span of the sentence it cites.
+"""Grammar-constrained extraction answers: JSON layout, listed fields, existing ids, values copied from the cited sentence.
 
-A random tiny Llama with a byte-level BPE tokenizer trained here (no downloads) generates the value; without
-the processor it writes tokens that are not in the sentence, with it every value is a substring.
+A random tiny Llama with a byte-level BPE tokenizer trained here (no downloads) generates the answers; without
+the processor it writes text that is no answer at all, with it every answer parses and every value is a span.
 """
 
 from __future__ import annotations
@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from miniatures.span_copy import SpanCopyProcessor, cited_sentences, decode_vocabulary
+import json
+
+from miniatures.span_copy import ExtractionGrammar, SpanCopyProcessor, cited_sentences, decode_vocabulary, listed_fields
 
 torch = pytest.importorskip("torch")
 
 from tests.miniature_fixtures import build_tiny_base  # noqa: E402
 
 SENTENCE = "Our flagship product, Sarnora Sync, brings the whole workflow into one place."
-PROMPT = f"Sentences:\nSource 1: https://a.example/\nS1: Founded in 2014 in Cork.\nS2: {SENTENCE}\n"
+PROMPT = (f"Fields:\n- product: the main product\n- founded_year: the year\n\nSentences:\nSource 1: https://a.example/\n"
+          f"S1: Founded in 2014 in Cork.\nS2: {SENTENCE}\n")
 OPEN = '{"facts": [{"field": "product", "evidence": "S2", "value": "'
 
 
@@ -29,51 +32,59 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
     return AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base).eval()
 
 
-def test_cited_sentences_reads_the_numbered_lines() -> None:
+def test_cited_sentences_and_fields_are_read_from_the_prompt() -> None:
     assert cited_sentences(PROMPT) == {"S1": "Founded in 2014 in Cork.", "S2": SENTENCE}
+    assert listed_fields(PROMPT) == ("product", "founded_year")
     assert cited_sentences("Merge tags you may use:\n{{first_name}}: the prospect's first name") == {}
 
 
-def test_allowed_tokens_extend_a_span_and_close_only_a_non_empty_value(tiny: tuple[object, object]) -> None:
-    tokenizer, _model = tiny
-    vocab = decode_vocabulary(tokenizer)
-    proc = SpanCopyProcessor(tokenizer, [PROMPT], 0, vocab)
-    first = proc.allowed(SENTENCE, "")
-    assert first and all(vocab[i] in SENTENCE for i in first)  # no quote: a blank value cannot close
-    grown = proc.allowed(SENTENCE, "Sarnora")
-    heads = {vocab[i].partition('"')[0] for i in grown}
-    assert all(("Sarnora" + h) in SENTENCE for h in heads)
-    assert any(vocab[i].startswith('"') for i in grown)  # a non-empty value may close
-    assert " " in heads or " Sync" in heads or " S" in heads
+def test_grammar_accepts_answers_and_refuses_what_grounding_would_drop() -> None:
+    grammar = ExtractionGrammar(cited_sentences(PROMPT), listed_fields(PROMPT))
+    answer = json.dumps({"facts": [{"field": "product", "evidence": "S2", "value": "Sarnora Sync"},
+                                   {"field": "founded_year", "evidence": "S1", "value": "2014"}]})
+    assert grammar.run(answer) is not None and grammar.run(answer)[0] == "done"
+    assert grammar.run('{"facts": []}')[0] == "done"
+    assert grammar.run(answer[:50]) is not None  # every prefix is on the way to an answer
+    refused = [
+        '{"facts": [{"field": "revenue"',  # a field the prompt does not list
+        '{"facts": [{"field": "product", "evidence": "S9"',  # an id the prompt does not have
+        '{"facts": [{"field": "product", "evidence": "S2", "value": "Quorvanta',  # not in S2
+        '{"facts": [{"field": "product", "evidence": "S2", "value": ""',  # blank value
+        '{"facts": [{"field": "product", "evidence": "S2", "value": "Sync"}, {"field": "product"',  # twice
+        '{"facts": [{"value": "Sync"',  # value before evidence
+    ]
+    assert [grammar.run(text) for text in refused] == [None] * len(refused)
 
 
-def _generate(tiny: tuple[object, object], span_copy: bool, seed: int) -> str:
+def _generate(tiny: tuple[object, object], constrained: bool, seed: int) -> str:
     from transformers import LogitsProcessorList
 
     tokenizer, model = tiny
     prompt_ids = tokenizer(PROMPT + "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    opened = tokenizer(OPEN, add_special_tokens=False)["input_ids"]
     kwargs = {}
-    if span_copy:  # the opening of the answer counts as generated text: the processor sees the cited id
-        proc = SpanCopyProcessor(tokenizer, [PROMPT], len(prompt_ids), decode_vocabulary(tokenizer))
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if constrained:
+        proc = SpanCopyProcessor(tokenizer, [PROMPT], len(prompt_ids), decode_vocabulary(tokenizer), [stop])
         kwargs["logits_processor"] = LogitsProcessorList([proc])
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():  # a different random model per seed
             p.add_(torch.randn_like(p) * 0.05)
-        out = model.generate(torch.tensor([prompt_ids + opened]), max_new_tokens=12, do_sample=False,
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=120, do_sample=False, eos_token_id=stop,
                              pad_token_id=tokenizer.pad_token_id, **kwargs)
-    return tokenizer.decode(out[0, len(prompt_ids) + len(opened):].tolist(), skip_special_tokens=True)
+    return tokenizer.decode(out[0, len(prompt_ids):].tolist(), skip_special_tokens=True)
 
 
-def test_generated_values_are_spans_of_the_cited_sentence(tiny: tuple[object, object]) -> None:
-    free = [_generate(tiny, False, seed).partition('"')[0] for seed in range(4)]
-    held = [_generate(tiny, True, seed) for seed in range(4)]
-    assert any(v and v not in SENTENCE for v in free), free  # the random model does not copy by itself
-    for text in held:
-        value, closed, _rest = text.partition('"')
-        assert value and value in SENTENCE, text
-        assert closed or len(text) >= 1
+def test_generated_answers_parse_and_every_value_is_a_span_of_its_sentence(tiny: tuple[object, object]) -> None:
+    free = [_generate(tiny, False, seed) for seed in range(3)]
+    assert not any(text.startswith('{"facts": [') for text in free), free  # a random model writes no answer
+    for seed in range(3):
+        text = _generate(tiny, True, seed)
+        assert text.startswith('{"facts": [') and text.endswith("]}"), text  # complete: the stop waits for "]}"
+        facts = json.loads(text)["facts"]
+        sentences = cited_sentences(PROMPT)
+        assert all(f["value"] in sentences[f["evidence"]] and f["value"].strip() for f in facts), facts
+        assert len({f["field"] for f in facts}) == len(facts)
 
 
 def test_the_engine_uses_span_copy_only_for_prompts_with_numbered_sentences(tmp_path: Path) -> None:
