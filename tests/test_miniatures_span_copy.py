@@ -1,4 +1,4 @@
-"""Grammar-constrained extraction answers: JSON layout, listed fields, existing ids, values copied from the cited sentence.
+"""Grammar-constrained extraction answers: JSON layout, listed fields, existing ids, values copied from the evidence.
 
 A random tiny Llama with a byte-level BPE tokenizer trained here (no downloads) generates the answers; without
 the processor it writes text that is no answer at all, with it every answer parses and every value is a span.
@@ -6,11 +6,10 @@ the processor it writes text that is no answer at all, with it every answer pars
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-
-import json
 
 from miniatures.span_copy import ExtractionGrammar, SpanCopyProcessor, cited_sentences, decode_vocabulary, listed_fields
 
