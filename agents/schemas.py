@@ -89,7 +89,7 @@ class ExtractedFact(BaseModel):
     """One fact as the model returns it: ``evidence`` is a sentence id like ``"S12"`` (or a quote).
 
     Evidence comes before value (in this order in the JSON schema and the prompt): the model cites the
-    sentence first and then copies the span, which ``miniatures.span_copy`` can then hold to that sentence.
+    sentence first and then copies the span, which ``miniatures.constrained`` can then hold to that sentence.
     """
 
     field: str

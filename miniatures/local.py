@@ -38,9 +38,9 @@ from langchain_core.messages import AIMessage, BaseMessage, convert_to_openai_me
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict, Field
 
+from miniatures.constrained import GrammarProcessor, decode_vocabulary, grammar_for
 from miniatures.device import pick_device, torch_dtype
 from miniatures.registry import get_miniature
-from miniatures.span_copy import SpanCopyProcessor, cited_sentences, decode_vocabulary
 from miniatures.specs import BackendSpec, BackendSpecError
 
 if TYPE_CHECKING:
@@ -120,10 +120,10 @@ class LocalEngine:
             default. On a CPU shared with other busy processes, 1 is much faster than the default:
             measured on a 2-core machine with one core busy, a 10M-parameter Llama made 70 tokens/s
             with 1 thread and 10 tokens/s with 2 (OpenMP threads wait on each other).
-        span_copy: hold answers to prompts with numbered sentences (the researcher's extraction prompt)
-            to the extraction grammar: JSON in the trained layout, listed fields, cited ids that exist,
-            and each value a verbatim span of the sentence it cites (``miniatures.span_copy``); other
-            prompts are not affected.
+        constrained: hold answers to the agents' prompts to grammars made from each prompt
+            (``miniatures.constrained``): extraction answers cite existing sentence ids and copy each
+            value from the cited sentence, emails are JSON with only listed merge tags; other prompts are
+            not affected.
 
     Attributes:
         tokenizer: the base model's tokenizer (left padding).
@@ -145,7 +145,7 @@ class LocalEngine:
         batch_window_ms: float = 5.0,
         max_new_tokens: int = 512,
         num_threads: int | None = None,
-        span_copy: bool = True,
+        constrained: bool = True,
     ) -> None:
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
@@ -163,8 +163,8 @@ class LocalEngine:
         self.max_batch_size = max_batch_size
         self.batch_window_ms = batch_window_ms
         self.max_new_tokens = max_new_tokens
-        self.span_copy = span_copy
-        self._vocabulary: list[str] | None = None  # decoded token texts, for span-copy decoding
+        self.constrained = constrained
+        self._vocabulary: list[str] | None = None  # decoded token texts, for constrained decoding
         try:
             tokenizer: Any = AutoTokenizer.from_pretrained(self.base_model)
             model: Any = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype)
@@ -313,13 +313,13 @@ class LocalEngine:
         )
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "generation_config": config}
         prompts = [r.prompt for r in batch]
-        if self.span_copy and any(cited_sentences(p) for p in prompts):
+        if self.constrained and any(grammar_for(p) is not None for p in prompts):
             from transformers import LogitsProcessorList
 
             if self._vocabulary is None:
                 self._vocabulary = decode_vocabulary(self.tokenizer)
             kwargs["logits_processor"] = LogitsProcessorList(
-                [SpanCopyProcessor(self.tokenizer, prompts, width, self._vocabulary, self.stop_token_ids)])
+                [GrammarProcessor(self.tokenizer, prompts, width, self._vocabulary, self.stop_token_ids)])
         if adapter_names is not None:
             kwargs["adapter_names"] = adapter_names
         with torch.inference_mode():

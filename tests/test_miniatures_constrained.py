@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from miniatures.span_copy import ExtractionGrammar, SpanCopyProcessor, cited_sentences, decode_vocabulary, listed_fields
+from miniatures.constrained import (
+    EmailGrammar,
+    ExtractionGrammar,
+    GrammarProcessor,
+    cited_sentences,
+    decode_vocabulary,
+    grammar_for,
+    listed_fields,
+    listed_merge_tags,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -20,7 +29,8 @@ from tests.miniature_fixtures import build_tiny_base  # noqa: E402
 SENTENCE = "Our flagship product, Sarnora Sync, brings the whole workflow into one place."
 PROMPT = (f"Fields:\n- product: the main product\n- founded_year: the year\n\nSentences:\nSource 1: https://a.example/\n"
           f"S1: Founded in 2014 in Cork.\nS2: {SENTENCE}\n")
-OPEN = '{"facts": [{"field": "product", "evidence": "S2", "value": "'
+WRITER_PROMPT = ("Offer:\nProduct: Ledgerline\n\nMerge tags you may use:\n{{first_name}}: the prospect's first name\n"
+                 "{{fact.location}}: Cork, Ireland\n\nAnswer with the JSON object only.")
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +65,40 @@ def test_grammar_accepts_answers_and_refuses_what_grounding_would_drop() -> None
     assert [grammar.run(text) for text in refused] == [None] * len(refused)
 
 
-def _generate(tiny: tuple[object, object], constrained: bool, seed: int) -> str:
+def test_email_grammar_allows_only_listed_merge_tags_in_json_strings() -> None:
+    grammar = grammar_for(WRITER_PROMPT)
+    assert isinstance(grammar, EmailGrammar) and listed_merge_tags(WRITER_PROMPT) == ("first_name", "fact.location")
+    email = json.dumps({"subject": "Hi {{first_name}}", "body": "Hello {{first_name}},\n\nIn {{fact.location}}?"})
+    assert grammar.run(email)[0] == "done"
+    refused = [
+        '{"subject": "Hi {{company}}',  # a tag the prompt does not list
+        '{"subject": "Hi {first_name',  # a single brace
+        '{"subject": "Hi }',  # a lone closing brace
+        '{"subject": "",',  # a blank subject
+        '{"subject": "Hi\\n',  # a subject is one line
+        '{"subject": "Hi", "body": "line\n',  # a raw newline inside a JSON string
+        '{"subject": "Hi", "body": "x\\q',  # not a JSON escape
+    ]
+    assert [grammar.run(text) for text in refused] == [None] * len(refused)
+
+
+def _generate(tiny: tuple[object, object], constrained: bool, seed: int, prompt: str = PROMPT,
+              max_new_tokens: int = 120) -> str:
     from transformers import LogitsProcessorList
 
     tokenizer, model = tiny
-    prompt_ids = tokenizer(PROMPT + "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt + "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     kwargs = {}
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if constrained:
-        proc = SpanCopyProcessor(tokenizer, [PROMPT], len(prompt_ids), decode_vocabulary(tokenizer), [stop])
+        proc = GrammarProcessor(tokenizer, [prompt], len(prompt_ids), decode_vocabulary(tokenizer), [stop])
         kwargs["logits_processor"] = LogitsProcessorList([proc])
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():  # a different random model per seed
             p.add_(torch.randn_like(p) * 0.05)
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=120, do_sample=False, eos_token_id=stop,
-                             pad_token_id=tokenizer.pad_token_id, **kwargs)
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, **kwargs)
     return tokenizer.decode(out[0, len(prompt_ids):].tolist(), skip_special_tokens=True)
 
 
@@ -86,7 +114,7 @@ def test_generated_answers_parse_and_every_value_is_a_span_of_its_sentence(tiny:
         assert len({f["field"] for f in facts}) == len(facts)
 
 
-def test_the_engine_uses_span_copy_only_for_prompts_with_numbered_sentences(tmp_path: Path) -> None:
+def test_the_engine_constrains_only_prompts_with_a_grammar(tmp_path: Path) -> None:
     from miniatures.local import LocalEngine
 
     engine = LocalEngine(str(build_tiny_base(tmp_path / "base")), device="cpu", max_new_tokens=4)
@@ -100,7 +128,20 @@ def test_the_engine_uses_span_copy_only_for_prompts_with_numbered_sentences(tmp_
 
         engine._model.generate = spy
         engine.generate_sync("__base__", [{"role": "user", "content": PROMPT}])
+        engine.generate_sync("__base__", [{"role": "user", "content": WRITER_PROMPT}])
         engine.generate_sync("__base__", [{"role": "user", "content": "Write to the company."}])
-        assert seen[0] is not None and seen[1] is None
+        assert seen[0] is not None and seen[1] is not None and seen[2] is None
     finally:
         engine.close()
+
+
+def test_generated_emails_stay_inside_the_email_grammar(tiny: tuple[object, object]) -> None:
+    import re
+
+    grammar = grammar_for(WRITER_PROMPT)
+    assert grammar is not None
+    assert grammar.run(_generate(tiny, False, 0, WRITER_PROMPT, max_new_tokens=40)) is None
+    for seed in range(2):
+        text = _generate(tiny, True, seed, WRITER_PROMPT, max_new_tokens=60)
+        assert text.startswith('{"subject": "') and grammar.run(text) is not None, text
+        assert set(re.findall(r"\{\{([^{}]*)\}\}", text)) <= {"first_name", "fact.location"}
