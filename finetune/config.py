@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from miniatures.formats import ANSWER_FORMATS
+
 __all__ = ["DEFAULT_LEARNING_RATES", "DEFAULT_TARGET_MODULES", "TrainConfig"]
 
 #: The projection layers of Llama/Qwen2/Mistral/Gemma-style decoders: LoRA on all linear layers, as in
@@ -86,6 +88,13 @@ class TrainConfig:
     warmup_ratio: float = field(
         default=0.03, metadata={"help": "Share of the steps with a linear learning-rate warmup, in [0, 1)."}
     )
+    answer_format: str = field(
+        default="json", metadata={"help": "How the miniature is asked (miniatures.formats): 'json' (the agent's "
+                                  "own prompt and answer) or 'sentence-tags' (researcher: one short prompt "
+                                  "per numbered sentence, answered '<field> | <value>' or '-')."})
+    negative_fraction: float = field(
+        default=0.3, metadata={"help": "sentence-tags: share of sentences that state no fact kept as '-' "
+                               "examples, in (0, 1]."})
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -98,6 +107,10 @@ class TrainConfig:
                 setattr(self, name, str(value))
             elif not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{name} must be a non-empty path or model id, got {value!r}")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
+        if not 0.0 < self.negative_fraction <= 1.0:
+            raise ValueError(f"negative_fraction must be in (0, 1], got {self.negative_fraction!r}")
         if self.method not in _METHODS:
             raise ValueError(f"method must be one of {', '.join(_METHODS)}, got {self.method!r}")
         positive = ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",

@@ -157,15 +157,27 @@ def _checked_max_length(tokenizer: Any, rows: list[dict[str, Any]], max_length: 
     return max_length
 
 
+def _sentence_rows(rows: list[dict[str, Any]], config: TrainConfig) -> list[dict[str, Any]]:
+    """The ``sentence-tags`` rows of extraction ``rows`` (``miniatures.formats.sentence_rows``), seeded."""
+    import random
+
+    from miniatures.formats import sentence_rows
+
+    rng = random.Random(config.seed)
+    return [r for row in rows for r in sentence_rows(row, negative_fraction=config.negative_fraction, rng=rng)]
+
+
 def main(config: TrainConfig) -> TrainResult:
     """Fine-tune ``config.base_model`` on the chat dataset in ``config.dataset_dir``.
 
     Loads the base with ``finetune.base.load_base`` (CUDA when available: bf16 weights for LoRA, float32
     master weights with bf16 autocast for full fine-tuning; CPU: float32), the JSONL splits with
-    ``datasets``, and trains with TRL ``SFTTrainer`` (assistant-only loss, sequences up to ``max_length``, the
-    Trainer's tqdm progress bar, checkpoints every ``save_steps``, eval loss every ``eval_steps`` when
-    ``eval.jsonl`` has rows). LoRA (Hu et al. 2021, arXiv 2106.09685) via ``peft.LoraConfig(task_type=
-    "CAUSAL_LM")`` on the configured modules that exist in the model; or every weight for ``method="full"``.
+    ``datasets`` (turned into one row per sentence for ``answer_format="sentence-tags"``, see
+    ``miniatures.formats``), and trains with TRL ``SFTTrainer`` (assistant-only loss, sequences up to
+    ``max_length``, the Trainer's tqdm progress bar, checkpoints every ``save_steps``, eval loss every
+    ``eval_steps`` when ``eval.jsonl`` has rows). LoRA (Hu et al. 2021, arXiv 2106.09685) via
+    ``peft.LoraConfig(task_type="CAUSAL_LM")`` on the configured modules that exist in the model; or every
+    weight for ``method="full"``.
 
     Args:
         config: the run's settings.
@@ -193,6 +205,11 @@ def main(config: TrainConfig) -> TrainResult:
         raise ValueError(f"{train_file} has no rows; nothing to train on")
     eval_file = dataset_dir / "eval.jsonl"
     eval_rows = load_chat_jsonl(eval_file) if eval_file.is_file() else []
+    if config.answer_format == "sentence-tags":
+        train_rows, eval_rows = (_sentence_rows(rows, config) for rows in (train_rows, eval_rows))
+        if not train_rows:
+            raise ValueError(f"{train_file}: no extraction rows with numbered sentences for answer_format "
+                             "'sentence-tags'; it is meant for researcher datasets")
     manifest_file = dataset_dir / "manifest.json"
     manifest: dict[str, Any] = {}
     if manifest_file.is_file():

@@ -7,7 +7,7 @@ layout is fixed, so a grammar can be made per prompt and every token that would 
 * ``ExtractionGrammar`` (researcher; the prompt numbers page sentences as ``S<i>: <text>`` and lists
   fields as ``- <name>: <description>``): ``{"facts": [{"field": ..., "evidence": "S12", "value": ...},
   ...]}`` where ``field`` is a listed field not used before, ``evidence`` a sentence id the prompt has, and
-  ``value`` a non-blank verbatim span of that sentence (evidence comes first so that the span can be held
+  ``value`` a non-blank verbatim span of whole words of that sentence (evidence comes first so that the span can be held
   to it).
 * ``EmailGrammar`` (writer; the prompt lists merge tags as ``{{tag}}: ...`` lines): ``{"subject": ...,
   "body": ...}`` with non-blank JSON strings in which braces only occur in listed merge tags.
@@ -42,6 +42,8 @@ __all__ = [
     "grammar_for",
     "listed_fields",
     "listed_merge_tags",
+    "run_grammar",
+    "word_span",
 ]
 
 _SENTENCE_LINE = re.compile(r"^(S\d+): ?(.*)$", re.MULTILINE)
@@ -96,8 +98,27 @@ class Grammar(Protocol):
         """Whether a token ending in a partial UTF-8 character may follow ``state``."""
         ...
 
+    def can_stop(self, state: State) -> bool:
+        """Whether the answer may end in ``state``."""
+        ...
 
-def _run(grammar: Grammar, text: str) -> State | None:
+
+def word_span(sentence: str, span: str, *, complete: bool) -> bool:
+    """Whether ``span`` occurs in ``sentence`` starting at a word start (and, when ``complete``, ending at a
+    word end): values are whole words, never ``"27"`` cut from ``"2713"``."""
+    at = sentence.find(span)
+    while at >= 0:
+        starts = at == 0 or not (span[:1].isalnum() and sentence[at - 1].isalnum())
+        end = at + len(span)
+        ends = end == len(sentence) or not (span[-1:].isalnum() and sentence[end].isalnum())
+        if starts and (ends or not complete):
+            return True
+        at = sentence.find(span, at + 1)
+    return False
+
+
+def run_grammar(grammar: Grammar, text: str) -> State | None:
+    """The state of ``grammar`` after ``text`` from its start, or None when ``text`` leaves it."""
     state: State | None = grammar.start()
     for ch in text:
         if state is None:
@@ -133,11 +154,15 @@ class ExtractionGrammar:
 
     def run(self, text: str) -> State | None:
         """The state after ``text``, or None when ``text`` is not the beginning of an answer."""
-        return _run(self, text)
+        return run_grammar(self, text)
 
     def partial_ok(self, state: State) -> bool:
         """True inside a value whose sentence has non-ASCII text."""
         return state[0] == "span" and any(ord(c) > 127 for c in self.sentences[state[3]])
+
+    def can_stop(self, state: State) -> bool:
+        """True once the answer is complete."""
+        return state[0] == "done"
 
     @staticmethod
     def _enter(kind: str, sid: str, used: frozenset[str]) -> State:
@@ -174,10 +199,12 @@ class ExtractionGrammar:
             grown = buf + ch
             return ("id", grown, "", "", used) if grown in self._id_prefixes else None
         if kind == "span":
+            sentence = self.sentences[sid]
             if ch == '"':
-                return ("lit", "}", "after", "", used) if buf.strip() else None
+                closes = bool(buf.strip()) and word_span(sentence, buf, complete=True)
+                return ("lit", "}", "after", "", used) if closes else None
             grown = buf + ch
-            return ("span", grown, "", sid, used) if ch != "\\" and grown in self.sentences[sid] else None
+            return ("span", grown, "", sid, used) if ch != "\\" and word_span(sentence, grown, complete=False) else None
         return None  # done: only a stop token may follow
 
 
@@ -199,11 +226,15 @@ class EmailGrammar:
 
     def run(self, text: str) -> State | None:
         """The state after ``text``, or None when ``text`` is not the beginning of an answer."""
-        return _run(self, text)
+        return run_grammar(self, text)
 
     def partial_ok(self, state: State) -> bool:
         """True inside the subject or body text."""
         return state[0] == "text"
+
+    def can_stop(self, state: State) -> bool:
+        """True once the answer is complete."""
+        return state[0] == "done"
 
     @staticmethod
     def _enter(kind: str, which: str, used: frozenset[str]) -> State:
@@ -254,14 +285,13 @@ def grammar_for(prompt: str) -> ExtractionGrammar | EmailGrammar | None:
 
 
 class GrammarProcessor:
-    """A ``transformers`` logits processor holding each batch row's answer to its prompt's grammar.
+    """A ``transformers`` logits processor holding each batch row's answer to its grammar.
 
-    Made for one batched ``generate`` call. Rows whose prompt has no grammar (``grammar_for`` is None)
-    pass through unchanged.
+    Made for one batched ``generate`` call. Rows without a grammar pass through unchanged.
 
     Args:
         tokenizer: the model's tokenizer (``decode`` is used).
-        prompts: the rendered prompt text of each batch row, in batch order.
+        grammars: each batch row's grammar (e.g. ``grammar_for(prompt)``) or None, in batch order.
         prompt_width: the padded prompt length in tokens (generated tokens start there).
         vocabulary: ``decode_vocabulary(tokenizer)``, computed once per tokenizer and shared by batches.
         stop_token_ids: ids that end an answer (allowed only once the answer is complete).
@@ -270,12 +300,12 @@ class GrammarProcessor:
     (batch, vocab) and returns ``scores`` with the refused tokens of constrained rows set to -inf.
     """
 
-    def __init__(self, tokenizer: Any, prompts: Sequence[str], prompt_width: int, vocabulary: Sequence[str],
-                 stop_token_ids: Collection[int]) -> None:
+    def __init__(self, tokenizer: Any, grammars: Sequence[Grammar | None], prompt_width: int,
+                 vocabulary: Sequence[str], stop_token_ids: Collection[int]) -> None:
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
         self.stop_token_ids = sorted(set(stop_token_ids))
-        self.grammars: list[ExtractionGrammar | EmailGrammar | None] = [grammar_for(p) for p in prompts]
+        self.grammars = list(grammars)
         stops = set(self.stop_token_ids)
         self._by_first: dict[str, list[tuple[int, str]]] = {}
         for i, text in enumerate(vocabulary):
@@ -294,7 +324,7 @@ class GrammarProcessor:
             return cached
         grammar = self.grammars[row]
         assert grammar is not None
-        ok: list[int] = list(self.stop_token_ids) if state[0] == "done" else []
+        ok: list[int] = list(self.stop_token_ids) if grammar.can_stop(state) else []
         for first, tokens in self._by_first.items():
             if first == _REPLACEMENT:
                 if grammar.partial_ok(state):
@@ -329,7 +359,7 @@ class GrammarProcessor:
                 for ch in text[len(seen):]:
                     state = grammar.advance(state, ch) if state is not None else None
             else:
-                state = _run(grammar, text)
+                state = run_grammar(grammar, text)
             self._last[row] = (text, state)
             if state is None:
                 continue  # already off the grammar (cannot happen from the first token on): leave it be

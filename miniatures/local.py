@@ -38,8 +38,15 @@ from langchain_core.messages import AIMessage, BaseMessage, convert_to_openai_me
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict, Field
 
-from miniatures.constrained import GrammarProcessor, decode_vocabulary, grammar_for
+from miniatures.constrained import Grammar, GrammarProcessor, decode_vocabulary, grammar_for
 from miniatures.device import pick_device, torch_dtype
+from miniatures.formats import (
+    ExtractionPrompt,
+    TagGrammar,
+    assemble_extraction,
+    parse_extraction_prompt,
+    sentence_messages,
+)
 from miniatures.registry import get_miniature
 from miniatures.specs import BackendSpec, BackendSpecError
 
@@ -63,6 +70,9 @@ BASE_ADAPTER = "__base__"
 
 #: End-of-turn token of the ChatML template the miniatures are trained with.
 IM_END = "<|im_end|>"
+
+#: Most new tokens of one sentence's answer in the ``sentence-tags`` format (a field name and a span).
+_TAG_TOKENS = 64
 
 
 class AdapterPathError(FileNotFoundError):
@@ -92,6 +102,7 @@ class Generation:
 class _Request:
     adapter: str
     prompt: str
+    grammar: Grammar | None
     input_ids: list[int]
     max_new_tokens: int
     started: float
@@ -272,7 +283,8 @@ class LocalEngine:
     def _encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    def _prepare(self, adapter: str, messages: Sequence[Mapping[str, Any]], max_new_tokens: int | None) -> _Request:
+    def _prepare(self, adapter: str, messages: Sequence[Mapping[str, Any]], max_new_tokens: int | None,
+                 grammar: Grammar | None) -> _Request:
         if adapter != BASE_ADAPTER and adapter not in self._adapters:
             loaded = ", ".join(self._adapters) or "none"
             raise ValueError(f"adapter {adapter!r} is not loaded on {self.base_model!r} (loaded: {loaded}); "
@@ -290,7 +302,9 @@ class LocalEngine:
                     f"({self.context_length} tokens); shorten the prompt (fewer or shorter pages)"
                 )
             limit = min(limit, room)
-        return _Request(adapter=adapter, prompt=prompt, input_ids=ids, max_new_tokens=limit,
+        if grammar is None and self.constrained:
+            grammar = grammar_for(prompt)
+        return _Request(adapter=adapter, prompt=prompt, grammar=grammar, input_ids=ids, max_new_tokens=limit,
                         started=time.perf_counter())
 
     # ------------------------------------------------------------------ generation
@@ -312,14 +326,14 @@ class LocalEngine:
             pad_token_id=pad,
         )
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "generation_config": config}
-        prompts = [r.prompt for r in batch]
-        if self.constrained and any(grammar_for(p) is not None for p in prompts):
+        grammars = [r.grammar for r in batch]
+        if any(g is not None for g in grammars):
             from transformers import LogitsProcessorList
 
             if self._vocabulary is None:
                 self._vocabulary = decode_vocabulary(self.tokenizer)
             kwargs["logits_processor"] = LogitsProcessorList(
-                [GrammarProcessor(self.tokenizer, prompts, width, self._vocabulary, self.stop_token_ids)])
+                [GrammarProcessor(self.tokenizer, grammars, width, self._vocabulary, self.stop_token_ids)])
         if adapter_names is not None:
             kwargs["adapter_names"] = adapter_names
         with torch.inference_mode():
@@ -377,7 +391,8 @@ class LocalEngine:
         )
 
     def generate_sync(
-        self, adapter: str, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None
+        self, adapter: str, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None,
+        grammar: Grammar | None = None,
     ) -> Generation:
         """Answer one request now, blocking (no batching with other requests).
 
@@ -385,24 +400,27 @@ class LocalEngine:
             adapter: a loaded adapter's name, or ``BASE_ADAPTER`` for the bare base model.
             messages: the chat in OpenAI format, ``[{"role": ..., "content": ...}, ...]``.
             max_new_tokens: cap on generated tokens (default: the engine's).
+            grammar: the grammar the answer must follow (``miniatures.constrained``); default: the
+                prompt's own (``grammar_for``) when the engine is ``constrained``, else none.
 
         Raises:
             ValueError: unknown adapter, empty messages, or a prompt longer than the model's context.
         """
-        request = self._prepare(adapter, messages, max_new_tokens)
+        request = self._prepare(adapter, messages, max_new_tokens, grammar)
         if threading.current_thread().name.startswith("miniature-engine"):
             return self._run_batch([request])[0]
         return self._executor.submit(self._run_batch, [request]).result()[0]
 
     async def generate(
-        self, adapter: str, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None
+        self, adapter: str, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None,
+        grammar: Grammar | None = None,
     ) -> Generation:
         """Queue one request and await its answer; concurrent requests are batched.
 
         Same arguments and errors as ``generate_sync``. Greedy decoding makes the answer the same as
         ``generate_sync`` would give (up to floating-point ties), whatever it was batched with.
         """
-        request = self._prepare(adapter, messages, max_new_tokens)
+        request = self._prepare(adapter, messages, max_new_tokens, grammar)
         loop = asyncio.get_running_loop()
         request.future = loop.create_future()
         state = self._loops.get(loop)
@@ -616,6 +634,9 @@ class LocalMiniatureChatModel(BaseChatModel):
     ``response_metadata`` ``{"model_name": "miniature:<name>@<version>", "finish_reason": ...,
     "json_repaired": bool}``. With ``repair_json`` on, an answer that is not valid JSON goes through
     ``repair_json`` (cut to the object, close what truncation left open) before it is returned.
+    With ``answer_format="sentence-tags"`` (``miniatures.formats``) an extraction prompt is split into one
+    prompt per numbered sentence, the sentences are tagged in one batch and the answer is the assembled
+    extraction JSON (usage summed over the sentence prompts); other prompts are answered as they are.
 
     Raises (from ``invoke``/``ainvoke``):
         ValueError: the adapter is not loaded, or the prompt does not fit the model's context.
@@ -628,6 +649,7 @@ class LocalMiniatureChatModel(BaseChatModel):
     model_name: str = ""
     max_new_tokens: int | None = None
     repair_json: bool = True
+    answer_format: str = "json"
 
     @property
     def _llm_type(self) -> str:
@@ -668,7 +690,14 @@ class LocalMiniatureChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         max_new = kwargs.get("max_new_tokens", self.max_new_tokens)
-        return self._result(self.engine.generate_sync(self.adapter, _to_chat(messages), max_new_tokens=max_new), stop)
+        chat = _to_chat(messages)
+        prompt = self._sentence_tasks(chat)
+        if prompt is None:
+            return self._result(self.engine.generate_sync(self.adapter, chat, max_new_tokens=max_new), stop)
+        tagged = [self.engine.generate_sync(self.adapter, sentence_messages(prompt.company, url, text),
+                                            max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(text, prompt))
+                  for _sid, url, text in prompt.sentences]
+        return self._result(_assembled(prompt, tagged), stop)
 
     async def _agenerate(
         self,
@@ -678,8 +707,37 @@ class LocalMiniatureChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         max_new = kwargs.get("max_new_tokens", self.max_new_tokens)
-        generation = await self.engine.generate(self.adapter, _to_chat(messages), max_new_tokens=max_new)
-        return self._result(generation, stop)
+        chat = _to_chat(messages)
+        prompt = self._sentence_tasks(chat)
+        if prompt is None:
+            return self._result(await self.engine.generate(self.adapter, chat, max_new_tokens=max_new), stop)
+        tagged = await asyncio.gather(*(
+            self.engine.generate(self.adapter, sentence_messages(prompt.company, url, text),
+                                 max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(text, prompt))
+            for _sid, url, text in prompt.sentences))
+        return self._result(_assembled(prompt, tagged), stop)
+
+    def _sentence_tasks(self, chat: Sequence[Mapping[str, Any]]) -> ExtractionPrompt | None:
+        """The extraction prompt to split into sentence prompts, or None to answer the chat as it is."""
+        if self.answer_format != "sentence-tags":
+            return None
+        prompt = parse_extraction_prompt(chat)
+        return prompt if prompt is not None and prompt.sentences else None
+
+    def _tag_grammar(self, sentence: str, prompt: ExtractionPrompt) -> TagGrammar | None:
+        return TagGrammar(sentence, prompt.fields) if self.engine.constrained else None
+
+
+def _assembled(prompt: ExtractionPrompt, tagged: Sequence[Generation]) -> Generation:
+    """One ``Generation`` for a split extraction: the assembled JSON, tokens summed, the slowest latency."""
+    return Generation(
+        text=assemble_extraction([sid for sid, _url, _text in prompt.sentences], [g.text for g in tagged],
+                                 prompt.fields),
+        input_tokens=sum(g.input_tokens for g in tagged),
+        output_tokens=sum(g.output_tokens for g in tagged),
+        latency_ms=max(g.latency_ms for g in tagged),
+        finish_reason="length" if any(g.finish_reason == "length" for g in tagged) else "stop",
+    )
 
 
 def build_miniature_chat_model(
@@ -691,6 +749,7 @@ def build_miniature_chat_model(
     dtype: Any = None,
     max_new_tokens: int = 512,
     num_threads: int | None = None,
+    max_batch_size: int = 32,
 ) -> LocalMiniatureChatModel:
     """Build the chat model of a ``miniature:<name>[@<version>]`` spec from the registry.
 
@@ -707,6 +766,8 @@ def build_miniature_chat_model(
         dtype: dtype of new engines (``None``: bfloat16 on CUDA, float32 on CPU).
         max_new_tokens: default cap on generated tokens of new engines.
         num_threads: torch CPU threads of new engines (see ``LocalEngine``).
+        max_batch_size: most requests per ``generate`` call of new engines (a ``sentence-tags``
+            researcher sends one short request per sentence, dozens per prospect).
 
     Raises:
         BackendSpecError: the spec is not of kind ``miniature``.
@@ -729,11 +790,14 @@ def build_miniature_chat_model(
     key = record.base_model if record.method == "lora" else str(folder)
     engine = pool.get(key)
     if engine is None:
-        engine = LocalEngine(key, device=device, dtype=dtype, max_new_tokens=max_new_tokens, num_threads=num_threads)
+        engine = LocalEngine(key, device=device, dtype=dtype, max_new_tokens=max_new_tokens, num_threads=num_threads,
+                             max_batch_size=max_batch_size)
         pool[key] = engine
     if record.method == "lora":
         engine.add_adapter(label, folder)
         adapter = label
     else:
         adapter = BASE_ADAPTER
-    return LocalMiniatureChatModel(engine=engine, adapter=adapter, model_name=f"miniature:{label}")
+    answer_format = str((record.training_config or {}).get("answer_format", "json"))
+    return LocalMiniatureChatModel(engine=engine, adapter=adapter, model_name=f"miniature:{label}",
+                                   answer_format=answer_format)

@@ -91,7 +91,7 @@ def _generate(tiny: tuple[object, object], constrained: bool, seed: int, prompt:
     kwargs = {}
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if constrained:
-        proc = GrammarProcessor(tokenizer, [prompt], len(prompt_ids), decode_vocabulary(tokenizer), [stop])
+        proc = GrammarProcessor(tokenizer, [grammar_for(prompt)], len(prompt_ids), decode_vocabulary(tokenizer), [stop])
         kwargs["logits_processor"] = LogitsProcessorList([proc])
     torch.manual_seed(seed)
     with torch.no_grad():
