@@ -690,14 +690,7 @@ class LocalMiniatureChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         max_new = kwargs.get("max_new_tokens", self.max_new_tokens)
-        chat = _to_chat(messages)
-        prompt = self._sentence_tasks(chat)
-        if prompt is None:
-            return self._result(self.engine.generate_sync(self.adapter, chat, max_new_tokens=max_new), stop)
-        tagged = [self.engine.generate_sync(self.adapter, sentence_messages(prompt.company, url, text),
-                                            max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(text, prompt))
-                  for _sid, url, text in prompt.sentences]
-        return self._result(_assembled(prompt, tagged), stop)
+        return self._result(self.answer_sync(_to_chat(messages), max_new_tokens=max_new), stop)
 
     async def _agenerate(
         self,
@@ -707,15 +700,35 @@ class LocalMiniatureChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         max_new = kwargs.get("max_new_tokens", self.max_new_tokens)
-        chat = _to_chat(messages)
+        return self._result(await self.answer(_to_chat(messages), max_new_tokens=max_new), stop)
+
+    def answer_sync(self, chat: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None) -> Generation:
+        """The miniature's answer to ``chat`` (OpenAI-format messages) in its answer format, blocking.
+
+        Raises:
+            ValueError: see ``LocalEngine.generate_sync``.
+        """
         prompt = self._sentence_tasks(chat)
         if prompt is None:
-            return self._result(await self.engine.generate(self.adapter, chat, max_new_tokens=max_new), stop)
-        tagged = await asyncio.gather(*(
+            return self.engine.generate_sync(self.adapter, chat, max_new_tokens=max_new_tokens)
+        return _assembled(prompt, [
+            self.engine.generate_sync(self.adapter, sentence_messages(prompt.company, url, text),
+                                      max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(text, prompt))
+            for _sid, url, text in prompt.sentences])
+
+    async def answer(self, chat: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None) -> Generation:
+        """The miniature's answer to ``chat`` in its answer format; the requests are batched by the engine.
+
+        Raises:
+            ValueError: see ``LocalEngine.generate``.
+        """
+        prompt = self._sentence_tasks(chat)
+        if prompt is None:
+            return await self.engine.generate(self.adapter, chat, max_new_tokens=max_new_tokens)
+        return _assembled(prompt, await asyncio.gather(*(
             self.engine.generate(self.adapter, sentence_messages(prompt.company, url, text),
                                  max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(text, prompt))
-            for _sid, url, text in prompt.sentences))
-        return self._result(_assembled(prompt, tagged), stop)
+            for _sid, url, text in prompt.sentences)))
 
     def _sentence_tasks(self, chat: Sequence[Mapping[str, Any]]) -> ExtractionPrompt | None:
         """The extraction prompt to split into sentence prompts, or None to answer the chat as it is."""

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from miniatures.local import BASE_ADAPTER, Generation, LocalEngine, repair_json
+from miniatures.local import BASE_ADAPTER, Generation, LocalEngine, LocalMiniatureChatModel, repair_json
 from miniatures.registry import get_miniature, list_miniatures
 from miniatures.specs import parse_backend_spec
 
@@ -122,6 +122,8 @@ class ServedModel:
         parent: the base model it was trained from (``"parent"`` in ``/v1/models``).
         root: its adapter (or fine-tuned model) folder (``"root"`` in ``/v1/models``).
         created: registration time, Unix seconds.
+        chat: its chat model, which answers in the miniature's answer format (``miniatures.formats``);
+            None: the engine answers the messages as they are.
     """
 
     name: str
@@ -131,6 +133,7 @@ class ServedModel:
     parent: str
     root: str
     created: int = 0
+    chat: LocalMiniatureChatModel | None = None
 
     @property
     def id(self) -> str:
@@ -227,7 +230,7 @@ def load_served_models(
         created = int(record.created_at.timestamp()) if getattr(record, "created_at", None) else 0
         served.append(ServedModel(
             name=record.name, version=record.version, engine=chat.engine, adapter=chat.adapter,
-            parent=record.base_model, root=record.adapter_path, created=created,
+            parent=record.base_model, root=record.adapter_path, created=created, chat=chat,
         ))
     logger.info("loaded %d miniature(s) on %d engine(s)", len(served), len({id(m.engine) for m in served}))
     return served
@@ -504,6 +507,8 @@ def create_app(
 
     async def generate(model: ServedModel, chat: list[dict[str, str]], max_new: int | None) -> Generation:
         try:
+            if model.chat is not None:
+                return await model.chat.answer(chat, max_new_tokens=max_new)
             return await model.engine.generate(model.adapter, chat, max_new_tokens=max_new)
         except ValueError as exc:
             raise _APIError(400, str(exc), param="messages") from exc
