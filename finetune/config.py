@@ -92,6 +92,10 @@ class TrainConfig:
         default="json", metadata={"help": "How the miniature is asked (miniatures.formats): 'json' (the agent's "
                                   "own prompt and answer) or 'sentence-tags' (researcher: one short prompt "
                                   "per numbered sentence, answered '<field> | <value>' or '-')."})
+    system_prompt: bool = field(
+        default=True, metadata={"help": "Keep the system message in training rows. False trains without it and "
+                                "the miniature is then asked without it (its rules are learned from the "
+                                "examples): fewer tokens per step and per call."})
     negative_fraction: float = field(
         default=0.3, metadata={"help": "sentence-tags: share of sentences that state no fact kept as '-' "
                                "examples, in (0, 1]."})

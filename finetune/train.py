@@ -205,6 +205,9 @@ def main(config: TrainConfig) -> TrainResult:
         raise ValueError(f"{train_file} has no rows; nothing to train on")
     eval_file = dataset_dir / "eval.jsonl"
     eval_rows = load_chat_jsonl(eval_file) if eval_file.is_file() else []
+    if not config.system_prompt:
+        train_rows, eval_rows = ([{**r, "messages": [m for m in r["messages"] if m.get("role") != "system"]}
+                                  for r in rows] for rows in (train_rows, eval_rows))
     if config.answer_format == "sentence-tags":
         train_rows, eval_rows = (_sentence_rows(rows, config) for rows in (train_rows, eval_rows))
         if not train_rows:

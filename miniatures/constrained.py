@@ -10,7 +10,8 @@ layout is fixed, so a grammar can be made per prompt and every token that would 
   ``value`` a non-blank verbatim span of whole words of that sentence (evidence comes first so that the span can be held
   to it).
 * ``EmailGrammar`` (writer; the prompt lists merge tags as ``{{tag}}: ...`` lines): ``{"subject": ...,
-  "body": ...}`` with non-blank JSON strings in which braces only occur in listed merge tags.
+  "body": ...}`` with non-blank JSON strings in which braces only occur in listed merge tags, and a
+  one-line subject of at most 60 characters as written.
 
 The model still makes every choice of content: which fields to fill, which sentence to cite, where a
 span starts and ends, what the email says. It no longer has to spell a name or number it has never seen,
@@ -214,10 +215,13 @@ class EmailGrammar:
     Args:
         tags: the merge tags listed in the prompt (``listed_merge_tags``), e.g. ``"first_name"``,
             ``"fact.location"``.
+        max_subject_chars: most characters of the subject as written (tags unexpanded); the writer's
+            rules ask for at most 60 (``agents.prompts.WRITER_SYSTEM_PROMPT``).
     """
 
-    def __init__(self, tags: Collection[str]) -> None:
+    def __init__(self, tags: Collection[str], max_subject_chars: int = 60) -> None:
         self.tags = frozenset(tags)
+        self.max_subject_chars = max_subject_chars
         self._prefixes = {t[:k] for t in self.tags for k in range(len(t) + 1)}
 
     def start(self) -> State:
@@ -242,6 +246,18 @@ class EmailGrammar:
 
     def advance(self, state: State, ch: str) -> State | None:
         """The state after ``ch``, or None when ``ch`` leaves the grammar."""
+        after = self._advance(state, ch)
+        if after is None or state[3] != "subject" or state[0] == "lit":
+            return after
+        # Inside the subject: count its characters (kept in the state's third slot) up to the limit.
+        count = int(state[2] or 0) + 1
+        if after[3] != "subject":
+            return after  # the subject just closed
+        if count > self.max_subject_chars:
+            return None
+        return (after[0], after[1], str(count), after[3], after[4])
+
+    def _advance(self, state: State, ch: str) -> State | None:
         kind, buf, _nxt, which, used = state
         if kind == "lit":
             return _literal(state, ch, self._enter)

@@ -636,7 +636,8 @@ class LocalMiniatureChatModel(BaseChatModel):
     ``repair_json`` (cut to the object, close what truncation left open) before it is returned.
     With ``answer_format="sentence-tags"`` (``miniatures.formats``) an extraction prompt is split into one
     prompt per numbered sentence, the sentences are tagged in one batch and the answer is the assembled
-    extraction JSON (usage summed over the sentence prompts); other prompts are answered as they are.
+    extraction JSON (usage summed over the sentence prompts); other prompts are answered as they are. A
+    miniature trained with ``system_prompt=False`` is asked without the system messages.
 
     Raises (from ``invoke``/``ainvoke``):
         ValueError: the adapter is not loaded, or the prompt does not fit the model's context.
@@ -650,6 +651,7 @@ class LocalMiniatureChatModel(BaseChatModel):
     max_new_tokens: int | None = None
     repair_json: bool = True
     answer_format: str = "json"
+    system_prompt: bool = True
 
     @property
     def _llm_type(self) -> str:
@@ -710,7 +712,7 @@ class LocalMiniatureChatModel(BaseChatModel):
         """
         prompt = self._sentence_tasks(chat)
         if prompt is None:
-            return self.engine.generate_sync(self.adapter, chat, max_new_tokens=max_new_tokens)
+            return self.engine.generate_sync(self.adapter, self._asked(chat), max_new_tokens=max_new_tokens)
         return _assembled(prompt, [
             self.engine.generate_sync(self.adapter, sentence_messages(prompt.company, url, text),
                                       max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(text, prompt))
@@ -724,11 +726,15 @@ class LocalMiniatureChatModel(BaseChatModel):
         """
         prompt = self._sentence_tasks(chat)
         if prompt is None:
-            return await self.engine.generate(self.adapter, chat, max_new_tokens=max_new_tokens)
+            return await self.engine.generate(self.adapter, self._asked(chat), max_new_tokens=max_new_tokens)
         return _assembled(prompt, await asyncio.gather(*(
             self.engine.generate(self.adapter, sentence_messages(prompt.company, url, text),
                                  max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(text, prompt))
             for _sid, url, text in prompt.sentences)))
+
+    def _asked(self, chat: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+        """``chat`` as the miniature was trained to see it (without system messages when trained so)."""
+        return chat if self.system_prompt else [m for m in chat if m.get("role") != "system"]
 
     def _sentence_tasks(self, chat: Sequence[Mapping[str, Any]]) -> ExtractionPrompt | None:
         """The extraction prompt to split into sentence prompts, or None to answer the chat as it is."""
@@ -811,6 +817,7 @@ def build_miniature_chat_model(
         adapter = label
     else:
         adapter = BASE_ADAPTER
-    answer_format = str((record.training_config or {}).get("answer_format", "json"))
+    trained = record.training_config or {}
     return LocalMiniatureChatModel(engine=engine, adapter=adapter, model_name=f"miniature:{label}",
-                                   answer_format=answer_format)
+                                   answer_format=str(trained.get("answer_format", "json")),
+                                   system_prompt=bool(trained.get("system_prompt", True)))
