@@ -113,6 +113,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-empty path or model id, got {value!r}")
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
+        if not isinstance(self.system_prompt, bool):
+            raise ValueError(f"system_prompt must be true or false, got {self.system_prompt!r}")
         if not 0.0 < self.negative_fraction <= 1.0:
             raise ValueError(f"negative_fraction must be in (0, 1], got {self.negative_fraction!r}")
         if self.method not in _METHODS:

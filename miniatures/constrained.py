@@ -300,6 +300,14 @@ def grammar_for(prompt: str) -> ExtractionGrammar | EmailGrammar | None:
     return EmailGrammar(tags) if tags else None
 
 
+def _feed(grammar: Grammar, state: State, ch: str) -> State | None:
+    """``grammar.advance``, except that a partial UTF-8 character (decoded as ``\ufffd``) where the grammar
+    allows one leaves the state as it is: the bytes that complete it are checked once decoded."""
+    if ch == _REPLACEMENT:
+        return state if grammar.partial_ok(state) else None
+    return grammar.advance(state, ch)
+
+
 class GrammarProcessor:
     """A ``transformers`` logits processor holding each batch row's answer to its grammar.
 
@@ -342,21 +350,15 @@ class GrammarProcessor:
         assert grammar is not None
         ok: list[int] = list(self.stop_token_ids) if grammar.can_stop(state) else []
         for first, tokens in self._by_first.items():
-            if first == _REPLACEMENT:
-                if grammar.partial_ok(state):
-                    ok.extend(i for i, _ in tokens)
-                continue
-            after_first = grammar.advance(state, first)
+            after_first = _feed(grammar, state, first)
             if after_first is None:
                 continue
             for i, text in tokens:
                 current: State | None = after_first
                 for ch in text[1:]:
-                    if ch == _REPLACEMENT and current is not None and grammar.partial_ok(current):
-                        break
-                    current = grammar.advance(current, ch) if current is not None else None
                     if current is None:
                         break
+                    current = _feed(grammar, current, ch)
                 if current is not None:
                     ok.append(i)
         self._allowed[key] = ok
@@ -371,11 +373,10 @@ class GrammarProcessor:
             text = self.tokenizer.decode(input_ids[row, self.prompt_width:].tolist(), skip_special_tokens=True)
             text = text.rstrip(_REPLACEMENT)
             seen, state = self._last[row]
-            if text.startswith(seen):  # the usual case: advance over the new characters only
-                for ch in text[len(seen):]:
-                    state = grammar.advance(state, ch) if state is not None else None
-            else:
-                state = run_grammar(grammar, text)
+            if not text.startswith(seen):
+                seen, state = "", grammar.start()
+            for ch in text[len(seen):]:  # usually only the new characters
+                state = _feed(grammar, state, ch) if state is not None else None
             self._last[row] = (text, state)
             if state is None:
                 continue  # already off the grammar (cannot happen from the first token on): leave it be

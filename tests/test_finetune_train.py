@@ -344,3 +344,40 @@ def test_trains_on_cuda_in_bf16(base: BaseModelInfo, dataset_dir: Path, tmp_path
     after = spy.trainer.model.state_dict()
     moved = [k for k in spy.before if "lora_B" in k and not torch.equal(spy.before[k], after[k])]
     assert moved
+
+
+def _extraction_row(rnd: random.Random) -> dict[str, Any]:
+    year, people = rnd.randint(1990, 2020), rnd.randint(5, 90)
+    user = ("Company: Acme\nWebsite: https://acme.example/\n\nFields:\n- founded_year: the year\n"
+            "- employee_count: how many people\n\nSentences:\nSource 1: https://acme.example/\n"
+            f"S1: Acme was founded in {year}.\nS2: We like tea.\nS3: The company employs {people} people.\n\n"
+            "Answer with the JSON object only.")
+    answer = {"facts": [{"field": "founded_year", "evidence": "S1", "value": str(year)},
+                        {"field": "employee_count", "evidence": "S3", "value": str(people)}]}
+    return {"messages": [{"role": "system", "content": "Extract the facts."}, {"role": "user", "content": user},
+                         {"role": "assistant", "content": json.dumps(answer)}]}
+
+
+def test_sentence_tags_train_on_one_row_per_sentence_without_system_prompt(tmp_path: Path,
+                                                                           base: BaseModelInfo) -> None:
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    rnd = random.Random(0)
+    (ds / "train.jsonl").write_text("".join(json.dumps(_extraction_row(rnd)) + "\n" for _ in range(8)))
+    cfg = TrainConfig(base_model=str(base.path), dataset_dir=str(ds), output_dir=str(tmp_path / "o"), method="full",
+                      answer_format="sentence-tags", negative_fraction=1.0, system_prompt=False, max_steps=2,
+                      per_device_train_batch_size=4, logging_steps=1, save_steps=10)
+    spy = _Spy()
+    with pytest.MonkeyPatch.context() as mp:
+        spy.install(mp)
+        result = main(cfg)
+    assert result.metrics["n_train"] == 24  # 8 conversations x 3 sentences, the "-" one kept (fraction 1.0)
+    tokenizer = spy.trainer.processing_class
+    first = tokenizer.decode(spy.trainer.train_dataset[0]["input_ids"])
+    assert "Sentence: Acme was founded in" in first and "founded_year | " in first
+    assert "Extract the facts" not in first and "S2:" not in first
+    json_ds = tmp_path / "json"
+    json_ds.mkdir()
+    (json_ds / "train.jsonl").write_text(json.dumps(_conversation(rnd)) + "\n")
+    with pytest.raises(ValueError, match="no extraction rows .*sentence-tags"):
+        main(cfg.with_overrides(dataset_dir=str(json_ds)))

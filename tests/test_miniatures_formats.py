@@ -113,3 +113,23 @@ def test_a_sentence_tags_miniature_answers_extraction_json(tmp_path: Path) -> No
         assert plain.usage_metadata is not None and plain.usage_metadata["input_tokens"] < usage["input_tokens"]
     finally:
         engine.close()
+
+
+def test_a_miniature_trained_without_system_prompt_is_asked_without_it(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from miniatures.local import BASE_ADAPTER, LocalEngine, LocalMiniatureChatModel
+    from tests.miniature_fixtures import build_tiny_base
+
+    engine = LocalEngine(str(build_tiny_base(tmp_path / "base")), device="cpu", max_new_tokens=3)
+    try:
+        user = [{"role": "user", "content": "Write to the company."}]
+        messages = [SystemMessage(content="You write one short email."), HumanMessage(content=user[0]["content"])]
+        lean = LocalMiniatureChatModel(engine=engine, adapter=BASE_ADAPTER, system_prompt=False).invoke(messages)
+        full = LocalMiniatureChatModel(engine=engine, adapter=BASE_ADAPTER).invoke(messages)
+        assert lean.usage_metadata is not None and full.usage_metadata is not None
+        assert lean.usage_metadata["input_tokens"] == len(engine.prompt_ids(user))
+        assert full.usage_metadata["input_tokens"] > lean.usage_metadata["input_tokens"]
+    finally:
+        engine.close()
