@@ -368,6 +368,7 @@ def demo(
     settings = settings_or_exit(None, store_url=f"sqlite:///{out / 'outreach.sqlite'}", corpus_path=out / "corpus.sqlite",
                          web="corpus", concurrency=concurrency)
     world_dir = out / "world"
+    _check_same_world(world_dir, companies, seed)
     manifest = generate_world(world_dir, n_companies=companies, seed=seed)
     pages = import_world_corpus(world_dir, settings.corpus_path)
     console.print(f"demo world: {json.dumps(manifest.counts)}; {pages} pages in the corpus")
@@ -388,6 +389,21 @@ def demo(
     if distill:
         _demo_distill(engine, settings, out, world_dir, base_model=base_model, method=method, epochs=epochs,
                       bootstrap_steps=bootstrap_steps, concurrency=concurrency)
+
+
+def _check_same_world(world_dir: Path, companies: int, seed: int) -> None:
+    """Exit with a clear message when ``world_dir`` holds a demo world of another size or seed: its train and
+    held-out splits differ, so a campaign already stored there would leak held-out companies into training."""
+    try:
+        old = json.loads((world_dir / "world.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if (old.get("n_companies"), old.get("seed")) != (companies, seed):
+        err.print(f"[red]{world_dir.parent} already holds a demo world of {old.get('n_companies')} companies "
+                  f"(seed {old.get('seed')}), not {companies} (seed {seed}); its campaigns would mix the two "
+                  "worlds' train and held-out companies. Use another --out folder (e.g. `--out demo-distill`), "
+                  "or the same --companies and --seed.[/red]")
+        raise typer.Exit(2)
 
 
 def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, base_model: str | None,  # type: ignore[no-untyped-def]

@@ -74,3 +74,14 @@ def test_run_errors_are_clear(cli_env):
     assert result.exit_code == 2 and "no corpus" in result.output
     result = runner.invoke(app, ["run", "p.csv", "--offer", "offer.toml", "--writer", "gpt-5"])
     assert result.exit_code == 2 and "unknown backend spec" in result.output
+
+
+def test_demo_refuses_a_folder_holding_another_demo_world(tmp_path):
+    world = tmp_path / "demo" / "world"
+    world.mkdir(parents=True)
+    (world / "world.json").write_text(json.dumps({"seed": 7, "n_companies": 200}))
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--distill"])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "already holds a demo world of 200 companies" in said and "Use another --out folder" in said
+    assert not (world / "prospects_train.csv").exists()  # nothing generated over it
