@@ -34,6 +34,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 __all__ = [
+    "AnswerGrammar",
     "EmailGrammar",
     "ExtractionGrammar",
     "Grammar",
@@ -135,7 +136,28 @@ def _literal(state: State, ch: str, enter: Any) -> State | None:
     return ("lit", buf[1:], nxt, detail, used) if len(buf) > 1 else enter(nxt, detail, used)
 
 
-class ExtractionGrammar:
+class AnswerGrammar:
+    """Shared parts of the grammars here: ``run`` over a text, and stopping only once the answer is done."""
+
+    def start(self) -> State:
+        raise NotImplementedError
+
+    def advance(self, state: State, ch: str) -> State | None:
+        raise NotImplementedError
+
+    def partial_ok(self, state: State) -> bool:
+        raise NotImplementedError
+
+    def run(self, text: str) -> State | None:
+        """The state after ``text``, or None when ``text`` is not the beginning of an answer."""
+        return run_grammar(self, text)
+
+    def can_stop(self, state: State) -> bool:
+        """True once the answer is complete."""
+        return state[0] == "done"
+
+
+class ExtractionGrammar(AnswerGrammar):
     """The researcher's answer for one prompt (see the module docstring).
 
     Args:
@@ -153,17 +175,9 @@ class ExtractionGrammar:
         """The state before the answer's first character."""
         return ("lit", '{"facts": [', "items", "", frozenset())
 
-    def run(self, text: str) -> State | None:
-        """The state after ``text``, or None when ``text`` is not the beginning of an answer."""
-        return run_grammar(self, text)
-
     def partial_ok(self, state: State) -> bool:
         """True inside a value whose sentence has non-ASCII text."""
         return state[0] == "span" and any(ord(c) > 127 for c in self.sentences[state[3]])
-
-    def can_stop(self, state: State) -> bool:
-        """True once the answer is complete."""
-        return state[0] == "done"
 
     @staticmethod
     def _enter(kind: str, sid: str, used: frozenset[str]) -> State:
@@ -209,7 +223,7 @@ class ExtractionGrammar:
         return None  # done: only a stop token may follow
 
 
-class EmailGrammar:
+class EmailGrammar(AnswerGrammar):
     """The writer's answer for one prompt (see the module docstring).
 
     Args:
@@ -228,17 +242,9 @@ class EmailGrammar:
         """The state before the answer's first character."""
         return ("lit", '{"subject": "', "text", "subject", frozenset())
 
-    def run(self, text: str) -> State | None:
-        """The state after ``text``, or None when ``text`` is not the beginning of an answer."""
-        return run_grammar(self, text)
-
     def partial_ok(self, state: State) -> bool:
         """True inside the subject or body text."""
         return state[0] == "text"
-
-    def can_stop(self, state: State) -> bool:
-        """True once the answer is complete."""
-        return state[0] == "done"
 
     @staticmethod
     def _enter(kind: str, which: str, used: frozenset[str]) -> State:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from miniatures.constrained import State, listed_fields, word_span
+from miniatures.constrained import AnswerGrammar, State, listed_fields, word_span
 
 __all__ = [
     "ANSWER_FORMATS",
@@ -179,7 +179,7 @@ def sentence_rows(row: Mapping[str, Any], *, negative_fraction: float, rng: rand
     return out
 
 
-class TagGrammar:
+class TagGrammar(AnswerGrammar):
     """One sentence's answer as a grammar: ``-``, or a listed field, `` | `` and a span of whole words of the sentence.
 
     Args:
