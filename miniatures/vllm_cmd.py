@@ -143,11 +143,19 @@ def build_vllm_commands(
         The commands, LoRA group first.
 
     Raises:
-        VllmCommandError: no records, LoRA miniatures on different bases, or an adapter whose rank
-            cannot be read or is above 512.
+        VllmCommandError: no records, LoRA miniatures on different bases, an adapter whose rank cannot
+            be read or is above 512, or a miniature whose answer format is not ``json`` (vLLM would get the
+            agent's whole prompt, not the prompts it was trained on).
     """
     if not records:
         raise VllmCommandError("no miniatures to serve; register one with `outreach finetune train`")
+    split = [f"{r.name}@{r.version}" for r in records
+             if str((r.training_config or {}).get("answer_format", "json")) != "json"]
+    if split:
+        raise VllmCommandError(
+            f"{', '.join(split)} answer(s) in the 'sentence-tags' format: the in-process backend splits each "
+            "extraction prompt into sentence prompts, vLLM would not; serve them with `outreach serve` or use "
+            "them as miniature:<name> backends")
     lora = [r for r in records if r.method == "lora"]
     full = [r for r in records if r.method != "lora"]
     latest: dict[str, MiniatureRecord] = {}  # the plain-name alias goes to the highest version of each name

@@ -81,6 +81,13 @@ def test_mixed_bases_are_refused_with_the_miniatures_named(tmp_path: Path) -> No
         build_vllm_commands([])
 
 
+
+def test_sentence_tags_miniatures_are_refused(tmp_path: Path) -> None:
+    record = _record("researcher", 2, _adapter(tmp_path / "a", 8))
+    record.training_config = {"answer_format": "sentence-tags"}
+    with pytest.raises(VllmCommandError, match=r"researcher@2 .*sentence-tags.*outreach serve"):
+        build_vllm_commands([record])
+
 def test_full_fine_tunes_get_their_own_process_on_the_next_port(tmp_path: Path) -> None:
     lora = _adapter(tmp_path / "lora", 8)
     records = [_record("researcher", 1, lora), _record("writer", 1, tmp_path / "full1", method="full"),
