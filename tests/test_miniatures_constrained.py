@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from miniatures.constrained import (
     EmailGrammar,
     ExtractionGrammar,
     GrammarProcessor,
+    State,
     cited_sentences,
     decode_vocabulary,
     grammar_for,
@@ -34,7 +36,7 @@ WRITER_PROMPT = ("Offer:\nProduct: Ledgerline\n\nMerge tags you may use:\n{{firs
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = build_tiny_base(tmp_path_factory.mktemp("span") / "base")
@@ -47,12 +49,16 @@ def test_cited_sentences_and_fields_are_read_from_the_prompt() -> None:
     assert cited_sentences("Merge tags you may use:\n{{first_name}}: the prospect's first name") == {}
 
 
+def _kind(state: State | None) -> str | None:
+    return state[0] if state is not None else None
+
+
 def test_grammar_accepts_answers_and_refuses_what_grounding_would_drop() -> None:
     grammar = ExtractionGrammar(cited_sentences(PROMPT), listed_fields(PROMPT))
     answer = json.dumps({"facts": [{"field": "product", "evidence": "S2", "value": "Sarnora Sync"},
                                    {"field": "founded_year", "evidence": "S1", "value": "2014"}]})
-    assert grammar.run(answer) is not None and grammar.run(answer)[0] == "done"
-    assert grammar.run('{"facts": []}')[0] == "done"
+    assert _kind(grammar.run(answer)) == "done"
+    assert _kind(grammar.run('{"facts": []}')) == "done"
     assert grammar.run(answer[:50]) is not None  # every prefix is on the way to an answer
     refused = [
         '{"facts": [{"field": "revenue"',  # a field the prompt does not list
@@ -69,7 +75,7 @@ def test_email_grammar_allows_only_listed_merge_tags_in_json_strings() -> None:
     grammar = grammar_for(WRITER_PROMPT)
     assert isinstance(grammar, EmailGrammar) and listed_merge_tags(WRITER_PROMPT) == ("first_name", "fact.location")
     email = json.dumps({"subject": "Hi {{first_name}}", "body": "Hello {{first_name}},\n\nIn {{fact.location}}?"})
-    assert grammar.run(email)[0] == "done"
+    assert _kind(grammar.run(email)) == "done"
     refused = [
         '{"subject": "Hi {{company}}',  # a tag the prompt does not list
         '{"subject": "Hi {first_name',  # a single brace
@@ -83,7 +89,7 @@ def test_email_grammar_allows_only_listed_merge_tags_in_json_strings() -> None:
     assert [grammar.run(text) for text in refused] == [None] * len(refused)
 
 
-def _generate(tiny: tuple[object, object], constrained: bool, seed: int, prompt: str = PROMPT,
+def _generate(tiny: tuple[Any, Any], constrained: bool, seed: int, prompt: str = PROMPT,
               max_new_tokens: int = 120) -> str:
     from transformers import LogitsProcessorList
 
@@ -103,7 +109,7 @@ def _generate(tiny: tuple[object, object], constrained: bool, seed: int, prompt:
     return tokenizer.decode(out[0, len(prompt_ids):].tolist(), skip_special_tokens=True)
 
 
-def test_generated_answers_parse_and_every_value_is_a_span_of_its_sentence(tiny: tuple[object, object]) -> None:
+def test_generated_answers_parse_and_every_value_is_a_span_of_its_sentence(tiny: tuple[Any, Any]) -> None:
     free = [_generate(tiny, False, seed) for seed in range(3)]
     assert not any(text.startswith('{"facts": [') for text in free), free  # a random model writes no answer
     for seed in range(3):
@@ -136,7 +142,7 @@ def test_the_engine_constrains_only_prompts_with_a_grammar(tmp_path: Path) -> No
         engine.close()
 
 
-def test_generated_emails_stay_inside_the_email_grammar(tiny: tuple[object, object]) -> None:
+def test_generated_emails_stay_inside_the_email_grammar(tiny: tuple[Any, Any]) -> None:
     import re
 
     grammar = grammar_for(WRITER_PROMPT)
