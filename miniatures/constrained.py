@@ -92,9 +92,13 @@ def decode_vocabulary(tokenizer: Any) -> list[str]:
 class Grammar(Protocol):
     """A character-level grammar: ``start`` state, ``advance`` by one character (None: refused)."""
 
-    def start(self) -> State: ...
+    def start(self) -> State:
+        """The state before the answer's first character."""
+        ...
 
-    def advance(self, state: State, ch: str) -> State | None: ...
+    def advance(self, state: State, ch: str) -> State | None:
+        """The state after character ``ch``, or None when ``ch`` leaves the grammar."""
+        ...
 
     def partial_ok(self, state: State) -> bool:
         """Whether a token ending in a partial UTF-8 character may follow ``state``."""
@@ -137,15 +141,22 @@ def _literal(state: State, ch: str, enter: Any) -> State | None:
 
 
 class AnswerGrammar:
-    """Shared parts of the grammars here: ``run`` over a text, and stopping only once the answer is done."""
+    """Shared parts of the grammars here: ``run`` over a text, and stopping only once the answer is done.
+
+    Subclasses implement ``start``, ``advance`` and ``partial_ok`` (see ``Grammar``); calling them here raises
+    ``NotImplementedError``.
+    """
 
     def start(self) -> State:
+        """The state before the answer's first character (subclasses)."""
         raise NotImplementedError
 
     def advance(self, state: State, ch: str) -> State | None:
+        """The state after ``ch``, or None when ``ch`` leaves the grammar (subclasses)."""
         raise NotImplementedError
 
     def partial_ok(self, state: State) -> bool:
+        """Whether a partial UTF-8 character may follow ``state`` (subclasses)."""
         raise NotImplementedError
 
     def run(self, text: str) -> State | None:
@@ -341,17 +352,13 @@ class GrammarProcessor:
         for i, text in enumerate(vocabulary):
             if text and i not in stops:
                 self._by_first.setdefault(text[0], []).append((i, text))
-        self._allowed: dict[tuple[int, State], list[int]] = {}
         self._masks: dict[tuple[int, State], Any] = {}
         self._last: list[tuple[str, State | None]] = [("", g.start() if g else None) for g in self.grammars]
         self.constrained_steps = 0
 
     def allowed(self, row: int, state: State) -> list[int]:
-        """Token ids that keep row ``row``'s answer inside its grammar from ``state`` (cached)."""
-        key = (row, state)
-        cached = self._allowed.get(key)
-        if cached is not None:
-            return cached
+        """Token ids that keep row ``row``'s answer inside its grammar from ``state`` (``__call__`` caches the
+        mask made from them per row and state)."""
         grammar = self.grammars[row]
         assert grammar is not None
         ok: list[int] = list(self.stop_token_ids) if grammar.can_stop(state) else []
@@ -367,7 +374,6 @@ class GrammarProcessor:
                     current = _feed(grammar, current, ch)
                 if current is not None:
                     ok.append(i)
-        self._allowed[key] = ok
         return ok
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:

@@ -101,7 +101,6 @@ class Generation:
 @dataclass
 class _Request:
     adapter: str
-    prompt: str
     grammar: Grammar | None
     input_ids: list[int]
     max_new_tokens: int
@@ -304,7 +303,7 @@ class LocalEngine:
             limit = min(limit, room)
         if grammar is None and self.constrained:
             grammar = grammar_for(prompt)
-        return _Request(adapter=adapter, prompt=prompt, grammar=grammar, input_ids=ids, max_new_tokens=limit,
+        return _Request(adapter=adapter, grammar=grammar, input_ids=ids, max_new_tokens=limit,
                         started=time.perf_counter())
 
     # ------------------------------------------------------------------ generation

@@ -268,6 +268,9 @@ def test_config_overrides() -> None:
         ({"learning_rate": -1.0}, "learning_rate"),
         ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
         ({"target_modules": ()}, "target_modules"),
+        ({"answer_format": "tags"}, "answer_format must be one of json, sentence-tags"),
+        ({"negative_fraction": 0.0}, "negative_fraction"),
+        ({"system_prompt": "no"}, "system_prompt must be true or false"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, Any], match: str) -> None:

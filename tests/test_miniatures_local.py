@@ -82,11 +82,11 @@ def test_stop_token_ends_the_text_and_counts_as_output(local: LocalEngine) -> No
 
     im_end = local.tokenizer.convert_tokens_to_ids("<|im_end|>")
     hello = local.tokenizer("Hi there", add_special_tokens=False)["input_ids"]
-    request = _Request(adapter="a1", prompt="", grammar=None, input_ids=[1, 2, 3], max_new_tokens=50, started=0.0)
+    request = _Request(adapter="a1", grammar=None, input_ids=[1, 2, 3], max_new_tokens=50, started=0.0)
     done = local._finish(request, [*hello, im_end, 0, 0], now=0.001)
     assert (done.text, done.output_tokens, done.finish_reason, done.input_tokens) == (
         "Hi there", len(hello) + 1, "stop", 3)
-    capped = local._finish(_Request("a1", "", None, [1], 2, 0.0), [*hello, im_end], now=0.0)
+    capped = local._finish(_Request("a1", None, [1], 2, 0.0), [*hello, im_end], now=0.0)
     assert capped.output_tokens == 2 and capped.finish_reason == "length"
 
 
