@@ -4,7 +4,8 @@ Pipeline: ``split_sentences`` cuts each fetched document into sentences, ``is_in
 sentences aimed at an AI (prompt injection: they are data, never followed, and can never become
 evidence), ``number_sentences`` numbers the rest ``S1..Sn`` across documents under a prompt budget,
 and ``ground_facts`` keeps a model's fact only when its evidence resolves to a numbered sentence (or
-a verbatim quote of a fetched document) that contains the value.
+a verbatim quote of a fetched document) that contains the value, the source is attributed to the
+prospect's company and the value has its field's shape; other facts are dropped and counted by reason.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from agents.schemas import FACT_FIELDS, ExtractionOutput, Fact
+from agents.attribution import CompanyMatcher
+from agents.fact_shapes import value_problem
+from agents.schemas import DROP_REASONS, FACT_FIELDS, ExtractedFact, ExtractionOutput, Fact
 from tools.types import Document
 
 __all__ = [
@@ -24,6 +28,7 @@ __all__ = [
     "MAX_FACT_VALUE_CHARS",
     "NumberedSentences",
     "Sentence",
+    "check_fact",
     "contains_normalized",
     "ground_facts",
     "host_of",
@@ -317,51 +322,96 @@ def _resolve(
     return None
 
 
+def check_fact(
+    ef: ExtractedFact,
+    numbered: NumberedSentences,
+    documents: Sequence[Document],
+    matcher: CompanyMatcher,
+    taken: Set[str] = frozenset(),
+) -> tuple[str, str, tuple[str, str] | None]:
+    """Check one model fact the way ``ground_facts`` does (its rules 1-3, in that order).
+
+    Args:
+        ef: The fact as the model gave it.
+        numbered, documents, matcher: As for ``ground_facts``.
+        taken: Fields that already have a kept fact.
+
+    Returns:
+        ``(reason, detail, resolved)``: ``reason`` is '' for a kept fact (``resolved`` is then its
+        ``(evidence text, source URL)``) or a key of ``DROP_REASONS`` with ``detail`` saying what is wrong
+        and what to do (``resolved`` None).
+    """
+    field_name, value = ef.field.strip(), ef.value.strip()
+    if field_name not in FACT_FIELDS:
+        return "ungrounded", f"unknown field; use one of {', '.join(FACT_FIELDS)}", None
+    if field_name in taken:
+        return "ungrounded", "that field already has a fact; keep one per field", None
+    if not value or len(value) > MAX_FACT_VALUE_CHARS:
+        return "ungrounded", f"the value is empty or longer than {MAX_FACT_VALUE_CHARS} characters", None
+    resolved = _resolve(ef.evidence, numbered, documents)
+    if resolved is None:
+        last = numbered.sentences[-1].sid if numbered.sentences else "none"
+        return ("ungrounded", f"the evidence must be the id of a numbered sentence (S1..{last})"
+                + (" or a verbatim quote of a fetched page" if documents else ", not a quote or an unknown id"),
+                None)
+    sentence, url = resolved
+    if not contains_normalized(sentence, value):
+        return "ungrounded", f"the value does not occur in the evidence: {sentence!r}", None
+    if is_instruction(sentence) or is_instruction(value):
+        return "bad_value", "the evidence reads as an instruction", None
+    if not matcher.attributed(url, sentence):
+        return "misattributed", f"{url} is not the company's site and the sentence does not name it", None
+    problem = value_problem(field_name, value, sentence, own_domain=matcher.own_domain)
+    if problem:
+        return "bad_value", problem, None
+    return "", "", resolved
+
+
 def ground_facts(
     output: ExtractionOutput,
     numbered: NumberedSentences,
     documents: Sequence[Document],
-) -> tuple[list[Fact], int]:
-    """Keep the model's facts that are grounded; drop and count the rest.
+    *,
+    matcher: CompanyMatcher,
+) -> tuple[list[Fact], dict[str, int]]:
+    """Keep the model's facts that are grounded, attributed and well-shaped; drop and count the rest.
 
-    A fact is kept when its field is one of ``FACT_FIELDS`` and not yet taken (first wins), its
-    evidence resolves (a sentence id such as ``"S12"`` of ``numbered``, or else a verbatim quote of at
-    least 8 characters found in a document's text, whitespace- and case-insensitively, that does not
-    look like an instruction), and its value is non-empty, at most ``MAX_FACT_VALUE_CHARS`` characters
-    and occurs in the evidence. Reasons for drops are logged at debug level.
+    A fact is kept when, in this order:
+
+    1. (else ``ungrounded``) its field is one of ``FACT_FIELDS`` and not yet taken (first wins), its
+       evidence resolves (a sentence id such as ``"S12"`` of ``numbered``, or else a verbatim quote of at
+       least 8 characters found in a document's text, whitespace- and case-insensitively, that does not
+       look like an instruction), and its value is non-empty, at most ``MAX_FACT_VALUE_CHARS`` characters
+       and occurs in the evidence;
+    2. (else ``misattributed``) the source is attributed to the prospect's company: the page is on the
+       company's registrable domain, or the evidence sentence names the company by name or domain
+       (``agents.attribution.CompanyMatcher``); the title or heading a sentence sits under does not count;
+    3. (else ``bad_value``) neither the evidence nor the value reads as an instruction, and the value has
+       its field's shape (``agents.fact_shapes.value_problem``).
+
+    Reasons for drops are logged at debug level.
 
     Args:
         output: The parsed model answer.
         numbered: The sentences the model was shown.
         documents: The fetched documents (for quote evidence).
+        matcher: The prospect's company name and website.
 
     Returns:
-        ``(facts, dropped)``: kept facts with evidence text and source URL, and the number dropped.
+        ``(facts, drops)``: kept facts with evidence text and source URL, and the number of dropped facts
+        per reason (keys of ``agents.schemas.DROP_REASONS`` with a count above zero).
     """
     facts: list[Fact] = []
     taken: set[str] = set()
-    dropped = 0
+    drops: Counter[str] = Counter()
     for ef in output.facts:
-        field_name = ef.field.strip()
-        value = ef.value.strip()
-        reason = ""
-        resolved = None
-        if field_name not in FACT_FIELDS:
-            reason = "unknown field"
-        elif field_name in taken:
-            reason = "field already has a fact"
-        elif not value or len(value) > MAX_FACT_VALUE_CHARS:
-            reason = f"value empty or longer than {MAX_FACT_VALUE_CHARS} characters"
-        else:
-            resolved = _resolve(ef.evidence, numbered, documents)
-            if resolved is None:
-                reason = "evidence not found among the sentences or fetched pages"
-            elif not contains_normalized(resolved[0], value):
-                reason = "value does not occur in the evidence"
+        reason, detail, resolved = check_fact(ef, numbered, documents, matcher, taken)
         if reason or resolved is None:
-            dropped += 1
-            logger.debug("dropped fact %s=%r (evidence %r): %s", ef.field, ef.value, ef.evidence, reason)
+            drops[reason or "ungrounded"] += 1
+            logger.debug("dropped fact %s=%r (evidence %r) as %s: %s", ef.field, ef.value, ef.evidence, reason,
+                         detail)
             continue
-        taken.add(field_name)
-        facts.append(Fact(field=field_name, value=value, evidence=resolved[0], source_url=resolved[1]))
-    return facts, dropped
+        taken.add(ef.field.strip())
+        facts.append(Fact(field=ef.field.strip(), value=ef.value.strip(), evidence=resolved[0],
+                          source_url=resolved[1]))
+    return facts, {r: drops[r] for r in DROP_REASONS if drops[r]}

@@ -1,9 +1,10 @@
 """The researcher agent: finds pages about a prospect's company and extracts grounded facts.
 
 Steps (DESIGN.md, "Grounding by construction"): plan 2-3 search queries by rule, search, rank
-candidate URLs (the prospect's own host first, near-namesake hosts last), fetch concurrently, split
-and filter the untrusted page text into numbered sentences, make one model call that cites
-sentence ids, and keep only facts whose evidence resolves and contains the value.
+candidate URLs (the prospect's own domain first; other pages only when they name the company; never a
+near-namesake's site), fetch concurrently, split and filter the untrusted page text into numbered
+sentences, make one model call that cites sentence ids, and keep only facts whose evidence resolves
+and contains the value.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from agents.attribution import CompanyMatcher, company_core_name, registrable_domain
 from agents.grounding import ground_facts, host_of, number_sentences
 from agents.parsing import ainvoke_structured
 from agents.prompts import EXTRACTION_SYSTEM_PROMPT, EXTRACTION_USER_TEMPLATE, FIELD_DESCRIPTIONS
 from agents.schemas import FACT_FIELDS, ExtractionOutput, Profile, ProspectInfo, ResearchResult
+from tools.search import quote_phrase
 from tools.types import Document, FetchError, SearchError, SearchHit, Web
 
 if TYPE_CHECKING:
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
 
 __all__ = [
+    "attributed_documents",
     "build_extraction_messages",
     "plan_queries",
     "rank_urls",
@@ -38,39 +42,47 @@ logger = logging.getLogger(__name__)
 
 _SEARCH_RESULTS = 8
 _NAMESAKE_RATIO = 0.6
-_COMPANY_SUFFIXES = re.compile(
-    r"\b(?:inc|llc|ltd|limited|gmbh|corp|corporation|co|company|sa|sas|plc|ag|bv|oy|ab)\b\.?", re.IGNORECASE
-)
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+_NON_WORD = re.compile(r"[\W_]+")
 
 
 def plan_queries(prospect: ProspectInfo) -> list[str]:
-    """Return the search queries for ``prospect``, by rule (2 or 3 of them).
+    """Return the search queries for ``prospect``, by rule (2 or 3 of them), in the query grammar of
+    ``tools.search.parse_query`` (quoted phrases must appear as written; the same text goes to ddgs).
 
-    ``"{company}"``, ``"{company} {host}"`` when the prospect has a website, and ``"{company} news"``.
+    With ``name`` the company name without its legal suffix (``company_core_name``) and ``domain`` the
+    registrable domain of the website: ``'"{name}"'``; ``'"{domain}"'`` when the prospect has a
+    website (one phrase, so a corpus never searches ``com`` alone; it finds the own site by its
+    address and third-party pages that name the domain); ``'"{name}" news'`` (news that names the
+    company). E.g. ``['"Acme Freight"', '"acme.example"', '"Acme Freight" news']``.
 
     Raises:
-        ValueError: the prospect has no company name.
+        ValueError: the prospect has no company name (or one without a letter or digit).
     """
     company = prospect.company.strip()
     if not company:
         raise ValueError(f"prospect {prospect.email!r} has no company name; fill the 'company' column")
-    queries = [company]
-    host = host_of(prospect.website)
-    if host:
-        queries.append(f"{company} {host}")
-    queries.append(f"{company} news")
+    try:
+        name = quote_phrase(company_core_name(company))
+    except ValueError as exc:
+        raise ValueError(f"prospect {prospect.email!r}: company name {company!r} has no letter or digit; "
+                         "fill the 'company' column with the company's name") from exc
+    queries = [name]
+    domain = registrable_domain(prospect.website)
+    if domain:
+        queries.append(quote_phrase(domain))
+    queries.append(f"{name} news")
     return queries
 
 
 def _slug(text: str) -> str:
-    return _NON_ALNUM.sub("", _COMPANY_SUFFIXES.sub(" ", text.lower()))
+    """Letters and digits of ``text`` in lower case (``"Acme-Freight.io"`` -> ``"acmefreightio"``)."""
+    return _NON_WORD.sub("", text.casefold())
 
 
 def _resembles(host: str, company_slug: str) -> bool:
-    """True when the host's registrable name looks like the company name."""
-    labels = host.split(".")
-    name = _NON_ALNUM.sub("", labels[-2] if len(labels) >= 2 else labels[0])
+    """True when the host's registrable name (``acmefreightco`` of ``www.acmefreightco.co.uk``) looks
+    like the company name: one contains the other, or ``difflib`` similarity >= ``_NAMESAKE_RATIO``."""
+    name = _slug(registrable_domain(host).split(".", 1)[0])
     if not name or not company_slug:
         return False
     if name in company_slug or company_slug in name:
@@ -88,14 +100,21 @@ def _canonical(url: str) -> str:
 def rank_urls(prospect: ProspectInfo, hits: Sequence[SearchHit], *, max_pages: int = 5) -> list[str]:
     """Choose up to ``max_pages`` unique URLs to fetch, best first.
 
-    Order: the prospect's website home page (in the spelling a search hit used, if any), then pages
-    on the same host (ignoring ``www.``), then
-    other hosts (news, directories) in search order, and last the hosts whose name only resembles
-    the company's (near-namesake companies). Without a website, hosts resembling the company name
-    rank first instead.
+    Attribution decides what may be fetched (``agents.attribution.CompanyMatcher``):
+
+    0. the prospect's website home page (in the spelling a search hit used, if any), then the hits on
+       its registrable domain, subdomains included (``blog.acme.example``), in search order;
+    1. third-party hits whose title or snippet names the company (name or domain, whole words), in
+       search order.
+
+    Never chosen: a third-party hit whose title and snippet do not name the company (a page about
+    someone else, or about the common word the name also is), and any hit on another host whose name
+    resembles the company's (``acmefreightco.example`` for Acme Freight at ``acme.example``): that is a
+    namesake company's own site, where the name names the namesake. Without a website nothing is own:
+    hits naming the company on hosts resembling its name rank first, then the other hits naming it.
 
     Args:
-        prospect: The prospect (its ``website`` defines the own host).
+        prospect: The prospect (its ``website`` defines the own domain, ``company`` the names).
         hits: Search hits from all queries, in the order found (duplicates allowed).
         max_pages: Most URLs returned (>= 1).
 
@@ -107,13 +126,14 @@ def rank_urls(prospect: ProspectInfo, hits: Sequence[SearchHit], *, max_pages: i
     """
     if max_pages < 1:
         raise ValueError(f"max_pages must be at least 1, got {max_pages}")
-    own = host_of(prospect.website)
-    company_slug = _slug(prospect.company)
+    matcher = CompanyMatcher(prospect.company, prospect.website)
+    company_slug = _slug(company_core_name(prospect.company))
     home = prospect.website.strip()
     if home and "//" not in home:
         home = f"https://{home}"
     # The home page comes first; when search found it under another spelling (www., trailing
     # slash), the spelling the search backend knows is fetched.
+    named = {_canonical(h.url) for h in hits if h.url and matcher.names(f"{h.title}\n{h.snippet}")}
     hit_urls = [h.url.split("#", 1)[0] for h in hits if h.url]
     found = {_canonical(u): u for u in reversed(hit_urls)}
     candidates = ([found.get(_canonical(home), home)] if home else []) + hit_urls
@@ -121,19 +141,49 @@ def rank_urls(prospect: ProspectInfo, hits: Sequence[SearchHit], *, max_pages: i
     seen: set[str] = set()
     for order, url in enumerate(candidates):
         key = _canonical(url)
-        if not url or key in seen:
+        if not url or key in seen or not host_of(url):
             continue
         seen.add(key)
-        host = host_of(url)
-        if not host:
+        if matcher.is_own(url):
+            tier = 0
+        elif key not in named:
+            logger.debug("rank %s: skipping %s (search hit does not name the company)", prospect.company, url)
             continue
-        if own:
-            tier = 0 if host == own else (2 if _resembles(host, company_slug) else 1)
+        elif not matcher.own_domain:
+            tier = 0 if _resembles(host_of(url), company_slug) else 1
+        elif _resembles(host_of(url), company_slug):
+            logger.debug("rank %s: skipping %s (a near-namesake's host)", prospect.company, url)
+            continue
         else:
-            tier = 0 if _resembles(host, company_slug) else 1
+            tier = 1
         scored.append((tier, order, url))
     scored.sort()
     return [url for _tier, _order, url in scored[:max_pages]]
+
+
+def attributed_documents(matcher: CompanyMatcher, documents: Sequence[Document]) -> list[Document]:
+    """Keep the fetched documents that may be about the company, in input order.
+
+    A document on the company's own registrable domain (``matcher.is_own``) is kept; a third-party
+    document is kept only when its title or text names the company (``matcher.names``: name or
+    domain, whole words), so a page about another company, a near-namesake or the common word the
+    name also is never reaches the prompt. Grounding still checks each sentence.
+
+    Args:
+        matcher: The prospect's ``CompanyMatcher``.
+        documents: Fetched documents.
+
+    Returns:
+        The kept documents; each dropped one is logged at INFO with its URL.
+    """
+    kept: list[Document] = []
+    for doc in documents:
+        if matcher.is_own(doc.url) or matcher.names(f"{doc.title}\n{doc.text}"):
+            kept.append(doc)
+        else:
+            logger.info("research %s: dropped %s (a third-party page that never names the company)",
+                        matcher.company, doc.url)
+    return kept
 
 
 def build_extraction_messages(prospect: ProspectInfo, sentences_block: str) -> list[BaseMessage]:
@@ -215,6 +265,7 @@ async def research(
     for err in errors:
         logger.info("research %s: %s", prospect.company, err)
 
+    matcher = CompanyMatcher(prospect.company, prospect.website)
     profile = Profile(
         company=prospect.company, website=prospect.website, sources=[d.url for d in documents]
     )
@@ -226,9 +277,10 @@ async def research(
 
     messages = build_extraction_messages(prospect, numbered.format())
     output = await ainvoke_structured(model, messages, ExtractionOutput, agent="researcher", config=config)
-    facts, dropped = ground_facts(output, numbered, documents)
+    facts, drops = ground_facts(output, numbered, documents, matcher=matcher)
     profile.facts = facts
-    profile.dropped_facts = dropped
-    logger.info("research %s: %d fact(s) kept, %d dropped, %d sentence(s) from %d page(s)",
-                prospect.company, len(facts), dropped, len(numbered.sentences), len(documents))
+    profile.drop_reasons = drops
+    profile.dropped_facts = sum(drops.values())
+    logger.info("research %s: %d fact(s) kept, dropped %s, %d sentence(s) from %d page(s)",
+                prospect.company, len(facts), drops or "none", len(numbered.sentences), len(documents))
     return ResearchResult(profile=profile, queries=queries, fetch_errors=errors)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 __all__ = [
+    "DROP_REASONS",
     "FACT_FIELDS",
     "EmailDraft",
     "ExtractedFact",
@@ -36,6 +37,13 @@ FACT_FIELDS: tuple[str, ...] = (
     "recent_event",
     "pain_point",
 )
+
+
+#: Why grounding drops a model's fact (``Profile.drop_reasons`` keys), in report order:
+#: ``ungrounded`` (unknown or repeated field, evidence not found, value not in the evidence),
+#: ``misattributed`` (the source is not attributed to the prospect's company) and ``bad_value``
+#: (the value does not have its field's shape, e.g. a founded year that is not a plausible year).
+DROP_REASONS: tuple[str, ...] = ("ungrounded", "misattributed", "bad_value")
 
 
 class ProspectInfo(BaseModel):
@@ -72,12 +80,16 @@ class Fact(BaseModel):
 
 
 class Profile(BaseModel):
-    """The researcher's output: grounded facts, how many model facts were dropped, pages read."""
+    """The researcher's output: grounded facts, how many model facts were dropped and why, pages read.
+
+    ``dropped_facts`` is the total of ``drop_reasons`` (reason -> count, keys from ``DROP_REASONS``).
+    """
 
     company: str
     website: str = ""
     facts: list[Fact] = Field(default_factory=list)
     dropped_facts: int = 0
+    drop_reasons: dict[str, int] = Field(default_factory=dict)
     sources: list[str] = Field(default_factory=list)
 
     def fact(self, field: str) -> Fact | None:

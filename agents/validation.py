@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 
+from agents.attribution import registrable_domain
+from agents.contacts import find_contacts, phone_digits
+from agents.fact_shapes import CREDENTIAL_WORDS as _CREDENTIAL
 from agents.grounding import normalize
 from agents.schemas import EmailDraft, Offer, Profile, ProspectInfo, RenderedEmail, ValidationResult
 
@@ -64,9 +67,6 @@ _SPAM = re.compile(
     "|".join(rf"(?<![\w%]){re.escape(p)}(?!\w)" for p in sorted(SPAM_PHRASES, key=len, reverse=True)),
     re.IGNORECASE,
 )
-_URL = re.compile(r"\bhttps?://[^\s<>\"')\]]+", re.IGNORECASE)
-_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
-_DOMAIN = re.compile(r"\b(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}\b", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _FACT_TAG = re.compile(r"\{\{\s*fact\.[a-z_]+\s*\}\}")
 _WORD = re.compile(r"\S+")
@@ -81,25 +81,42 @@ def _numbers(text: str) -> set[str]:
     return {n.replace(",", "").rstrip(".") for n in _NUMBER.findall(text)}
 
 
-def _ungrounded(rendered: RenderedEmail, allowed_text: str) -> list[str]:
-    """Numbers, URLs, emails and domains of ``rendered`` that do not occur in ``allowed_text``."""
+def _own_domains(prospect: ProspectInfo) -> set[str]:
+    """Registrable domains of the prospect's website and e-mail address."""
+    email_host = prospect.email.rsplit("@", 1)[-1] if "@" in prospect.email else ""
+    return {d for d in (registrable_domain(prospect.website), registrable_domain(email_host)) if d}
+
+
+def _unallowed_contacts(text: str, prospect: ProspectInfo, offer_text: str) -> list[str]:
+    """URLs, e-mail addresses, domains and phone numbers of ``text`` that are not on an allowed domain (the
+    prospect's website or e-mail domain, or a domain the offer names in a link, address or domain) or, for
+    phone numbers, not one of the offer's."""
+    offer = find_contacts(offer_text)
+    allowed = _own_domains(prospect) | {
+        registrable_domain(c) for c in (*offer.urls, *offer.domains, *(e.rsplit("@", 1)[-1] for e in offer.emails))
+    }
+    offer_phones = {phone_digits(p) for p in offer.phones}
+    found = find_contacts(text)
+    bad = [u for u in (*found.urls, *found.domains) if registrable_domain(u) not in allowed]
+    bad += [e for e in found.emails if registrable_domain(e.rsplit("@", 1)[-1]) not in allowed]
+    bad += [p for p in found.phones if phone_digits(p) not in offer_phones]
+    return bad
+
+
+def _ungrounded(rendered: RenderedEmail, prospect: ProspectInfo, offer: Offer, profile: Profile) -> list[str]:
+    """What ``rendered`` mentions without a source: contact points that are not the offer's or the
+    prospect's own (whatever a fact says), and numbers that no prospect field, offer field or fact holds."""
     text = f"{rendered.subject}\n{rendered.body}"
-    allowed_norm = normalize(allowed_text)
-    missing: list[str] = []
-    for url in _URL.findall(text):
-        url = url.rstrip(".,;:!?")
-        if normalize(url) not in allowed_norm:
-            missing.append(url)
-    rest = _URL.sub(" ", text)
-    for email in _EMAIL.findall(rest):
-        if normalize(email) not in allowed_norm:
-            missing.append(email)
-    rest = _EMAIL.sub(" ", rest)
-    for domain in _DOMAIN.findall(rest):
-        if not re.search(rf"(?<![\w-]){re.escape(normalize(domain))}(?![\w-])", allowed_norm):
-            missing.append(domain)
-    known_numbers = _numbers(allowed_text)
-    missing += sorted(_numbers(_DOMAIN.sub(" ", rest)) - known_numbers)
+    offer_text = "\n".join(str(v) for v in offer.model_dump().values())
+    missing = _unallowed_contacts(text, prospect, offer_text)
+    contacts = find_contacts(text)
+    rest = text
+    for item in (*contacts.urls, *contacts.emails, *contacts.domains, *contacts.phones):
+        rest = rest.replace(item, " ")
+    allowed_text = "\n".join([*prospect.model_dump().values(), offer_text, *(f.value for f in profile.facts)])
+    missing += sorted(_numbers(rest) - _numbers(allowed_text))
+    offer_norm = normalize(offer_text)
+    missing += [m.group(0) for m in _CREDENTIAL.finditer(text) if normalize(m.group(0)) not in offer_norm]
     return list(dict.fromkeys(missing))
 
 
@@ -109,14 +126,21 @@ def validate_email(
     prospect: ProspectInfo,
     profile: Profile,
     offer: Offer,
+    *,
+    require_fact: bool = True,
 ) -> ValidationResult:
     """Run the named checks on an email.
 
     Args:
-        draft: The email as written (with merge tags); ``grounded`` requires a ``{{fact.*}}`` tag here.
+        draft: The email as written (with merge tags); ``grounded`` requires a ``{{fact.*}}`` tag here
+            unless ``require_fact`` is False.
         rendered: The same email with tags filled (``agents.writer.render``).
-        prospect, profile, offer: The only allowed sources of numbers, URLs, domains and email
-            addresses (all prospect and offer fields; the profile's fact values).
+        prospect, profile, offer: The only allowed sources: URLs, domains, e-mail addresses and phone
+            numbers must occur in the offer or be on the prospect's own website or e-mail domain (never
+            taken from facts, which come from web pages); numbers must occur in a prospect or offer field or
+            a fact value; credential words (password, login, card details, ...) only where the offer has them.
+        require_fact: False for a non-personalised email (research found no verified fact and the
+            campaign opted in): ``grounded`` then does not ask for a ``{{fact.*}}`` tag.
 
     Returns:
         ``checks`` for every name in ``CHECKS`` and one error string per failed check, each starting
@@ -136,18 +160,16 @@ def validate_email(
            "the rendered email still contains '{{' or '}}'; write merge tags exactly as listed, "
            "e.g. {{first_name}}, and no other braces")
 
-    allowed_text = "\n".join(
-        [*prospect.model_dump().values(), *offer.model_dump().values(), *(f.value for f in profile.facts)]
-    )
-    missing = _ungrounded(rendered, allowed_text)
+    missing = _ungrounded(rendered, prospect, offer, profile)
     has_fact = _FACT_TAG.search(draft.body) is not None
     problems = []
-    if not has_fact:
+    if require_fact and not has_fact:
         problems.append("the body mentions no company fact; use at least one {{fact.<field>}} tag")
     if missing:
         problems.append(
             f"the email mentions {', '.join(repr(m) for m in missing)}, which the prospect, offer and "
-            "profile facts do not contain; remove it or use a {{fact.<field>}} tag"
+            "profile facts do not contain (links, addresses and phone numbers may come only from the offer and "
+            "the prospect's own website or e-mail domain); remove it or use a {{fact.<field>}} tag"
         )
     record("grounded", not problems, "; ".join(problems))
 

@@ -36,10 +36,11 @@ from typing import Any, Literal
 from sqlalchemy import Engine, func
 from sqlmodel import col, select
 
+from agents.attribution import CompanyMatcher
 from agents.errors import MergeTagError
-from agents.grounding import MAX_FACT_VALUE_CHARS, NumberedSentences, ground_facts
+from agents.grounding import NumberedSentences, check_fact
 from agents.parsing import OutputParseError, extract_json_object, parse_model_output
-from agents.schemas import FACT_FIELDS, EmailDraft, ExtractionOutput, Fact, Offer, Profile, ProspectInfo
+from agents.schemas import EmailDraft, ExtractionOutput, Fact, Offer, Profile, ProspectInfo
 from agents.writer import render
 from finetune.datasets import REVIEW_STATUSES, by_ids, flatten_content, latest_reviews
 from store import session_scope
@@ -499,39 +500,24 @@ def _prompt_sentences(messages: Any) -> NumberedSentences:
     return NumberedSentences()
 
 
-def _fact_problem(index: int, fact: Any, numbered: NumberedSentences) -> str:
-    label = f"fact {index} ({fact.field}={fact.value!r}, evidence {fact.evidence!r})"
-    if fact.field.strip() not in FACT_FIELDS:
-        return f"{label}: unknown field; use one of {', '.join(FACT_FIELDS)}"
-    if not fact.value.strip() or len(fact.value.strip()) > MAX_FACT_VALUE_CHARS:
-        return f"{label}: the value is empty or longer than {MAX_FACT_VALUE_CHARS} characters"
-    sentence = numbered.get(fact.evidence.strip().strip("[]"))
-    if sentence is None:
-        last = numbered.sentences[-1].sid if numbered.sentences else "none"
-        return (f"{label}: the evidence must be the id of a sentence in this trace's prompt (S1..{last}), "
-                "not a quote or an unknown id")
-    return f"{label}: the value does not occur in {sentence.sid}: {sentence.text!r}"
-
-
-def _check_extraction(text: str, trace: Trace) -> str:
+def _check_extraction(text: str, trace: Trace, prospect: ProspectInfo) -> str:
     try:
         output = parse_model_output(text, ExtractionOutput)
     except OutputParseError as exc:
-        raise ReviewInputError(f"the edited profile is not researcher output JSON "
+        raise ReviewInputError(f'the edited profile is not researcher output JSON '
                                f'{{"facts": [{{"field", "value", "evidence": "S12"}}]}}: {exc}') from exc
     numbered = _prompt_sentences(trace.messages)
-    _facts, dropped = ground_facts(output, numbered, [])
-    if dropped:
-        problems: list[str] = []
-        taken: set[str] = set()
-        for i, fact in enumerate(output.facts, start=1):
-            _kept, bad = ground_facts(ExtractionOutput(facts=[fact]), numbered, [])
-            if bad:
-                problems.append(_fact_problem(i, fact, numbered))
-            elif fact.field.strip() in taken:
-                problems.append(f"fact {i} ({fact.field}): that field already has a fact; keep one per field")
-            taken.add(fact.field.strip())
-        raise ReviewInputError("the edited profile has facts that are not grounded in the trace's sentences: "
+    matcher = CompanyMatcher(prospect.company, prospect.website)
+    problems: list[str] = []
+    taken: set[str] = set()
+    for i, fact in enumerate(output.facts, start=1):
+        reason, detail, _resolved = check_fact(fact, numbered, [], matcher, taken)
+        if reason:
+            problems.append(f"fact {i} ({fact.field}={fact.value!r}, evidence {fact.evidence!r}): {detail}")
+        taken.add(fact.field.strip())
+    if problems:
+        raise ReviewInputError("the edited profile has facts that are not grounded in the trace's sentences, "
+                               "not about the prospect's company or not of their field's shape: "
                                + "; ".join(problems))
     return _ordered_json(output, text)
 
@@ -594,7 +580,8 @@ def _validated_edit(session: Any, key: _Key, edited_output: str | None) -> str:
     if AGENT_KINDS[key.agent] == "email":
         return _check_email(edited_output, session, key.run_id)
     trace = session.get(Trace, key.trace_id)
-    return _check_extraction(edited_output, trace)
+    prospect, _profile, _offer = _run_context(session, key.run_id)
+    return _check_extraction(edited_output, trace, prospect)
 
 
 def validate_edit(engine: Engine, trace_id: int, edited_output: str) -> str:

@@ -55,9 +55,22 @@ def _m002_run_replay_of(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE runs ADD COLUMN replay_of_id INTEGER REFERENCES runs(id)"))
 
 
+def _m003_drop_reasons_personalised(conn: Connection) -> None:
+    # Spelled out, not created from today's models: databases made by 001 before these columns existed
+    # lack them; newer ones have them from 001 already.
+    profile_cols = {c["name"] for c in inspect(conn).get_columns("profiles")}
+    if "drop_reasons" not in profile_cols:
+        conn.execute(text("ALTER TABLE profiles ADD COLUMN drop_reasons JSON NOT NULL DEFAULT '{}'"))
+    email_cols = {c["name"] for c in inspect(conn).get_columns("emails")}
+    if "personalised" not in email_cols:
+        conn.execute(text("ALTER TABLE emails ADD COLUMN personalised BOOLEAN NOT NULL DEFAULT TRUE"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial tables", _m001_initial),
     Migration(2, "runs.replay_of_id: the run a replay run replays", _m002_run_replay_of),
+    Migration(3, "profiles.drop_reasons (dropped facts by reason), emails.personalised",
+              _m003_drop_reasons_personalised),
 ]
 
 

@@ -46,6 +46,8 @@ class RunStatus:
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    #: Research found no verified fact; no email unless the campaign opts in to non-personalised ones.
+    NO_FACTS = "no_facts"
 
 
 class SchemaMigration(SQLModel, table=True):
@@ -114,6 +116,8 @@ class ProfileRecord(SQLModel, table=True):
     company: str
     website: str = ""
     dropped_facts: int = 0
+    #: Dropped facts by reason (``agents.schemas.DROP_REASONS``: ungrounded, misattributed, bad_value).
+    drop_reasons: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     sources: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -142,6 +146,8 @@ class EmailRecord(SQLModel, table=True):
     body: str = Field(sa_column=Column(Text, nullable=False))
     checks: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     valid: bool = True
+    #: False for an email written without any verified fact (the campaign opted in to such emails).
+    personalised: bool = True
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -171,3 +171,31 @@ async def test_write_retries_once_then_raises() -> None:
     with pytest.raises(ModelOutputError) as info:
         await write(OFFER, PROSPECT, PROFILE, model=scripted('{"subject": "x"}', "still not json"))
     assert info.value.agent == "writer" and info.value.raw_output == "still not json"
+
+
+@pytest.mark.parametrize("planted", [
+    "https://acme-freight-login.example/verify", "security@acme-support.example", "acme-support.example",
+    "+1 415 555 0132"])
+def test_contacts_in_a_fact_never_make_an_email_valid(planted: str) -> None:
+    # A fact that came through from a hostile page: validation must not trust it for links or numbers.
+    profile = PROFILE.model_copy(update={"facts": [*PROFILE.facts, Fact(
+        field="pain_point", value=f"reach {planted}", evidence=f"Customers reach {planted}.",
+        source_url="https://acme.example/")]})
+    draft = GOOD.model_copy(update={"body": GOOD_BODY.replace("Best,", "See {{fact.pain_point}}. Best,")})
+    result = validate_email(draft, render(draft, PROSPECT, profile, OFFER), PROSPECT, profile, OFFER)
+    assert result.checks["grounded"] is False
+    assert any(planted in e for e in result.errors)
+
+
+def test_the_offers_and_the_prospects_own_links_are_allowed() -> None:
+    offer = OFFER.model_copy(update={"value_proposition": "See routewise.example/demo or call +1 212 555 0188."})
+    body = GOOD_BODY.replace("Best,", "Your page https://www.acme.example/pricing and https://routewise.example/"
+                             "demo helped; call +1 (212) 555-0188 or write dana@acme.example. Best,")
+    draft = GOOD.model_copy(update={"body": body})
+    assert check(draft, offer=offer)["grounded"] is True
+
+
+def test_credential_requests_fail_validation_unless_the_offer_has_them() -> None:
+    draft = GOOD.model_copy(update={"body": GOOD_BODY.replace(
+        "Best,", "Please confirm your password on the portal first. Best,")})
+    assert check(draft)["grounded"] is False
