@@ -4,7 +4,7 @@ A fact is about the prospect only when its source is the company's own site (its
 subdomains included) or when the evidence sentence itself names the company, by name or by domain
 (DESIGN.md, "Grounding by construction"). Registrable domains come from the Public Suffix List as
 bundled with ``tldextract`` (no network); legal suffixes of company names (Inc., GmbH, ...) are
-recognised with ``cleanco``.
+recognised with ``cleanco``; how common a word is comes from ``wordfreq``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import urlsplit
 
-__all__ = ["CompanyMatcher", "company_core_name", "registrable_domain"]
+__all__ = ["COMMON_NAME_ZIPF", "CompanyMatcher", "company_core_name", "registrable_domain"]
+
+#: A one-word company name at least this frequent as an English word (Zipf scale of ``wordfreq``: 3 is
+#: once per million words; "million" 5.3, "atlas" 3.8, "fume" 2.6, "brex" 1.4) is too common to count as a
+#: mention on its own: a third-party sentence must give it with a legal suffix ("Ramp Inc.") or the domain.
+COMMON_NAME_ZIPF = 3.5
 
 # Letters of any script, digits: what may not touch a name on either side for a word-boundary match.
 _WORD_CHAR = r"[^\W_]"
@@ -65,14 +70,31 @@ def company_core_name(company: str) -> str:
     return core or name
 
 
-def _name_pattern(name: str, *, case_sensitive: bool) -> re.Pattern[str] | None:
+@lru_cache(maxsize=1)
+def _legal_suffix() -> str:
+    """A regex alternation of cleanco's legal-form terms ("inc", "gmbh", "s de rl", ...), longest first."""
+    from cleanco.clean import prepare_default_terms
+
+    terms = {r"[\s.]*".join(re.escape(t) for t in words) for _n, words in prepare_default_terms()}
+    return "|".join(sorted(terms, key=len, reverse=True))
+
+
+def _name_pattern(name: str, *, case_sensitive: bool, with_suffix: bool = False) -> re.Pattern[str] | None:
     words = name.split()
     if not words:
         return None
     # Words of the name separated by any whitespace or a hyphen; no letter or digit may touch either end.
     body = r"[\s\-]+".join(re.escape(w) for w in words)
+    if with_suffix:
+        body += rf",?\s+(?i:{_legal_suffix()})\.?"
     flags = 0 if case_sensitive else re.IGNORECASE
     return re.compile(rf"(?<!{_WORD_CHAR}){body}(?!{_WORD_CHAR})", flags)
+
+
+def _common_word(name: str) -> bool:
+    from wordfreq import zipf_frequency
+
+    return len(name.split()) == 1 and zipf_frequency(name.lower(), "en") >= COMMON_NAME_ZIPF
 
 
 @dataclass
@@ -87,7 +109,8 @@ class CompanyMatcher:
     registrable domain (``fumedev.com``), as whole words: no letter or digit may touch the match, so
     ``Brightline`` does not name ``Brightlane`` and ``Patriot`` does not name ``Pat``. A one-word name is
     matched case-sensitively as written or capitalised (``Fume`` names Fume; "toxic fume" does not);
-    longer names case-insensitively.
+    longer names case-insensitively. A one-word name that is a common English word (``COMMON_NAME_ZIPF``:
+    "Atlas", "Ramp", "Million") counts only with a legal suffix ("Atlas Inc.") or as the domain.
     """
 
     company: str
@@ -101,8 +124,9 @@ class CompanyMatcher:
         self._patterns = []
         for name in names:
             if len(name.split()) == 1:
+                common = _common_word(name)
                 for variant in dict.fromkeys((name, name[:1].upper() + name[1:])):
-                    if (p := _name_pattern(variant, case_sensitive=True)) is not None:
+                    if (p := _name_pattern(variant, case_sensitive=True, with_suffix=common)) is not None:
                         self._patterns.append(p)
             elif (p := _name_pattern(name, case_sensitive=False)) is not None:
                 self._patterns.append(p)

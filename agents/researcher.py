@@ -97,7 +97,8 @@ def _canonical(url: str) -> str:
     return f"{host_of(url)}{parts.path.rstrip('/')}{query}"
 
 
-def rank_urls(prospect: ProspectInfo, hits: Sequence[SearchHit], *, max_pages: int = 5) -> list[str]:
+def rank_urls(prospect: ProspectInfo, hits: Sequence[SearchHit], *, max_pages: int = 5,
+              matcher: CompanyMatcher | None = None) -> list[str]:
     """Choose up to ``max_pages`` unique URLs to fetch, best first.
 
     Attribution decides what may be fetched (``agents.attribution.CompanyMatcher``):
@@ -117,6 +118,8 @@ def rank_urls(prospect: ProspectInfo, hits: Sequence[SearchHit], *, max_pages: i
         prospect: The prospect (its ``website`` defines the own domain, ``company`` the names).
         hits: Search hits from all queries, in the order found (duplicates allowed).
         max_pages: Most URLs returned (>= 1).
+        matcher: The prospect's ``CompanyMatcher`` when the caller has one (built from ``prospect``
+            otherwise).
 
     Returns:
         URLs to fetch.
@@ -126,7 +129,7 @@ def rank_urls(prospect: ProspectInfo, hits: Sequence[SearchHit], *, max_pages: i
     """
     if max_pages < 1:
         raise ValueError(f"max_pages must be at least 1, got {max_pages}")
-    matcher = CompanyMatcher(prospect.company, prospect.website)
+    matcher = matcher or CompanyMatcher(prospect.company, prospect.website)
     company_slug = _slug(company_core_name(prospect.company))
     home = prospect.website.strip()
     if home and "//" not in home:
@@ -238,8 +241,9 @@ async def research(
         max_pages: Most pages fetched (>= 1).
 
     Returns:
-        The profile (``sources`` = fetched URLs, ``dropped_facts`` = model facts that failed
-        grounding), the queries used and the fetch/search errors as strings.
+        The profile (``sources`` = fetched URLs attributed to the company: its own site, or third-party
+        pages that name it; ``drop_reasons`` = model facts that failed grounding, by reason, and
+        ``dropped_facts`` their total), the queries used and the fetch/search errors as strings.
 
     Raises:
         ValueError: no company name, or ``max_pages`` < 1.
@@ -255,7 +259,8 @@ async def research(
             errors.append(f"search {query!r}: {result}")
         else:
             hits.extend(result)
-    urls = rank_urls(prospect, hits, max_pages=max_pages)
+    matcher = CompanyMatcher(prospect.company, prospect.website)
+    urls = rank_urls(prospect, hits, max_pages=max_pages, matcher=matcher)
     documents: list[Document] = []
     for fetched in await asyncio.gather(*(_fetch(web, u) for u in urls)):
         if isinstance(fetched, FetchError):
@@ -265,7 +270,7 @@ async def research(
     for err in errors:
         logger.info("research %s: %s", prospect.company, err)
 
-    matcher = CompanyMatcher(prospect.company, prospect.website)
+    documents = attributed_documents(matcher, documents)
     profile = Profile(
         company=prospect.company, website=prospect.website, sources=[d.url for d in documents]
     )

@@ -1,19 +1,21 @@
 """What a campaign in the store produced: per-company predictions for scoring, and a summary of
-runs, emails, grounding, tokens, latency and cost (read from the store, never recomputed)."""
+runs, emails, grounding (facts kept, dropped by reason), tokens, latency and cost (read from the store,
+never recomputed)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from agents.schemas import Fact, Profile, ProspectInfo
+from agents.schemas import DROP_REASONS, Fact, Profile, ProspectInfo
 from evals.costs import percentile
 from store.models import Campaign, EmailRecord, FactRecord, ProfileRecord, Prospect, Run, RunStatus, Trace
 
-__all__ = ["CampaignRow", "CampaignSummary", "campaign_predictions", "campaign_summary", "collect_rows"]
+__all__ = ["CampaignRow", "CampaignSummary", "campaign_predictions", "campaign_summary", "collect_rows",
+           "sum_drop_reasons"]
 
 
 def _campaign_id(session: Session, campaign: str) -> int:
@@ -49,15 +51,27 @@ def campaign_predictions(engine: Engine, campaign: str) -> dict[str, dict[str, s
 
 @dataclass(frozen=True)
 class CampaignSummary:
-    """Counts and figures of one campaign. Latencies are milliseconds per model call; cost in US dollars."""
+    """Counts and figures of one campaign. Latencies are milliseconds per model call; cost in US dollars.
+
+    Attributes:
+        no_facts: runs whose research found no verified fact (status ``no_facts``).
+        valid_emails: emails that passed validation, ``unpersonalised_emails`` of them written without a
+            company fact (the campaign opted in to such emails).
+        dropped_facts: model facts dropped by grounding, in all; ``drop_reasons`` splits them by reason
+            (every key of ``agents.schemas.DROP_REASONS``, 0 when none). Profiles stored before reasons
+            were recorded count in ``dropped_facts`` only, so the reasons may sum to less.
+    """
 
     runs: int
     done: int
+    no_facts: int
     failed: int
     pending: int
     valid_emails: int
+    unpersonalised_emails: int
     facts: int
     dropped_facts: int
+    drop_reasons: dict[str, int]
     model_calls: int
     input_tokens: int
     output_tokens: int
@@ -76,7 +90,8 @@ def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
         cid = _campaign_id(session, campaign)
         statuses = session.exec(select(Run.status).where(Run.campaign_id == cid)).all()
         run_ids = select(Run.id).where(Run.campaign_id == cid)
-        valid = session.exec(select(EmailRecord.valid).where(col(EmailRecord.run_id).in_(run_ids))).all()
+        emails = session.exec(select(EmailRecord.valid, EmailRecord.personalised)
+                              .where(col(EmailRecord.run_id).in_(run_ids))).all()
         profiles = session.exec(select(ProfileRecord).where(col(ProfileRecord.run_id).in_(run_ids))).all()
         n_facts = len(session.exec(select(FactRecord.id).where(
             col(FactRecord.profile_id).in_([p.id for p in profiles]))).all())
@@ -85,11 +100,14 @@ def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
     return CampaignSummary(
         runs=len(statuses),
         done=sum(s == RunStatus.DONE for s in statuses),
+        no_facts=sum(s == RunStatus.NO_FACTS for s in statuses),
         failed=sum(s == RunStatus.FAILED for s in statuses),
         pending=sum(s in (RunStatus.PENDING, RunStatus.RUNNING) for s in statuses),
-        valid_emails=sum(bool(v) for v in valid),
+        valid_emails=sum(bool(v) for v, _ in emails),
+        unpersonalised_emails=sum(bool(v) and not personal for v, personal in emails),
         facts=n_facts,
         dropped_facts=sum(p.dropped_facts for p in profiles),
+        drop_reasons=sum_drop_reasons(p.drop_reasons for p in profiles),
         model_calls=len(traces),
         input_tokens=sum(t.input_tokens for t in traces),
         output_tokens=sum(t.output_tokens for t in traces),
@@ -97,6 +115,16 @@ def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
         latency_p95_ms=percentile(latencies, 95),
         cost_usd=sum(t.cost_usd for t in traces),
     )
+
+
+def sum_drop_reasons(reasons: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Add up ``Profile.drop_reasons`` dicts: ``{reason: count}`` with every ``DROP_REASONS`` key (0 when
+    none), in that order, then any other reason found."""
+    total = dict.fromkeys(DROP_REASONS, 0)
+    for one in reasons:
+        for reason, n in (one or {}).items():
+            total[reason] = total.get(reason, 0) + int(n)
+    return total
 
 
 @dataclass
@@ -144,6 +172,7 @@ def collect_rows(engine: Engine, campaign: str, emails: Iterable[str] | None = N
         profile = None
         if prec is not None:
             profile = Profile(company=prec.company, website=prec.website, facts=facts.get(prec.id or -1, []),
-                              dropped_facts=prec.dropped_facts, sources=prec.sources)
+                              dropped_facts=prec.dropped_facts, drop_reasons=dict(prec.drop_reasons or {}),
+                              sources=prec.sources)
         rows[p.email] = CampaignRow(info, run, profile, mails.get(run_id))
     return rows, traces

@@ -12,6 +12,10 @@ against cost per 1,000 emails: the model-size trade-off view of "How Small Can Y
 against the reference with its Wilson interval) and ``latency`` (p50 and p95 per email). Plots that have
 no data (e.g. win rate with one configuration) are left out.
 
+The research table gives facts kept and dropped, the drops split by reason (``ungrounded``,
+``misattributed``: the source is not about the prospect's company, ``bad_value``); the overview counts
+prospects whose research kept no verified fact (``no_facts``) apart from failed ones.
+
 Page text is hostile input (configuration names, failure reasons, emails quote web pages), so the
 template is rendered with autoescaping on.
 """
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agents.schemas import DROP_REASONS
 from evals.runner import ConfigResult, EvalResult
 
 __all__ = ["PLOT_TITLES", "ReportFiles", "render_html", "render_plots", "write_report"]
@@ -204,7 +209,8 @@ def render_html(result: EvalResult, plots: dict[str, bytes] | None = None) -> st
     images = [{"name": n, "title": PLOT_TITLES.get(n, n),
                "src": "data:image/png;base64," + base64.b64encode(png).decode("ascii")} for n, png in plots.items()]
     return env.get_template("report.html.j2").render(r=result, ok=_ok(result), images=images,
-                                                     failed=[c for c in result.configs if c.status == "failed"])
+                                                     failed=[c for c in result.configs if c.status == "failed"],
+                                                     drop_reasons=DROP_REASONS)
 
 
 def write_report(result: EvalResult, out_dir: Path) -> ReportFiles:

@@ -8,16 +8,20 @@ evaluation again resumes it (done prospects are not run twice).
 Per configuration (``ConfigResult``):
 
 * research: field precision, recall and F1 against gold (``evals.scoring.score_profiles``), the
-  grounded-fact rate (facts kept / (kept + dropped because their evidence was not found)) and the
-  schema-valid rate (researcher model calls whose answer parses as ``ExtractionOutput``);
-* email: the rubric's pass rate per check (``evals.rubric``) and the graph's own validation rate;
+  grounded-fact rate (facts kept / (kept + dropped by grounding)), the drops by reason (``ungrounded``,
+  ``misattributed``, ``bad_value``) and the schema-valid rate (researcher model calls whose answer
+  parses as ``ExtractionOutput``);
+* runs: ``done``, ``no_facts`` (research kept no verified fact) and failed;
+* email: the rubric's pass rate per check (``evals.rubric``), the graph's own validation rate and how
+  many emails were written without a company fact (when the campaign opts in);
 * pairwise: head-to-head against the reference configuration (``evals.judge``);
 * cost and speed (``evals.costs``).
 
 A configuration whose backend fails does not stop the others: a malformed spec or a missing
 miniature fails before any run; an unreachable endpoint is found by the **probe** (the first
 ``probe`` prospects are run first, and when all of them fail the configuration is stopped and
-reported as failed with the first reason instead of waiting on every prospect's timeouts).
+reported as failed with the first reason instead of waiting on every prospect's timeouts). A probe
+prospect that ends ``no_facts`` counts as a working backend.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from sqlalchemy import Engine
 
 from agents.parsing import OutputParseError, parse_model_output
 from agents.schemas import FACT_FIELDS, EmailDraft, ExtractionOutput, Offer, Profile, ProspectInfo, RenderedEmail
-from evals.campaigns import CampaignRow, collect_rows
+from evals.campaigns import CampaignRow, collect_rows, sum_drop_reasons
 from evals.costs import DEFAULT_INSTANCE_PRICES, CostFigures, cost_figures
 from evals.judge import Judge, JudgeItem, LLMJudge, PairwiseResult, RubricJudge, judge_pairs
 from evals.rubric import RUBRIC_CHECKS, RubricResult, RubricSummary, score_email, summarize_rubric
@@ -291,7 +295,12 @@ def yc_eval_set(csv_path: Path, offer: Offer, *, limit: int = 30, employee_toler
 
 
 class ResearchFigures(BaseModel):
-    """Research quality of one configuration (rates in [0, 1]; None when undefined)."""
+    """Research quality of one configuration (rates in [0, 1]; None when undefined).
+
+    ``dropped_facts`` is the total dropped by grounding; ``drop_reasons`` splits it by reason (every key
+    of ``agents.schemas.DROP_REASONS``, e.g. ``misattributed``: the source is not about the prospect's
+    company).
+    """
 
     precision: float | None = None
     recall: float | None = None
@@ -299,16 +308,19 @@ class ResearchFigures(BaseModel):
     per_field: dict[str, dict[str, float]] = Field(default_factory=dict)
     facts: int = 0
     dropped_facts: int = 0
+    drop_reasons: dict[str, int] = Field(default_factory=dict)
     grounded_fact_rate: float | None = None
     researcher_calls: int = 0
     schema_valid_rate: float | None = None
 
 
 class EmailFigures(BaseModel):
-    """Email quality of one configuration: rubric pass rates per check, over every prospect."""
+    """Email quality of one configuration: rubric pass rates per check, over every prospect.
+    ``unpersonalised`` counts emails written without a company fact (the campaign opted in)."""
 
     prospects: int
     written: int
+    unpersonalised: int = 0
     pass_rates: dict[str, float]
     all_pass_rate: float
     mean_checks_passed: float
@@ -333,7 +345,8 @@ class PairwiseFigures(BaseModel):
 
 
 class ConfigResult(BaseModel):
-    """Everything measured for one configuration. ``status`` is ``ok`` or ``failed`` (with ``error``)."""
+    """Everything measured for one configuration. ``status`` is ``ok`` or ``failed`` (with ``error``);
+    ``done``, ``no_facts`` (research kept no verified fact) and ``failed_runs`` count its runs by status."""
 
     name: str
     researcher: str
@@ -344,6 +357,7 @@ class ConfigResult(BaseModel):
     error: str | None = None
     prospects: int = 0
     done: int = 0
+    no_facts: int = 0
     failed_runs: int = 0
     failures: list[tuple[str, str]] = Field(default_factory=list)
     research: ResearchFigures | None = None
@@ -387,7 +401,8 @@ class EvalResult(BaseModel):
 
 def _research_figures(eval_set: EvalSet, rows: Mapping[str, CampaignRow], traces: Sequence[Trace]) -> ResearchFigures:
     facts = sum(len(r.profile.facts) for r in rows.values() if r.profile)
-    dropped = sum(r.profile.dropped_facts for r in rows.values() if r.profile)
+    profiles = [r.profile for r in rows.values() if r.profile]
+    dropped = sum(p.dropped_facts for p in profiles)
     researcher_traces = [t for t in traces if t.agent == "researcher"]
     valid = 0
     for t in researcher_traces:
@@ -399,7 +414,7 @@ def _research_figures(eval_set: EvalSet, rows: Mapping[str, CampaignRow], traces
         except OutputParseError:
             pass
     figures = ResearchFigures(
-        facts=facts, dropped_facts=dropped,
+        facts=facts, dropped_facts=dropped, drop_reasons=sum_drop_reasons(p.drop_reasons for p in profiles),
         grounded_fact_rate=facts / (facts + dropped) if facts + dropped else None,
         researcher_calls=len(researcher_traces),
         schema_valid_rate=valid / len(researcher_traces) if researcher_traces else None,
@@ -472,7 +487,7 @@ async def _run_config(
         if probe > 0:
             first = await run_campaign(engine, campaign, limit=probe, **kwargs)
             reports.append(first)
-            if first.total and not first.done:
+            if first.total and not first.done and not first.no_facts:
                 reason = first.failures[0][1] if first.failures else "unknown error"
                 return reports, (f"all {first.failed} probe prospects failed (researcher {config.researcher}, "
                                  f"writer {config.writer}); first reason: {reason}")
@@ -574,6 +589,7 @@ async def run_eval(
             name=config.name, researcher=config.researcher, writer=config.writer, max_pages=config.max_pages,
             campaign=campaign, status="failed" if error else "ok", error=error, prospects=len(rows),
             done=sum(bool(r.run and r.run.status == RunStatus.DONE) for r in rows.values()),
+            no_facts=sum(bool(r.run and r.run.status == RunStatus.NO_FACTS) for r in rows.values()),
             failed_runs=sum(bool(r.run and r.run.status == RunStatus.FAILED) for r in rows.values()),
             failures=[(k, r.run.error or "") for k, r in rows.items()
                       if r.run and r.run.status == RunStatus.FAILED][:10],
@@ -585,7 +601,9 @@ async def run_eval(
             written = [r for r in rows.values() if r.email is not None]
             result.research = _research_figures(eval_set, rows, traces)
             result.email = EmailFigures(
-                prospects=summary.n, written=summary.written, pass_rates=summary.pass_rates,
+                prospects=summary.n, written=summary.written,
+                unpersonalised=sum(bool(r.email and not r.email.personalised) for r in written),
+                pass_rates=summary.pass_rates,
                 all_pass_rate=summary.all_pass_rate, mean_checks_passed=summary.mean_passed,
                 graph_valid_rate=sum(bool(r.email and r.email.valid) for r in written) / len(rows) if rows else 0.0)
             run_ms = [ms for r in written if r.run and (ms := _ms(r.run.started_at, r.run.finished_at)) is not None]

@@ -32,6 +32,9 @@ class CampaignContext:
     models: ModelPool = field(default_factory=ModelPool, metadata={"description": "Built models, by spec."})
     max_pages: int = field(default=5, metadata={"description": "Pages the researcher fetches at most."})
     max_write_attempts: int = field(default=2, metadata={"description": "Writer attempts (1 + retries)."})
+    unpersonalised_emails: bool = field(default=False, metadata={
+        "description": "When research finds no verified fact, still write an email without company facts "
+                       "(stored as not personalised); when False such a run ends ``no_facts`` with no email."})
     on_save: SaveHook | None = field(default=None, metadata={"description": "Persists the final state."})
 
     def __post_init__(self) -> None:

@@ -2,8 +2,11 @@
 isolation and resume.
 
 Resume works because each run's results and traces are committed in one transaction together with
-its ``done``/``failed`` status: after ``kill -9``, runs left ``pending`` or ``running`` have written
-nothing and are simply run again, so no email or trace is duplicated or lost.
+its ``done``/``no_facts``/``failed`` status: after ``kill -9``, runs left ``pending`` or ``running`` have
+written nothing and are simply run again, so no email or trace is duplicated or lost. ``done`` and
+``no_facts`` runs are finished and never rerun on their own; ``failed`` ones rerun with ``retry_failed``,
+``no_facts`` ones with ``retry_no_facts`` (e.g. after the corpus grew, or to write non-personalised
+emails for them).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunEvent:
-    """Progress of one run, for progress bars: ``status`` is ``running``, ``done`` or ``failed``."""
+    """Progress of one run, for progress bars: ``status`` is ``running``, ``done``, ``no_facts`` or ``failed``."""
 
     prospect: str
     status: str
@@ -54,15 +57,22 @@ class RunEvent:
 
 @dataclass
 class CampaignReport:
-    """What one ``run_campaign`` call did. ``skipped`` counts runs already done before it started."""
+    """What one ``run_campaign`` call did.
+
+    ``no_facts`` counts runs whose research found no verified fact (``without_facts`` lists their
+    prospect emails with what research saw); ``skipped`` counts runs finished (``done`` or ``no_facts``)
+    before the call started and not rerun by it.
+    """
 
     campaign: str
     total: int = 0
     done: int = 0
+    no_facts: int = 0
     failed: int = 0
     skipped: int = 0
     elapsed_s: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    without_facts: list[tuple[str, str]] = field(default_factory=list)
 
 
 def add_prospects(
@@ -89,8 +99,14 @@ def add_prospects(
         return added, len(prospects) - added
 
 
-def _pending_runs(engine: Engine, campaign: str, retry_failed: bool, limit: int | None
+#: Statuses of finished runs (``CampaignReport.skipped`` counts those a call does not rerun).
+_FINISHED = {RunStatus.DONE, RunStatus.NO_FACTS}
+
+
+def _pending_runs(engine: Engine, campaign: str, retry: set[str], limit: int | None
                   ) -> tuple[Campaign, list[tuple[Run, Prospect]], int]:
+    """The campaign, its runs to do now (pending or interrupted ones, and those whose status is in
+    ``retry``) and how many finished runs it leaves as they are."""
     with session_scope(engine) as session:
         record = session.exec(select(Campaign).where(Campaign.name == campaign)).first()
         if record is None:
@@ -105,12 +121,12 @@ def _pending_runs(engine: Engine, campaign: str, retry_failed: bool, limit: int 
                 session.add(run)
                 runs[p.id] = run  # type: ignore[index]
         session.flush()
-        wanted = {RunStatus.PENDING, RunStatus.RUNNING} | ({RunStatus.FAILED} if retry_failed else set())
+        wanted = {RunStatus.PENDING, RunStatus.RUNNING} | retry
         todo = [(runs[p.id], p) for p in prospects if runs[p.id].status in wanted]  # type: ignore[index]
-        done = sum(1 for r in runs.values() if r.status == RunStatus.DONE)
+        finished = sum(1 for r in runs.values() if r.status in _FINISHED - wanted)
         if limit is not None:
             todo = todo[:limit]
-        return record, todo, done
+        return record, todo, finished
 
 
 def _mark_running(engine: Engine, run_id: int, researcher: str, writer: str) -> None:
@@ -147,7 +163,8 @@ def _persist(engine: Engine, run_id: int, final: Mapping[str, Any], recorder: Tr
         profile: Profile | None = final.get("profile")
         if profile is not None:
             prec = ProfileRecord(run_id=run_id, company=profile.company, website=profile.website,
-                                 dropped_facts=profile.dropped_facts, sources=profile.sources)
+                                 dropped_facts=profile.dropped_facts, drop_reasons=dict(profile.drop_reasons),
+                                 sources=profile.sources)
             session.add(prec)
             session.flush()
             for fact in profile.facts:
@@ -158,6 +175,7 @@ def _persist(engine: Engine, run_id: int, final: Mapping[str, Any], recorder: Tr
                 run_id=run_id, subject_template=draft.subject, body_template=draft.body,
                 subject=rendered.subject, body=rendered.body,
                 checks=validation.model_dump() if validation else {}, valid=bool(validation and validation.ok),
+                personalised=final.get("personalised", True),
             ))
         session.flush()
         for trace in recorder.traces:
@@ -184,11 +202,13 @@ async def run_campaign(
     max_pages: int = 5,
     prospect_timeout_s: float = 120.0,
     retry_failed: bool = False,
+    retry_no_facts: bool = False,
+    unpersonalised_emails: bool = False,
     limit: int | None = None,
     on_event: Callable[[RunEvent], None] | None = None,
     before_persist: BeforePersist | None = None,
 ) -> CampaignReport:
-    """Run (or resume) a campaign: every prospect whose run is not done goes through the graph.
+    """Run (or resume) a campaign: every prospect whose run is not finished goes through the graph.
 
     Args:
         engine: the store.
@@ -201,16 +221,22 @@ async def run_campaign(
         max_pages: pages the researcher fetches per prospect.
         prospect_timeout_s: a run still going after this many seconds is marked failed.
         retry_failed: also rerun runs that failed before.
+        retry_no_facts: also rerun runs whose research found no verified fact before (``no_facts``).
+        unpersonalised_emails: when research finds no verified fact, still write an email without company
+            facts (stored with ``EmailRecord.personalised = False``); by default such a run ends
+            ``no_facts`` with no email.
         limit: run at most this many of the pending runs.
         on_event: called as each run starts and ends (for progress bars).
         before_persist: called with each finished run and its ``TraceRecorder`` inside the transaction
             that saves them, to adjust what is written (``finetune.replay`` links replayed traces).
 
     Returns:
-        ``CampaignReport`` with counts and each failure's prospect email and reason.
+        ``CampaignReport`` with counts, each failure's prospect email and reason, and each ``no_facts``
+        prospect's email and what research saw.
 
     Raises:
         KeyError: no campaign of that name. A failing prospect never raises: it is marked failed.
+        ValueError: ``concurrency`` < 1.
         miniatures.specs.BackendSpecError: a backend spec is malformed (checked before any run starts).
     """
     if concurrency < 1:
@@ -220,7 +246,8 @@ async def run_campaign(
     if models.store is None:
         models.store = engine  # miniature: specs are looked up in this campaign's store
     models.get(researcher), models.get(writer)  # fail fast on a bad spec, before touching any run
-    record, todo, already_done = _pending_runs(engine, campaign, retry_failed, limit)
+    retry = {s for s, on in ((RunStatus.FAILED, retry_failed), (RunStatus.NO_FACTS, retry_no_facts)) if on}
+    record, todo, already_done = _pending_runs(engine, campaign, retry, limit)
     offer = Offer.model_validate(record.offer)
     report = CampaignReport(campaign=campaign, total=len(todo), skipped=already_done)
     semaphore = asyncio.Semaphore(concurrency)
@@ -240,7 +267,8 @@ async def run_campaign(
                 saved.update(final)
 
             context = CampaignContext(offer=offer, web=RecordingWeb(web, recorder), researcher=researcher,
-                                      writer=writer, models=models, max_pages=max_pages, on_save=on_save)
+                                      writer=writer, models=models, max_pages=max_pages,
+                                      unpersonalised_emails=unpersonalised_emails, on_save=on_save)
             try:
                 await asyncio.wait_for(
                     graph.ainvoke({"prospect": info}, context=context, config={"callbacks": [recorder]}),
@@ -255,6 +283,9 @@ async def run_campaign(
             status = saved.get("status", RunStatus.FAILED)
             if status == RunStatus.DONE:
                 report.done += 1
+            elif status == RunStatus.NO_FACTS:
+                report.no_facts += 1
+                report.without_facts.append((info.email, str(saved.get("error"))))
             else:
                 report.failed += 1
                 report.failures.append((info.email, str(saved.get("error"))))

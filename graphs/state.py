@@ -17,10 +17,17 @@ class CampaignInput(TypedDict):
 
 
 class CampaignOutput(TypedDict, total=False):
-    """What a run returns: ``status`` is ``done`` (a valid email) or ``failed`` (see ``error``)."""
+    """What a run returns.
+
+    ``status`` is ``done`` (a valid email), ``no_facts`` (research found no verified fact: no email, or,
+    when the campaign opts in, a valid non-personalised one) or ``failed`` (see ``error``). For
+    ``no_facts``, ``error`` says what research saw. ``personalised`` is False for an email written
+    without any company fact.
+    """
 
     status: str
     error: str | None
+    personalised: bool
     profile: Profile
     draft: EmailDraft | None
     rendered: RenderedEmail | None

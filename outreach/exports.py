@@ -1,4 +1,9 @@
-"""Email exports: CSV, JSONL, or one ``.eml`` file per email (RFC 5322, via ``email.message``)."""
+"""Email exports: CSV, JSONL, or one ``.eml`` file per email (RFC 5322, via ``email.message``).
+
+Every format says whether an email is personalised: a ``personalised`` CSV column and JSONL field
+(``false`` for an email written without any company fact, which a campaign writes only when it opts in
+with the ``unpersonalised_emails`` setting) and an ``X-Outreach-Personalised: yes|no`` header.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,10 @@ EXPORT_FORMATS = ("csv", "jsonl", "eml")
 
 @dataclass(frozen=True)
 class ExportedEmail:
-    """One email with its recipient and sender, ready to hand to a sending tool."""
+    """One email with its recipient and sender, ready to hand to a sending tool.
+
+    ``personalised`` is False for an email written without any verified company fact.
+    """
 
     email_id: int
     campaign: str
@@ -31,6 +39,7 @@ class ExportedEmail:
     subject: str
     body: str
     valid: bool
+    personalised: bool = True
 
 
 def load_emails(engine: Engine, campaign: str | None = None, *, include_invalid: bool = False) -> list[ExportedEmail]:
@@ -52,7 +61,7 @@ def load_emails(engine: Engine, campaign: str | None = None, *, include_invalid:
         ExportedEmail(
             email_id=e.id or 0, campaign=c.name, to_name=f"{p.first_name} {p.last_name}".strip(), to_email=p.email,
             company=p.company, sender=f"{c.offer.get('sender_name', '')} ({c.offer.get('sender_company', '')})",
-            subject=e.subject, body=e.body, valid=e.valid,
+            subject=e.subject, body=e.body, valid=e.valid, personalised=e.personalised,
         )
         for e, p, c in rows
     ]
@@ -74,6 +83,7 @@ def export_emails(emails: list[ExportedEmail], fmt: str, out: Path) -> int:
             message["From"] = e.sender
             message["Subject"] = e.subject
             message["X-Outreach-Campaign"] = e.campaign
+            message["X-Outreach-Personalised"] = "yes" if e.personalised else "no"
             message.set_content(e.body)
             (out / f"{e.email_id:06d}.eml").write_bytes(bytes(message))
         return len(emails)

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     concurrency: int = Field(4, ge=1, description="Prospects researched and written at once.")
     max_pages: int = Field(5, ge=1, description="Pages the researcher fetches per prospect.")
     prospect_timeout_s: float = Field(120.0, gt=0, description="A run taking longer is marked failed.")
+    unpersonalised_emails: bool = Field(
+        False, description="When research finds no verified fact, still write an email without company facts "
+                           "(exported as not personalised); off: the run ends no_facts with no email.")
     search_backends: list[str] = Field(
         default_factory=lambda: ["duckduckgo", "brave", "mojeek", "bing"],
         description="ddgs backends, tried in this order.",

@@ -159,6 +159,11 @@ def test_company_names_match_on_word_boundaries_with_legal_suffixes() -> None:
     assert not one_word.names("the toxic fume spread") and not one_word.names("Fumes rose")
     assert not one_word.names("visit fumedev.com.evil.example") and not one_word.names("notfumedev.com")
     assert one_word.is_own("https://docs.fumedev.com/x") and not one_word.is_own("https://fumedev.com.evil.example")
+    # A name that is a common word ("Atlas", "Million") is a mention only with a legal suffix or the domain.
+    common = CompanyMatcher("Atlas", "https://atlas.example")
+    assert not common.names("Atlas of the world") and not common.names("Atlas raised money")
+    assert common.names("Atlas Inc. raised money") and common.names("Atlas, GmbH") and common.names("atlas.example")
+    assert not CompanyMatcher("Million", "million.example").names("63 Million small businesses")
 
 
 @pytest.mark.parametrize(("field", "sentence", "value"), [

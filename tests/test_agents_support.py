@@ -44,7 +44,7 @@ class FakeWeb:
         self.queries.append(query)
         if self.search_fails:
             raise SearchError(f"all backends failed for {query!r}")
-        words = query.lower().split()
+        words = query.lower().replace('"', " ").split()  # quoted phrases: their words, like the rest
         urls = [u for u, t in self.pages.items() if any(w in (t + u).lower() for w in words)]
         urls += sorted(self.broken)
         return [SearchHit(url=u, rank=i) for i, u in enumerate(urls[:max_results])]

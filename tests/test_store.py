@@ -104,3 +104,79 @@ def test_migration_002_adds_replay_link_to_an_older_store(tmp_path):
         run = s.get(Run, 1)
         assert run is not None and run.status == "done" and run.replay_of_id is None  # kept, not lost
     assert applied_versions(engine) == [m.version for m in MIGRATIONS]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_store_url(request, tmp_path):  # type: ignore[no-untyped-def]
+    """The URL of an empty database with no tables: a SQLite file, or the PostgreSQL server named by
+    OUTREACH_TEST_POSTGRES_URL (skipped when unset; its tables are dropped before and after)."""
+    import os
+
+    from sqlalchemy import text
+
+    from store.engine import open_store
+    from store.models import SQLModel
+
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.sqlite'}"
+        return
+    url = os.environ.get("OUTREACH_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("OUTREACH_TEST_POSTGRES_URL is not set")
+
+    def drop_all() -> None:
+        eng = open_store(url, migrate_schema=False)
+        with eng.begin() as conn:
+            SQLModel.metadata.drop_all(conn)
+            conn.execute(text("DROP TABLE IF EXISTS schema_migrations"))
+        eng.dispose()
+
+    drop_all()
+    yield url
+    drop_all()
+
+
+def test_migration_003_upgrades_a_store_made_before_it_and_keeps_its_rows(empty_store_url, monkeypatch):
+    from sqlalchemy import MetaData, Table, text
+
+    import store.migrations
+    from store.engine import open_store
+    from store.models import utcnow
+
+    old = open_store(empty_store_url, migrate_schema=False)
+    monkeypatch.setattr(store.migrations, "MIGRATIONS", MIGRATIONS[:2])
+    assert migrate(old) == [1, 2]
+    monkeypatch.undo()
+    with old.begin() as conn:  # 001 creates today's tables: remove what a store made before 003 lacks
+        conn.execute(text("ALTER TABLE profiles DROP COLUMN drop_reasons"))
+        conn.execute(text("ALTER TABLE emails DROP COLUMN personalised"))
+    with session_scope(old) as s:
+        c = Campaign(name="old", offer={"product": "Widget"})
+        s.add(c)
+        s.flush()
+        p = Prospect(campaign_id=c.id, first_name="Ana", email="ana@x.example", company="X")
+        s.add(p)
+        s.flush()
+        s.add(Run(campaign_id=c.id, prospect_id=p.id, status="done"))
+    with old.begin() as conn:
+        profiles, emails = (Table(name, MetaData(), autoload_with=conn) for name in ("profiles", "emails"))
+        assert "drop_reasons" not in profiles.c and "personalised" not in emails.c
+        conn.execute(profiles.insert().values(id=1, run_id=1, company="X", website="https://x.example",
+                                              dropped_facts=3, sources=["https://x.example/"],
+                                              created_at=utcnow()))
+        conn.execute(emails.insert().values(id=1, run_id=1, subject_template="Hi {{first_name}}",
+                                            body_template="b", subject="Hi Ana", body="b", checks={"length": True},
+                                            valid=True, created_at=utcnow()))
+    old.dispose()
+
+    engine = open_store(empty_store_url)
+    assert applied_versions(engine) == [m.version for m in MIGRATIONS]
+    with session_scope(engine) as s:
+        profile = s.exec(select(ProfileRecord)).one()
+        assert (profile.company, profile.dropped_facts, profile.sources) == ("X", 3, ["https://x.example/"])
+        assert profile.drop_reasons == {}  # the reasons were not recorded then
+        mail = s.exec(select(EmailRecord)).one()
+        assert (mail.subject, mail.checks, mail.valid, mail.personalised) == ("Hi Ana", {"length": True}, True, True)
+        assert s.exec(select(Run)).one().status == "done"
+    assert migrate(engine) == []
+    engine.dispose()

@@ -96,6 +96,13 @@ def test_search_ranks_title_over_text(corpus: Corpus) -> None:
         "",
         "a\"b'c",
         "ü:^",
+        '"unbalanced',
+        '"" "" ""',
+        '"AND" "NEAR" "OR"',
+        '"Smith & Sons" -x',
+        'x\x00y',
+        '"*" "^" ":"',
+        "example.com",
     ],
 )
 def test_hostile_queries_never_raise(corpus: Corpus, query: str) -> None:
@@ -104,9 +111,82 @@ def test_hostile_queries_never_raise(corpus: Corpus, query: str) -> None:
         assert hits and hits[0].url == "https://smith-sons.example/"
 
 
-def test_fts_query_quotes_every_word() -> None:
-    assert fts_query('Smith & Sons "AI-first"') == '"smith" OR "sons" OR "ai" OR "first"'
+def test_fts_query_grammar_phrases_required_bare_words_ranked() -> None:
+    assert fts_query('"Acme Freight" news') == '"acme freight" AND "news"'
+    assert fts_query('"Acme Freight" news funding') == '"acme freight" AND ("news" OR "funding")'
+    assert fts_query('"fumedev.com"') == '"fumedev.com"'  # one FTS5 string: the phrase "fumedev com"
+    assert fts_query("Fume fumedev.com") == '"fume" OR "fumedev.com"'  # a bare domain stays one term
+    assert fts_query('Smith & Sons "AI-first"') == '"ai-first" AND ("smith" OR "sons")'
+    assert fts_query('"?!" news "" NEAR(') == '"news" OR "near"'  # empty phrases are left out
     assert fts_query("?!") == ""
+
+
+def test_phrase_queries_name_the_company_not_its_parts(tmp_path: Path) -> None:
+    """Real shapes: many pages mention a ".com" and "news"; a one-word name that is also a common word;
+    a near-namesake; a round-up naming the company among others."""
+    c = Corpus(tmp_path / "c.sqlite")
+    c.add_many(
+        [doc(f"https://shop{i}.example/", f"Shop {i}", f"Order at shop{i}.com. Our news.") for i in range(30)]
+        + [
+            doc("https://fumedev.com/", "Fume", "Fume writes end-to-end tests for your web app."),
+            doc("https://safety.example/", "Welding safety news", "Toxic fume extraction. Fume hoods save lungs."),
+            doc("https://hn.example/1", "Show HN", "Fume (fumedev.com) news: it now writes Playwright tests."),
+            doc("https://www.brightline.example/", "Brightline", "Brightline trains. Latest news."),
+            doc("https://roundup.example/w", "This week", "News: Brightlane, Brightline and Quorvanta raised."),
+            doc("https://acmefreightco.example/", "Acme Freightco", "Acme Freightco news from Denver."),
+            doc("https://freight.example/", "Freight", "Freight news: Acme and others. Acme freight costs."),
+            doc("https://acme.example/", "Acme Freight", "Acme Freight news: a Series A."),
+        ]
+    )
+    urls = lambda q: {h.url for h in c.search(q, max_results=50)}  # noqa: E731
+    assert urls('"fumedev.com"') == {"https://fumedev.com/", "https://hn.example/1"}  # no "com" pages
+    assert urls('"Fume" news') == {"https://safety.example/", "https://hn.example/1"}  # both say "fume" and news
+    assert urls('"Brightlane" news') == {"https://roundup.example/w"}
+    assert urls('"Acme Freight" news') == {"https://acme.example/", "https://freight.example/"}  # words in order
+    assert c.search('"Acme Freight"')[0].url == "https://acme.example/"  # the title match first
+    # free text keeps its forgiving reading: any word, best first
+    assert c.search("shop7 news")[0].url == "https://shop7.example/"
+
+
+def test_an_address_in_a_phrase_must_appear_as_written(tmp_path: Path) -> None:
+    """The tokenizer reads "front.page" as "front page"; a domain query must not match those words."""
+    c = Corpus(tmp_path / "c.sqlite")
+    c.add_many([
+        doc("https://www.forage.xyz/", "Forage", "Payments for the front page of every grocer."),
+        doc("https://front.page/", "FrontPage", "A trading community for India."),
+        doc("https://blog.example/", "Blog", "We love FRONT.PAGE and frontpage.in."),
+        doc("https://myfront.page/", "Myfront", "Another site."),
+    ])
+    assert [h.url for h in c.search('"front.page"')] == ["https://front.page/", "https://blog.example/"]
+    assert [h.rank for h in c.search('"front.page"')] == [0, 1]
+    assert len(c.search('"front.page"', max_results=1)) == 1
+    assert len(c.search('"front page"')) == 3  # the words, wherever they stand
+
+
+def test_real_directory_domain_query_returns_only_that_company(realdata: Path) -> None:
+    """All Active YC rows as one corpus: the old ``"{company} {host}"`` query returned other companies'
+    descriptions through ``com`` (3,802 of 4,354 hits for these 551 companies); ``'"{domain}"'`` returns
+    the company's own page and pages that write its domain, nothing else."""
+    from agents.attribution import registrable_domain
+    from tools.corpus_import import import_csv
+
+    c = Corpus(":memory:")
+    import_csv(realdata / "companies" / "yc_companies_even_ids.csv", c, name_column="company_name",
+               url_column="website", text_columns=("short_description", "long_description"),
+               where=lambda row: row["status"] == "Active")
+    urls = c.urls()
+    assert len(urls) > 1500
+    foreign = total = 0
+    for url in urls[::3]:
+        domain = registrable_domain(url)
+        hits = c.search(f'"{domain}"')
+        assert any(h.url == url for h in hits), domain
+        for h in hits:
+            total += 1
+            page = c.get(h.url)
+            assert page is not None
+            foreign += domain not in f"{h.url} {page.text}".lower()
+    assert foreign == 0 and total < 1.1 * len(urls[::3])
 
 
 def test_search_over_thousands_of_docs_is_fast(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from ddgs.exceptions import DDGSException, RatelimitException, TimeoutException
 
-from tools.search import DdgsSearch
+from tools.search import DdgsSearch, parse_query, quote_phrase
 from tools.types import SearchError
 
 
@@ -120,3 +120,33 @@ def test_bad_arguments_are_refused() -> None:
         DdgsSearch(("nosuchengine",))  # real ddgs client: unknown names are dropped
     assert DdgsSearch(("nosuchengine", "duckduckgo")).backends == ("duckduckgo",)
     assert fake.calls == []
+
+
+def test_quoted_phrases_reach_the_engine_as_written() -> None:
+    fake = FakeDDGS({"duckduckgo": [ROWS]})
+    make(fake).search_sync('"Acme Freight" news')
+    assert fake.calls[0][1] == '"Acme Freight" news'
+
+
+def test_quote_phrase_always_gives_one_balanced_phrase() -> None:
+    assert quote_phrase("Acme Freight") == '"Acme Freight"'
+    assert quote_phrase(' Foo "Bar"\n Ltd ') == '"Foo Bar Ltd"'
+    assert quote_phrase("fumedev.com") == '"fumedev.com"'
+    with pytest.raises(ValueError, match="no letter or digit"):
+        quote_phrase('" - "')
+
+
+@pytest.mark.parametrize(
+    ("query", "phrases", "terms"),
+    [
+        ('"Acme Freight" news', ["acme freight"], ["news"]),
+        ('"fumedev.com"', ["fumedev.com"], []),
+        ("Fume fumedev.com", [], ["fume", "fumedev.com"]),
+        ("O'Reilly AI-first dana@acme.example", [], ["o'reilly", "ai-first", "dana@acme.example"]),
+        ('"A  B" "a b" x X', ["a b"], ["x"]),              # whitespace collapsed, duplicates dropped
+        ('"unbalanced words', [], ["unbalanced", "words"]),  # a lone quote is ignored
+        ('"?!" "" _ & NEAR(x)', [], ["near", "x"]),          # nothing without a letter or digit
+    ],
+)
+def test_parse_query_grammar(query: str, phrases: list[str], terms: list[str]) -> None:
+    assert parse_query(query) == (phrases, terms)

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from tools.search import parse_query
 from tools.types import Document, FetchError, SearchHit
 
 __all__ = ["Corpus", "CorpusWeb", "fts_query", "url_key"]
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 #: bm25 column weights for (url, title, site_name, text): a title match counts five text matches.
 BM25_WEIGHTS: tuple[float, float, float, float] = (2.0, 5.0, 3.0, 1.0)
 
-_TOKEN = re.compile(r"\w+", re.UNICODE)
+# A domain or e-mail address inside a phrase: words joined by dots or "@".
+_ADDRESS = re.compile(r"\w+(?:[.@]\w+)+")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     id INTEGER PRIMARY KEY,
@@ -83,24 +85,28 @@ def _toggle_www(key: str) -> str:
 
 
 def fts_query(query: str) -> str:
-    """Turn free text into a safe FTS5 MATCH expression.
+    """Turn a search query (``tools.search.parse_query``'s grammar) into a safe FTS5 MATCH expression.
 
-    Every word (unicode letters, digits, underscore) becomes a quoted FTS5 string and the words are
-    joined with ``OR``, so punctuation, quotes, hyphens and FTS5 operators in user input (``AND``,
-    ``NEAR``, ``*``, ``"``, ``-``, ``:``) are searched as words and never raise; ``bm25`` ranks pages
-    that match more (and rarer) words first.
+    Every quoted phrase is required; the bare terms are joined with ``OR``, and when the query also
+    has phrases at least one bare term is required too (``bm25`` ranks pages that match more, and
+    rarer, terms first). A phrase or term becomes one FTS5 string, which the ``unicode61`` tokenizer
+    reads as a phrase of its words: ``fumedev.com`` is the phrase ``fumedev com``, never ``fumedev``
+    or ``com`` alone. Quotes, punctuation and FTS5 operators in the input (``AND``, ``NEAR``, ``*``,
+    ``-``, ``:``, parentheses) are searched as words and never raise.
 
     Args:
-        query: free text, e.g. ``'Smith & Sons "AI-first" NEAR: Austin'``.
+        query: e.g. ``'"Acme Freight" news'``, ``'"fumedev.com"'`` or free text ``'Smith & Sons'``.
 
     Returns:
-        An expression such as ``"Smith" OR "Sons" OR "AI" OR "first" OR "NEAR" OR "Austin"``, or ``""``
-        when the query has no words.
+        An expression such as ``"acme freight" AND "news"``, ``"fumedev.com"`` or
+        ``"smith" OR "sons"``; ``""`` when the query has no words.
     """
-    seen: dict[str, None] = {}
-    for token in _TOKEN.findall(query):
-        seen.setdefault(token.lower(), None)
-    return " OR ".join(f'"{token}"' for token in seen)
+    phrases, terms = parse_query(query)
+    required = [f'"{p}"' for p in phrases]
+    if terms:
+        either = " OR ".join(f'"{t}"' for t in terms)
+        required.append(f"({either})" if phrases and len(terms) > 1 else either)
+    return " AND ".join(required)
 
 
 class Corpus:
@@ -206,13 +212,16 @@ class Corpus:
         """Full-text search, best first.
 
         Args:
-            query: free text; any punctuation or FTS5 syntax is searched as plain words (``fts_query``).
+            query: quoted phrases (required) and bare words (``fts_query``), e.g.
+                ``'"Acme Freight" news'``; any other punctuation or FTS5 syntax is searched as words.
             max_results: at most this many hits (must be >= 1).
 
         Returns:
             Hits ranked by FTS5 ``bm25()`` with column weights ``BM25_WEIGHTS`` (title over text);
             ``score`` is ``-bm25`` (higher is better), ``snippet`` a short excerpt of the text with
-            the matching words. Empty when the query has no words or nothing matches.
+            the matching words. A phrase holding an address (``"front.page"``, ``"a@b.example"``)
+            matches only pages whose URL, title or text holds that address as written (any case), not
+            the words ``front page``. Empty when the query has no words or no page holds every phrase.
 
         Raises:
             ValueError: ``max_results`` < 1.
@@ -222,20 +231,27 @@ class Corpus:
         match = fts_query(query)
         if not match:
             return []
+        # The tokenizer reads "front.page" as the words "front page"; a page must hold the address itself.
+        addresses = [a for phrase in parse_query(query)[0] for a in _ADDRESS.findall(phrase)]
         weights = ", ".join(str(w) for w in BM25_WEIGHTS)
         sql = (
             "SELECT url, title, snippet(documents_fts, 3, '', '', ' … ', 24), "
-            f"bm25(documents_fts, {weights}) AS rank "
-            "FROM documents_fts WHERE documents_fts MATCH ? ORDER BY rank LIMIT ?"
+            f"bm25(documents_fts, {weights}) AS rank, text "
+            "FROM documents_fts WHERE documents_fts MATCH ? ORDER BY rank" + ("" if addresses else " LIMIT ?")
         )
+        hits: list[SearchHit] = []
         with self._lock:
-            rows = self._conn.execute(sql, (match, max_results)).fetchall()
-        return [
-            SearchHit(
-                url=url, title=title or "", snippet=" ".join((snippet or "").split()), rank=i, score=-rank
-            )
-            for i, (url, title, snippet, rank) in enumerate(rows)
-        ]
+            for url, title, snippet, rank, text in self._conn.execute(
+                sql, (match,) if addresses else (match, max_results)
+            ):
+                page = f"{url}\n{title}\n{text}".lower()
+                if not all(address in page for address in addresses):
+                    continue
+                hits.append(SearchHit(url=url, title=title or "", snippet=" ".join((snippet or "").split()),
+                                      rank=len(hits), score=-rank))
+                if len(hits) >= max_results:
+                    break
+        return hits
 
     def urls(self) -> list[str]:
         """Every stored URL, in insertion order."""

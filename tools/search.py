@@ -3,25 +3,78 @@
 ddgs's own ``backend="auto"`` picks engines at random; here the engines are tried one at a time in
 the order given, so a run's search path is predictable and logged. A rate-limited engine is retried
 with exponential backoff (tenacity); any other failure moves on to the next engine.
+
+It also defines the query grammar every ``Web`` backend reads (``parse_query``, ``quote_phrase``): a
+double-quoted phrase must appear as written; words outside quotes are plain search words. Web engines
+read quotes the same way, and ``tools.corpus.fts_query`` turns the grammar into FTS5.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from tools.types import SearchError, SearchHit
 
-__all__ = ["DEFAULT_BACKENDS", "DdgsClient", "DdgsSearch"]
+__all__ = ["DEFAULT_BACKENDS", "DdgsClient", "DdgsSearch", "parse_query", "quote_phrase"]
 
 logger = logging.getLogger(__name__)
 
 _NO_RESULTS = "No results found."  # ddgs raises DDGSException with this text when an engine finds nothing
 
 DEFAULT_BACKENDS: tuple[str, ...] = ("duckduckgo", "brave", "mojeek", "bing")
+
+_PHRASE = re.compile(r'"([^"]*)"')
+# A bare term: word characters, optionally joined by single dots, hyphens, apostrophes or "@", so that
+# a domain (fumedev.com), an address or a hyphenated word (AI-first) stays one term.
+_BARE_TERM = re.compile(r"\w+(?:[.@'\u2019-]\w+)*")
+
+
+def quote_phrase(text: str) -> str:
+    """Return ``text`` as one quoted search phrase: ``'Acme Freight'`` -> ``'"Acme Freight"'``.
+
+    Double quotes inside ``text`` are dropped and runs of whitespace become one space, so the result
+    is always a single balanced phrase (``'Foo "Bar" Ltd'`` -> ``'"Foo Bar Ltd"'``).
+
+    Raises:
+        ValueError: ``text`` has no letter or digit (nothing to search for).
+    """
+    inner = " ".join(text.replace('"', " ").split())
+    if not any(ch.isalnum() for ch in inner):
+        raise ValueError(f"search phrase {text!r} has no letter or digit; give a name or words to search for")
+    return f'"{inner}"'
+
+
+def parse_query(query: str) -> tuple[list[str], list[str]]:
+    """Split a search query into its quoted phrases and its bare terms (the query grammar).
+
+    A phrase is the text between a pair of double quotes; a quote without its pair is ignored. A bare
+    term is a run of word characters outside quotes, where single dots, hyphens, apostrophes and
+    ``@`` join rather than split (``fumedev.com``, ``AI-first``, ``O'Reilly`` are one term each);
+    everything else separates terms. Phrases and terms are lower case, whitespace collapsed, without
+    duplicates, in order of appearance; those with no letter or digit are left out.
+
+    Args:
+        query: e.g. ``'"Acme Freight" news fumedev.com "?!"'``.
+
+    Returns:
+        ``(phrases, terms)``, e.g. ``(["acme freight"], ["news", "fumedev.com"])``.
+    """
+    phrases: dict[str, None] = {}
+    for match in _PHRASE.finditer(query):
+        phrase = " ".join(match.group(1).lower().split())
+        if any(ch.isalnum() for ch in phrase):
+            phrases.setdefault(phrase, None)
+    rest = _PHRASE.sub(" ", query).replace('"', " ")
+    terms: dict[str, None] = {}
+    for term in _BARE_TERM.findall(rest):
+        if any(ch.isalnum() for ch in term):
+            terms.setdefault(term.lower(), None)
+    return list(phrases), list(terms)
 
 
 class DdgsClient(Protocol):
