@@ -8,7 +8,10 @@ system message:
 * ``EXTRACTION_SYSTEM_PROMPT``: regex rules and lexicons over the numbered sentences pick one best
   sentence per profile field (own-site sources and explicit phrasings first) and answer
   ``{"facts": [{"field", "value", "evidence": "S<i>"}]}`` where ``value`` is an exact span of the
-  sentence. Instruction-like sentences are never used.
+  sentence. A rule says only what its sentence says of the prospect: lexicons match whole words, an
+  event's subject is "we" or the company's name, a head count is the company's staff and keeps its
+  qualifier, "since 2015" is no founding year, and every value has the shape grounding demands
+  (``agents.fact_shapes``). Instruction-like sentences are never used.
 * ``WRITER_SYSTEM_PROMPT``: one of several subject and body templates, chosen by a stable SHA-256 hash
   of the prompt (which is built from the prospect, profile and offer), filled only with merge tags
   that the prompt lists, with exactly the offer's call to action and its opt-out line at the end.
@@ -27,6 +30,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -35,6 +39,8 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
+from agents.attribution import CompanyMatcher, company_core_name
+from agents.fact_shapes import MAX_PHRASE_WORDS, value_problem
 from agents.grounding import host_of, is_instruction
 from agents.prompts import EXTRACTION_SYSTEM_PROMPT, WRITER_SYSTEM_PROMPT
 from agents.schemas import FACT_FIELDS
@@ -53,18 +59,29 @@ def estimate_tokens(text: str) -> int:
 # Extraction
 # --------------------------------------------------------------------------------------------------
 
-_YEAR = r"(?P<v>19[5-9]\d|20[0-2]\d)(?!\d)"
+# A rule's pattern names the value ``v``; event and product rules also name the subject ``subj``, which
+# must be the prospect ("we", "our team" or the company's name) for the rule to count.
+_YEAR = r"(?P<v>19[5-9]\d|20[0-4]\d)(?!\d)"
+_MONTH = (r"(?:(?:january|february|march|april|may|june|july|august|september|october|november|december|"
+          r"jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec)\.?,?\s+(?:of\s+)?)?")
 _CAP = r"[A-Z][A-Za-z\u00c0-\u024f'\u2019.-]*"
 _PLACE = rf"{_CAP}(?:\s+(?:(?:de|del|la|upon|am|sur)\s+)?{_CAP})*"
 _LOC = rf"(?P<v>{_PLACE}(?:,\s*{_PLACE})?)"
-_NUM = r"(?P<v>\d{1,3}(?:,\d{3})+|\d{1,6})(?![\d,.]\d)"
-_APPROX = r"(?:(?i:more than|over|about|around|nearly|almost|roughly|some)\s+)?"
+_NUM = r"(?<![\d.,])(?:\d{1,3}(?:,\d{3})+|\d{1,6})(?![\d,.]\d)"
+_QUALIFIER = (r"(?:(?i:less than|fewer than|under|below|up to|at most|more than|over|above|at least|about|"
+              r"around|approximately|nearly|almost|roughly|some|close to)\s+|~\s?)")
+# A head count keeps its qualifier and range: "less than 10", "over 2,000", "10-50", "between 50 and 100".
+_COUNT = (rf"(?P<v>{_QUALIFIER}?{_NUM}(?:\s?(?:-|\u2013|(?i:to))\s?{_NUM})?\+?"
+          rf"|(?i:between)\s+{_NUM}\s+(?i:and)\s+{_NUM})")
 _PNAME = r"(?P<v>[A-Z][A-Za-z0-9]+(?:[ -][A-Z][A-Za-z0-9]*){0,2})"
 _SEG = r"(?P<v>[A-Za-z0-9][\w-]*(?:\s+[\w-]+){0,7})"
 _PHRASE = r"(?P<v>[^.;:!?,()]{3,110}?)\s*(?:[.;:!?,()]|$)"
 _REST = r"(?P<v>.{3,}?)\s*[.!]?\s*$"
 _LABEL_VALUE = r"\s*\**\s*:\s*\**\s*(?P<v>[^|;*\n]{2,60}?)\s*\**\s*\|?\s*$"
 _LEAD = r"^[\W_]*"
+# Whom an event or launch is about: the prospect speaking ("we", "our team") or named (checked in _post).
+_WE = r"(?P<subj>(?i:we|our team))"
+_WE_AUX = r"(?:['\u2019]ve|\s+(?i:have|has|also|just|recently|now|finally|successfully|already))*"
 
 _INDUSTRIES = (
     "logistics software", "fintech", "healthcare analytics", "cybersecurity", "HR software",
@@ -81,25 +98,94 @@ _INDUSTRIES = (
     "security software", "analytics software", "marketing software", "project management software",
     "IoT", "SaaS", "artificial intelligence", "machine learning", "blockchain", "crypto",
 )
-_INDUSTRY = "(?P<v>" + "|".join(
+# Every lexicon entry is matched as whole words: no letter, digit or hyphen on either side, so "iot" is
+# not read in "Patriot" nor "edtech" in "medtech".
+_INDUSTRY = "(?<![\\w-])(?P<v>" + "|".join(
     re.escape(i) for i in sorted(_INDUSTRIES, key=len, reverse=True)
 ) + r")(?![\w-])"
+# A lexicon word mentioned in passing ("time and logistics for such a sale") is not the company's
+# industry; it counts when it names a kind of business: followed by one of these nouns, after "for",
+# or when it is itself such a noun phrase (see _SELF_HEADED).
+_ORG_NOUNS = (r"company|companies|startup|startups|platform|platforms|app|apps|software|tools?|infrastructure|"
+              r"api|apis|provider|providers|solutions?|marketplace|network|services?|business|businesses|"
+              r"industry|space|sector|market|firm|firms|brands?|products?|operators?|enablement|vendor|"
+              r"specialist")
+_SELF_HEADED = re.compile(r"(?:software|technology|tech|tooling|analytics|services|devices|infrastructure|"
+                          r"storage|delivery)$", re.IGNORECASE)
 _GENERIC_TAGS = {"b2b", "b2c", "saas", "startup", "startups", "ai", "enterprise", "smb", "yc", "remote"}
 _ADJECTIVES = {"leading", "growing", "fast-growing", "young", "small", "global", "new", "private",
                "family-owned", "venture-backed", "independent", "the", "our", "your", "this", "that", "big",
                "full", "fully", "remote", "distributed", "focused", "first", "modern", "large", "great",
                "very", "well-funded", "profitable", "bootstrapped", "mission-driven", "technology", "tech",
                "public", "publicly", "holding", "parent", "subsidiary", "real", "good", "better", "different"}
+# Words that make "is a ... company" a description rather than a market ("a diverse and inclusive company").
+_DESCRIPTIVE = {"diverse", "inclusive", "innovative", "successful", "unique", "fast", "early-stage", "stealth",
+                "remote-first", "seed-stage", "funded", "backed", "based", "and", "or", "of", "y", "yc",
+                "combinator", "two-sided", "one-stop", "next-generation", "next-gen", "dedicated", "fast-paced",
+                "fast-moving", "award-winning", "world-class", "cutting-edge", "leading-edge"}
+# Words that head a page section rather than name a market ("#### Solutions", "Our Platform").
+_HEADING_WORDS = {"solutions", "solution", "platform", "our", "products", "product", "services", "service",
+                  "overview", "about", "us", "home", "news", "blog", "resources", "contact", "careers",
+                  "features", "pricing", "customers", "industries", "industry", "company", "team", "partners",
+                  "technology", "integrations", "use", "cases", "case", "studies", "why", "who", "we", "are",
+                  "what", "do", "how", "it", "works", "markets", "market", "sectors", "sector", "more",
+                  "learn", "menu", "docs", "support", "developers", "enterprise", "community", "events"}
 _SEG_REJECT = {"its", "their", "those", "these", "them", "it", "his", "her", "our", "your", "my", "any",
-               "some",
-               "more", "most", "us", "you", "me", "this", "that", "the", "a", "an", "one", "only", "both",
-               "thus", "then", "also", "just", "not", "what", "which", "who", "whom"}
+               "some", "more", "most", "us", "you", "me", "this", "that", "the", "a", "an", "one", "only",
+               "both", "thus", "then", "also", "just", "not", "what", "which", "who", "whom", "everyone",
+               "everybody", "anyone", "anybody", "all", "each", "every"}
 _SEG_STOP = {"that", "who", "which", "across", "in", "with", "to", "since", "on", "around", "throughout",
              "worldwide", "from", "like", "such", "at", "by", "for", "through", "while", "so", "because",
              "using", "and", "every", "each", "as", "into", "than", "globally", "nationwide", "today"}
+# A segment is a group of customers: a plural ("regional banks") or one of these collective nouns.
+_SEG_COLLECTIVE = {"people", "children", "women", "men", "staff", "personnel", "workforce", "enterprise"}
+_SEG_NOT_PEOPLE = {"analytics", "logistics", "operations", "sales", "payments", "economics", "workflows",
+                   "tasks", "processes", "jobs", "purposes", "needs", "use-cases", "basics", "us", "this",
+                   "phones", "devices", "desktops", "tablets", "computers", "screens", "browsers", "apis",
+                   "its", "his", "yes", "less", "plus", "ecommerce", "news", "series", "access", "success"}
 _PRODUCT_STOP = {"the", "we", "our", "it", "this", "today", "meet", "a", "an", "that", "they", "you", "news"}
+# What "X is our ..." must go on to call X for X to be a product ("Water is our mission" is not).
+_PRODUCT_NOUNS = (r"product|platform|app|application|tool|toolkit|solution|software|service|assistant|engine|"
+                  r"api|suite|system|offering|copilot|agent|marketplace|device|sdk|library|framework|"
+                  r"dashboard|module|bot|chatbot|model|database|extension|plugin")
 _EVENT_VERBS = (r"raised|opened|launched|hired|expanded|acquired|closed|secured|signed|partnered|won|"
                 r"released|introduced|completed|appointed|moved|reached|added|named")
+_WE_EVENT_VERBS = r"raised|opened|launched|hired|expanded|acquired|closed|secured|signed|partnered|released"
+
+# Sentences about another, earlier company of the founders ("his last startup grew to 500 employees").
+_ELSEWHERE = re.compile(
+    r"\b(?:previous(?:ly)?|prior (?:company|startup|venture|exit)|former (?:company|startup|employer)|"
+    r"(?:his|her|their|my|our) (?:last|first|previous|prior|former|second) (?:company|startup|venture|business)|"
+    r"last (?:company|startup|venture))\b", re.IGNORECASE)
+# Head counts of someone else: customers' sizes ("SMBs with at least 10 employees", "teams (1-200 employees)").
+_OTHER_ORGS = re.compile(
+    r"\b(?:companies|businesses|smbs|smes|startups|teams|firms|organi[sz]ations|employers|customers|clients|"
+    r"enterprises|brands|merchants|retailers|agencies|hospitals|clinics|schools|partners|users)\b",
+    re.IGNORECASE)
+# "N people" counts staff only in a sentence about the team, and never people who attend, use or join.
+_TEAM_CUE = re.compile(
+    r"\b(?:team|employ\w*|staff|headcount|workforce|colleagues|hire[sd]?|hiring|we(?:['\u2019]re| are| have| "
+    r"now have| now employ| employ)|company of|people work)\b", re.IGNORECASE)
+_NOT_STAFF = re.compile(
+    r"\b(?:attend\w*|gather\w*|joined|join|users?|customers?|clients?|members|visitors?|developers|students?|"
+    r"participants?|subscribers?|followers?|fans|readers?|audiences?|community|communities|events?|"
+    r"conferences?|per|signed up|sign up|use|used|using|serve[sd]?|serving|reach\w*|feed|trust\w*|"
+    r"patients?|learners?|citizens?|countries|people (?:who|that|in|across|around|from|with|like)|"
+    r"representing|registered|downloads?|installs?)\b", re.IGNORECASE)
+_STAFF_NOUN_BEFORE = re.compile(r"(?:\bteam of|\bemploys|\bemploy)\s*$", re.IGNORECASE)
+# Second parts of "Based in San Francisco, Newfront is ...": the subject that follows, not a region.
+_REGIONS = {"africa", "europe", "asia", "latam", "emea", "apac", "mena", "latin america", "north america",
+            "south america", "middle east", "southeast asia", "the world", "worldwide", "online", "remote"}
+_FIRST_PERSON = re.compile(r"\b(?:[Ww]e|[Oo]urs?|us|[Mm]y|me)\b")
+# Where an event value ends: the first clause boundary ("raised $5M, led by ..." -> "raised $5M"); a comma
+# inside a number ("7,000") or before a year ("June, 2007") is not one.
+_CLAUSE_END = re.compile(
+    r"\s*(?:,(?!\d{3}|\s\d{4}\b)|[;:(\[]|\s[-\u2013\u2014]\s|\s(?:which|where|while|after|before)\s)")
+_DANGLING = re.compile(r"\s(?:at|in|on|to|by|for|from|of|with|and|or|the|a|an)$")
+# A place's second part followed by one of these is the sentence's subject ("Based in Miami, Papa is ...").
+_SUBJECT_VERBS = {"is", "was", "has", "had", "are", "were", "have", "works", "operates", "offers", "provides",
+                  "builds", "helps", "customers", "became", "makes", "partners", "uses", "serves", "creates",
+                  "develops", "sells", "runs", "delivers", "enables", "empowers", "team", "through"}
 
 
 @dataclass(frozen=True)
@@ -108,21 +194,23 @@ class _Rule:
     priority: int
     pattern: re.Pattern[str]
     keywords: tuple[str, ...]
+    mention: bool = False  # a lexicon word anywhere: needs an org noun after it (see _ORG_NOUNS)
 
 
 def _rules() -> list[_Rule]:
-    def r(fld: str, prio: int, pattern: str, *keywords: str, flags: int = 0) -> _Rule:
-        return _Rule(fld, prio, re.compile(pattern, flags), keywords)
+    def r(fld: str, prio: int, pattern: str, *keywords: str, flags: int = 0, mention: bool = False) -> _Rule:
+        return _Rule(fld, prio, re.compile(pattern, flags), keywords, mention)
 
     i = re.IGNORECASE
     return [
-        # founded_year
-        r("founded_year", 10, rf"\bfounded in {_YEAR}", "founded", flags=i),
-        r("founded_year", 10, rf"\bestablished in {_YEAR}", "established", flags=i),
+        # founded_year ("since 2015" alone says nothing about founding: data, a product, a customer)
+        r("founded_year", 10, rf"\bfounded in {_MONTH}{_YEAR}", "founded", flags=i),
+        r("founded_year", 10, rf"\bestablished in {_MONTH}{_YEAR}", "established", flags=i),
         r("founded_year", 11, rf"\b(?:year )?founded\s*\**\s*:?\s*\**\s*{_YEAR}", "founded", flags=i),
         r("founded_year", 9, rf"foundingDate\s*:\s*{_YEAR}", "foundingdate", flags=i),
-        r("founded_year", 8, rf"\b(?:we|they|founders?) started\b.{{0,80}}?\bin {_YEAR}", "started", flags=i),
-        r("founded_year", 6, rf"\bsince {_YEAR}", "since", flags=i),
+        r("founded_year", 8, rf"\b(?:we|they|founders?)\s+(?:first\s+)?started\s+(?:(?:the|this|our)\s+"
+          rf"(?:company|business|startup)\s+)?in {_MONTH}{_YEAR}", "started", flags=i),
+        r("founded_year", 6, rf"\b(?:in business|operating|trading)\s+since {_YEAR}", "since", flags=i),
         # location
         r("location", 10, rf"(?i:headquartered in|headquarters (?:are|is) (?:located )?in)\s+{_LOC}",
           "headquarter"),
@@ -134,20 +222,20 @@ def _rules() -> list[_Rule]:
         r("location", 7, rf"(?i:offices? in|located in)\s+{_LOC}", "office", "located"),
         r("location", 5, r"addressLocality\s*:\s*(?P<v>[^\n|;]{2,60}?)\s*$", "addresslocality"),
         r("location", 4, r"addressRegion\s*:\s*(?P<v>[^\n|;]{2,60}?)\s*$", "addressregion"),
-        # employee_count
-        r("employee_count", 10, rf"(?i:team of)\s+{_APPROX}{_NUM}\s+(?i:people|employees|staff|engineers|"
-          r"professionals|experts|members)", "team of"),
-        r("employee_count", 10, rf"{_NUM}\s+(?i:full-time employees|employees|staff members|team members)\b",
-          "employee", "member"),
-        r("employee_count", 10, rf"(?i:\bemploys)\s+{_APPROX}{_NUM}", "employs"),
-        r("employee_count", 10, rf"{_NUM}-(?i:person|people|strong|member) team", "-person", "-people",
+        # employee_count (the value keeps its qualifier or range; whose head count it is: see _post)
+        r("employee_count", 10, rf"(?i:\bteam of)\s+{_COUNT}\s+(?i:people|employees|staff|engineers|"
+          r"professionals|experts|members)\b", "team of"),
+        r("employee_count", 10, rf"{_COUNT}\s+(?i:(?:full-time\s+|part-time\s+)?(?:employees|staff members|"
+          r"team members|staff))\b", "employee", "member", "staff"),
+        r("employee_count", 10, rf"(?i:\bemploys)\s+{_COUNT}(?![\w-])", "employs"),
+        r("employee_count", 10, rf"{_COUNT}-(?i:person|people|strong|member) team", "-person", "-people",
           "-strong", "-member"),
         r("employee_count", 11, rf"(?i:team size|employees|headcount|company size|number of employees)"
-          rf"\s*\**\s*:\s*\**\s*{_NUM}", "team size", "employees", "headcount", "company size"),
-        r("employee_count", 9, rf"(?i:more than|over)\s+{_NUM}\s+(?i:staff|employees|people)", "more than",
-          "over"),
-        r("employee_count", 8, rf"numberOfEmployees(?:\.value)?\s*:\s*{_NUM}", "numberofemployees"),
-        r("employee_count", 5, rf"{_NUM}\s+(?i:people|staff)\b", "people", "staff"),
+          rf"\s*\**\s*:\s*\**\s*{_COUNT}", "team size", "employees", "headcount", "company size"),
+        r("employee_count", 9, rf"(?i:\bwe(?:['\u2019]re| are)(?:\s+(?:now|currently|just|still))?)\s+{_COUNT}"
+          r"\s+(?i:people|strong)\b", " people", " strong"),
+        r("employee_count", 8, rf"numberOfEmployees(?:\.value)?\s*:\s*{_COUNT}", "numberofemployees"),
+        r("employee_count", 5, rf"{_COUNT}\s+(?i:people)\b", "people"),
         # industry
         r("industry", 10, rf"(?i:\bis an?|we are an?|\ban?)\s+(?:(?i:leading|growing|fast-growing|young|"
           rf"small|global|b2b|venture-backed)\s+)?(?i:{_INDUSTRY})\s+(?i:company|startup|firm|business|provider|"
@@ -159,23 +247,24 @@ def _rules() -> list[_Rule]:
           r"(?i:company|startup)\b", "company", "startup"),
         r("industry", 8, rf"{_LEAD}(?:tags|categories|category)\s*\**\s*:\s*\**\s*(?P<v>[^|;*\n]{{2,120}})",
           "tags", "categor", flags=i),
-        r("industry", 3, rf"(?i:{_INDUSTRY})", *(x.lower() for x in _INDUSTRIES)),
+        r("industry", 3, rf"(?i:{_INDUSTRY})", *(x.lower() for x in _INDUSTRIES), mention=True),
         # product
         r("product", 10, rf"(?i:flagship product),?\s+{_PNAME}", "flagship"),
-        r("product", 10, rf"{_LEAD}(?:(?i:(?:our\s+)?(?:products?|platform|solutions?))\s+)?{_PNAME}\s+is our\b",
-          "is our"),
+        r("product", 10, rf"{_LEAD}(?:(?i:(?:our\s+)?(?:products?|platform|solutions?))\s+)?{_PNAME}\s+is our\s+"
+          rf"(?:[\w-]+\s+){{0,3}}?(?i:{_PRODUCT_NOUNS})s?\b", "is our"),
         r("product", 10, rf"(?i:\bmeet)\s+{_PNAME},?\s+(?i:the|our|a|an)\b", "meet "),
         r("product", 11, rf"{_LEAD}(?:product|flagship product|main product){_LABEL_VALUE}", "product",
           flags=i),
         r("product", 7, rf"(?i:introducing|our product,?)\s+{_PNAME}", "introducing", "our product"),
-        r("product", 5, rf"(?i:\blaunched)\s+{_PNAME}", "launched"),
+        r("product", 5, rf"\b{_WE}{_WE_AUX}\s+(?i:launched)\s+{_PNAME}", "launched"),
         # customer_segment
         r("customer_segment", 10, rf"(?i:built for|designed for|made for|purpose-built for)\s+{_SEG}",
           " for "),
-        r("customer_segment", 10, rf"(?i:\bwe serve|\bserving)\s+{_SEG}", "serv"),
+        r("customer_segment", 10, rf"(?i:\bwe(?:['\u2019]re| are)?\s+(?:proudly\s+)?serv(?:e|ing)|"
+          rf"\b(?:has|have) been serving)\s+(?:{_QUALIFIER}?\d[\d,]*\+?\s+)?{_SEG}", "serv"),
         r("customer_segment", 10, rf"(?i:our customers are|our clients are)\s+{_SEG}", "customers are",
           "clients are"),
-        r("customer_segment", 9, rf"(?i:trusted by)\s+(?:(?i:more than|over)\s+\d[\d,]*\s+)?{_SEG}",
+        r("customer_segment", 9, rf"(?i:trusted by)\s+(?:{_QUALIFIER}?\d[\d,]*\+?\s+)?{_SEG}",
           "trusted by"),
         # pain_point
         r("pain_point", 10, rf"(?i:struggles? with|struggling with)\s+{_PHRASE}", "struggl"),
@@ -185,40 +274,55 @@ def _rules() -> list[_Rule]:
         r("pain_point", 10, rf"(?i:our current focus)\s*:\s*{_PHRASE}", "current focus"),
         r("pain_point", 6, rf"(?i:challenges? (?:is|are|of|like))\s+{_PHRASE}", "challenge"),
         r("pain_point", 5, rf"(?i:pain points? (?:is|are|like))\s+{_PHRASE}", "pain point"),
-        # recent_event (company-independent forms; company-specific ones come from _company_rules)
-        r("recent_event", 10, rf"(?i:announced (?:that )?it has|announced that it)\s+{_REST}", "announced"),
+        # recent_event: only when the subject is the prospect (checked in _post) or named in the rule
+        r("recent_event", 10, rf"{_LEAD}(?:[^,]{{0,40}},\s*)?(?P<subj>[^\s,;:]+(?:\s+[^\s,;:]+){{0,4}}?)\s+"
+          rf"(?:(?i:today|recently|has|just)\s+)*(?i:announced (?:that )?it has|announced that it)\s+{_REST}",
+          "announced"),
         r("recent_event", 8, rf"{_LEAD}(?i:this month|this week|this year|last month|last week|recently),?\s+"
-          rf"(?:[A-Z][\w&.'-]*\s+){{1,4}}(?P<v>(?i:{_EVENT_VERBS})\b.{{3,}}?)\s*[.!]?\s*$", "this ", "last ",
-          "recently"),
-        r("recent_event", 3, r"\b(?P<v>(?i:raised|opened|expanded into|acquired|closed|secured)"
-          r"\s+[\w$].{2,}?)"
-          r"\s*[.!]?\s*$", "raised", "opened", "expanded", "acquired", "closed", "secured"),
+          rf"(?P<subj>{_CAP}(?:\s+{_CAP}){{0,3}}|(?i:we|our team))\s+(?:(?i:has|have|just|also)\s+)*"
+          rf"(?P<v>(?i:{_EVENT_VERBS})\b.{{3,}}?)\s*[.!]?\s*$", "this ", "last ", "recently"),
+        r("recent_event", 5, rf"\b{_WE}{_WE_AUX}\s+"
+          rf"(?P<v>(?i:{_WE_EVENT_VERBS})\b.{{3,}}?)\s*[.!]?\s*$", *_WE_EVENT_VERBS.split("|")),
     ]
 
 
 _RULES = _rules()
 
 
+def _company_alternatives(company: str) -> str:
+    """A regex alternation of the company's name as given and without its legal suffix."""
+    names = dict.fromkeys(n for n in (" ".join(company.split()), company_core_name(company)) if n)
+    return "(?:" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + ")"
+
+
 @lru_cache(maxsize=256)
 def _company_rules(company: str) -> tuple[_Rule, ...]:
     """Rules that name the company (compiled once per company): recent events, glued headings."""
-    if not company:
+    if not company.strip():
         return ()
-    c = re.escape(company)
+    c = _company_alternatives(company)
     return (
         # A heading glued to the next paragraph by text extraction: "Welcome to Acme Quorvanta is our ..."
-        _Rule("product", 10, re.compile(rf"{_LEAD}(?:(?i:welcome to)\s+)?{c}\s+{_PNAME}\s+is our\b"),
-              ("is our",)),
+        _Rule("product", 10, re.compile(rf"{_LEAD}(?:(?i:welcome to)\s+)?{c}\s+{_PNAME}\s+is our\s+"
+                                        rf"(?:[\w-]+\s+){{0,3}}?(?i:{_PRODUCT_NOUNS})s?\b"), ("is our",)),
+        _Rule("product", 5, re.compile(rf"\b{c}\s+(?:(?i:has|have|recently|just|also)\s+)*(?i:launched)\s+{_PNAME}"),
+              ("launched",)),
+        _Rule("founded_year", 8, re.compile(rf"(?i:\bstarted)\s+{c}\s+(?:(?i:back)\s+)?(?i:in)\s+"
+                                            rf"(?i:{_MONTH}){_YEAR}"), ("started",)),
         _Rule("recent_event", 10, re.compile(
-            rf"{_LEAD}(?i:this month|this week|this year|last month|recently),?\s+{c}\s+{_REST}"), ("this ",
-                                                                                                    "last ",
-                                                                                                    "recently")),
+            rf"{_LEAD}(?i:this month|this week|this year|last month|recently),?\s+{c}\s+{_REST}"),
+            ("this ", "last ", "recently")),
         _Rule("recent_event", 10, re.compile(rf"{_LEAD}(?i:news|update|press release)\s*:\s*{c}\s+{_REST}"),
               ("news", "update", "press")),
         _Rule("recent_event", 6, re.compile(
-            rf"{c}\s+(?:(?i:has|have|recently|just)\s+)*(?P<v>(?i:{_EVENT_VERBS})\b.{{3,}}?)\s*[.!]?\s*$"),
-            (company.lower(),)),
+            rf"\b{c}\s+(?:(?i:has|have|recently|just)\s+)*(?P<v>(?i:{_EVENT_VERBS}|was acquired)\b.{{3,}}?)"
+            r"\s*[.!]?\s*$"), tuple(dict.fromkeys(n.lower() for n in (company.strip(), company_core_name(company))))),
     )
+
+
+@lru_cache(maxsize=256)
+def _matcher(company: str, website: str) -> CompanyMatcher:
+    return CompanyMatcher(company, website)
 
 
 _STRIP_TRAIL = " \t.,;:!?*_-\u2013\u2014"
@@ -232,55 +336,182 @@ def _clean_span(sentence: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def _post(field_name: str, sentence: str, start: int, end: int, company: str) -> tuple[int, int] | None:
-    """Field-specific trimming and sanity checks on a matched span; None rejects it."""
-    start, end = _clean_span(sentence, start, end)
+def _names_prospect(subject: str, matcher: CompanyMatcher) -> bool:
+    """True when ``subject`` (the words before an event verb) is the prospect: "we", "our team", or the
+    company's name with at most two more words ("The Acme team"), not "Acme's partner Globex"."""
+    words = subject.split()
+    if " ".join(words).lower() in ("we", "our team", "the company", "the team"):
+        return True
+    return matcher.names(subject) and "'" not in subject and "\u2019" not in subject and \
+        len(words) <= len(company_core_name(matcher.company).split()) + 2
+
+
+@lru_cache(maxsize=4096)
+def _hostile_sentence(sentence: str, own_domain: str) -> bool:
+    """True when ``sentence`` carries what no fact may (a URL, e-mail address, phone number, credential
+    word, a line to the reader: ``value_problem``) in any window of ``MAX_PHRASE_WORDS`` words."""
+    words = sentence.split()
+    step = max(1, MAX_PHRASE_WORDS // 2)
+    return any(value_problem("recent_event", " ".join(words[k:k + MAX_PHRASE_WORDS]), sentence,
+                             own_domain=own_domain) is not None
+               for k in range(0, max(1, len(words)), step))
+
+
+def _post_employees(sentence: str, start: int, end: int) -> bool:
+    """Whether the count at ``sentence[start:end]`` is the company's own head count: not an earlier
+    company's (``_ELSEWHERE``), not customers' sizes (``_OTHER_ORGS``), and "N people" only in a sentence
+    about the team (``_TEAM_CUE``) that counts no attendees, users or members (``_NOT_STAFF``)."""
+    before, after = sentence[:start], sentence[end:]
+    if _ELSEWHERE.search(sentence):
+        return False
+    staff_noun_before = _STAFF_NOUN_BEFORE.search(before) is not None
+    # A fragment ("with 20 to 1000+ employees.") does not say whose employees they are.
+    if re.fullmatch(r"[\W_]*(?i:with|for|of|from|to)\s+", before):
+        return False
+    if _OTHER_ORGS.search(before[-60:]) and not staff_noun_before:
+        return False
+    if re.match(r"\s*(?:people|persons)\b", after, re.IGNORECASE) and not staff_noun_before:
+        return _TEAM_CUE.search(sentence) is not None and _NOT_STAFF.search(sentence) is None
+    return True
+
+
+def _post_location(sentence: str, start: int, end: int, matcher: CompanyMatcher) -> int | None:
+    """The end of the place at ``sentence[start:end]`` once a trailing subject or list is cut, or None."""
     value = sentence[start:end]
-    if not value or len(value) > 120:
+    if "," in value:
+        first, second = value.split(",", 1)
+        after = sentence[end:]
+        nxt = re.match(r"\s+([a-z]+)", after)
+        follows_subject = nxt is not None and nxt.group(1) in _SUBJECT_VERBS
+        # "offices in San Francisco, Istanbul and London": a list of places, of which the first is kept.
+        in_list = re.match(rf"\s*(?:,\s*{_PLACE}\s*(?:,|\band\b)|\s+and\s+[A-Z])", after) is not None
+        if matcher.names(second) or follows_subject or in_list:
+            end = start + len(first.rstrip())
+    if sentence[start:end].strip().lower() in _REGIONS:
         return None
+    return end
+
+
+def _post_industry(rule: _Rule, sentence: str, start: int, end: int) -> tuple[int, int] | None:
+    value = sentence[start:end]
     low = value.lower()
-    if field_name == "founded_year":
-        return (start, end) if 1950 <= int(value[:4]) <= 2025 else None
-    if field_name == "employee_count":
-        digits = int(re.sub(r"\D", "", value) or 0)
-        return (start, end) if 1 <= digits <= 2_000_000 else None
-    if field_name == "product":
+    if "," in value:  # a tag list: take the first tag that names a market
+        offset = start
+        for tag in value.split(","):
+            t = tag.strip()
+            if t and t.lower() not in _GENERIC_TAGS and not set(t.lower().split()) <= _HEADING_WORDS:
+                s = sentence.index(t, offset)
+                return s, s + len(t)
+            offset += len(tag) + 1
+        return None
+    words = low.split()
+    labelled = re.search(r":\s*\**\s*$", sentence[:start]) is not None  # "Industry: Connected devices"
+    if (words[0] in _ADJECTIVES or low in _GENERIC_TAGS or set(words) <= _HEADING_WORDS
+            or any(w in _DESCRIPTIVE or (not labelled and len(w) > 4 and w.endswith("ed")) for w in words)):
+        return None
+    # A heading ("#### Developer Tools", "**Fintech**") is a section of the page, not the company's market.
+    if sentence.strip(" \t#*_>-:.").lower() == low:
+        return None
+    if rule.mention:
+        if _ELSEWHERE.search(sentence):
+            return None
+        after, before = sentence[end:], sentence[:start]
+        if not (_SELF_HEADED.search(value) or re.match(rf"\s+(?i:{_ORG_NOUNS})\b", after)
+                or re.search(r"\bfor\s+(?:the\s+)?$", before, re.IGNORECASE)):
+            return None
+    return start, end
+
+
+def _post_segment(sentence: str, start: int, end: int) -> tuple[int, int] | None:
+    keep: list[str] = []
+    for w in sentence[start:end].split():
+        if keep and w.lower() in _SEG_STOP and (w.lower() != "and" or len(keep) >= 2):
+            break
+        keep.append(w)
+    keep = keep[:6]
+    while keep and keep[-1].lower() == "and":
+        keep.pop()
+    if not keep or keep[0].lower() in _SEG_REJECT or keep[0].lower() in _SEG_STOP:
+        return None
+    value = " ".join(keep).rstrip(_STRIP_TRAIL)
+    last = value.split()[-1].lower() if value else ""
+    # A segment is a group of customers, never a number ("9" of "serving 9,000 async tasks").
+    if not value or value[0].isdigit():
+        return None
+    plural = last.endswith("s") and not last.endswith(("ss", "us", "is")) and last not in _SEG_NOT_PEOPLE
+    if not (plural or last in _SEG_COLLECTIVE):
+        return None
+    return start, start + len(value)
+
+
+def _bound_penalty(field_name: str, value: str) -> int:
+    """1 for a head count given as a bound ("more than 49"): an exact count of the same standing wins."""
+    return 1 if field_name == "employee_count" and re.match(_QUALIFIER, value) else 0
+
+
+def _post(rule: _Rule, match: re.Match[str], sentence: str, matcher: CompanyMatcher) -> tuple[int, int] | None:
+    """Field-specific trimming and checks on a rule's match; the span of the value, or None to reject.
+
+    The value must say what the sentence says about the prospect: its subject is the company where the
+    rule names one, the count is the company's staff, the year its founding, and the value has the shape
+    grounding demands (``agents.fact_shapes.value_problem``).
+    """
+    field_name = rule.field
+    start, end = _clean_span(sentence, match.start("v"), match.end("v"))
+    if "subj" in match.re.groupindex and match.group("subj") is not None \
+            and not _names_prospect(match.group("subj"), matcher):
+        return None
+    if start >= end or end - start > 120:
+        return None
+    value = sentence[start:end]
+    low = value.lower()
+    if field_name == "founded_year":  # four digits by the rules' pattern: only the range is left to check
+        year = int(value)
+        return (start, end) if 1950 <= year <= datetime.now(UTC).year and not _ELSEWHERE.search(sentence) \
+            else None
+    elif field_name == "employee_count":
+        digits = int(re.sub(r"\D", "", re.split(r"\s*(?:-|\u2013|to|and)\s*", value)[0]) or 0)
+        if not 1 <= digits <= 2_000_000 or not _post_employees(sentence, start, end):
+            return None
+    elif field_name == "location":
+        new_end = _post_location(sentence, start, end, matcher)
+        if new_end is None:
+            return None
+        start, end = _clean_span(sentence, start, new_end)
+    elif field_name == "product":
+        company = matcher.company.strip()
         if (len(value) < 3 or low in _PRODUCT_STOP or low.split()[0] in _PRODUCT_STOP
-                or (company and low == company.lower())
+                or (company and low == company.lower()) or (matcher.names(value) and " " not in value)
                 # "Opalspire Digital Lumanta is our ...": a glued heading, not a product named after a
                 # multi-word company (single-word companies do name products so: "Pellixo Route").
                 or (" " in company and low.startswith(company.lower() + " "))):
             return None
-        return start, end
-    if field_name == "industry":
-        if "," in value:  # a tag list: take the first tag that names a market
-            offset = start
-            for tag in value.split(","):
-                t = tag.strip()
-                if t and t.lower() not in _GENERIC_TAGS:
-                    s = sentence.index(t, offset)
-                    return s, s + len(t)
-                offset += len(tag) + 1
+    elif field_name == "industry":
+        span = _post_industry(rule, sentence, start, end)
+        if span is None:
             return None
-        first = low.split()[0]
-        if first in _ADJECTIVES or low in _GENERIC_TAGS:
+        start, end = span
+    elif field_name == "customer_segment":
+        span = _post_segment(sentence, start, end)
+        if span is None:
             return None
-        return start, end
-    if field_name == "customer_segment":
-        words = value.split()
-        keep: list[str] = []
-        for w in words:
-            if keep and w.lower() in _SEG_STOP and (w.lower() != "and" or len(keep) >= 2):
-                break
-            keep.append(w)
-        if not keep or keep[0].lower() in _SEG_REJECT or keep[0].lower() in _SEG_STOP:
+        start, end = span
+    elif field_name == "pain_point":
+        if len(value.split()) > 12:
             return None
-        keep = keep[:6]
-        if keep[-1].lower() == "and":
-            keep = keep[:-1]
-        return (start, start + len(" ".join(keep))) if keep else None
-    if field_name == "pain_point":
-        return (start, end) if len(value.split()) <= 12 else None
+    elif field_name == "recent_event":
+        if _ELSEWHERE.search(sentence) or _hostile_sentence(sentence, matcher.own_domain):
+            return None
+        cut = _CLAUSE_END.search(sentence, start, end)
+        if cut is not None:
+            end = cut.start()
+        start, end = _clean_span(sentence, start, end)
+        event = sentence[start:end]
+        if len(event.split()) < 2 or _FIRST_PERSON.search(event) or _DANGLING.search(event):
+            return None
+    value = sentence[start:end]
+    if not value or value_problem(field_name, value, sentence, own_domain=matcher.own_domain) is not None:
+        return None
     return start, end
 
 
@@ -327,7 +558,6 @@ def _parse_extraction(user: str) -> _ExtractionTask:
             source, url = int(m.group(1)), m.group(2)
     return task
 
-
 def extract_facts(user: str) -> dict[str, list[dict[str, str]]]:
     """Answer an extraction prompt (the user message of ``EXTRACTION_USER_TEMPLATE``) by rules.
 
@@ -339,6 +569,7 @@ def extract_facts(user: str) -> dict[str, list[dict[str, str]]]:
     sentences = task.sentences
     if not sentences:
         return {"facts": []}
+    matcher = _matcher(task.company, task.website)
     own_host = host_of(task.website)
     source_own: dict[int, int] = {}
     for s in sentences:
@@ -373,7 +604,8 @@ def extract_facts(user: str) -> dict[str, list[dict[str, str]]]:
 
     instruction: dict[int, bool] = {}
     best: dict[str, tuple[tuple[int, int, int, int], str, str]] = {}
-    for rule in (*_RULES, *_company_rules(task.company)):
+    # Strongest rules first, so that weaker ones are skipped once an own-site fact outranks them.
+    for rule in sorted((*_RULES, *_company_rules(task.company)), key=lambda r: -r.priority):
         current = best.get(rule.field)
         if current is not None and current[0][:2] >= (1, rule.priority):
             continue
@@ -387,17 +619,19 @@ def extract_facts(user: str) -> dict[str, list[dict[str, str]]]:
             m = rule.pattern.search(s.text)
             if m is None:
                 continue
-            span = _post(rule.field, s.text, m.start("v"), m.end("v"), task.company)
+            span = _post(rule, m, s.text, matcher)
             if span is None:
                 continue
             if i not in instruction:
                 instruction[i] = is_instruction(s.text)
             if instruction[i]:
                 continue
-            key = (own[i], rule.priority, -s.source, -i)
+            value = s.text[span[0]:span[1]]
+            key = (own[i], rule.priority - _bound_penalty(rule.field, value), -s.source, -i)
             if current is None or key > current[0]:
-                best[rule.field] = (key, s.text[span[0]:span[1]], s.sid)
-            break
+                best[rule.field] = current = (key, value, s.sid)
+            if key[1] == rule.priority:  # a bound keeps looking for an exact count under the same rule
+                break
     facts = [
         {"field": f, "evidence": best[f][2], "value": best[f][1]} for f in FACT_FIELDS if f in best
     ]
@@ -465,7 +699,7 @@ _OPENERS: dict[str, tuple[str, ...]] = {
         "I work with several teams in {{fact.industry}}, and {{company}} stood out to me.",
     ),
     "employee_count": (
-        "With a team of around {{fact.employee_count}} people, {{company}} is at the stage where good "
+        "With a team of {{fact.employee_count}} people, {{company}} is at the stage where good "
         "processes start to matter.",
     ),
     "founded_year": (
