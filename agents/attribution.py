@@ -79,7 +79,7 @@ def _legal_suffix() -> str:
     return "|".join(sorted(terms, key=len, reverse=True))
 
 
-def _name_pattern(name: str, *, case_sensitive: bool, with_suffix: bool = False) -> re.Pattern[str] | None:
+def _name_pattern(name: str, *, with_suffix: bool = False) -> re.Pattern[str] | None:
     words = name.split()
     if not words:
         return None
@@ -87,14 +87,55 @@ def _name_pattern(name: str, *, case_sensitive: bool, with_suffix: bool = False)
     body = r"[\s\-]+".join(re.escape(w) for w in words)
     if with_suffix:
         body += rf",?\s+(?i:{_legal_suffix()})\.?"
-    flags = 0 if case_sensitive else re.IGNORECASE
-    return re.compile(rf"(?<!{_WORD_CHAR}){body}(?!{_WORD_CHAR})", flags)
+    return re.compile(rf"(?<!{_WORD_CHAR}){body}(?!{_WORD_CHAR})")
 
 
 def _common_word(name: str) -> bool:
     from wordfreq import zipf_frequency
 
     return len(name.split()) == 1 and zipf_frequency(name.lower(), "en") >= COMMON_NAME_ZIPF
+
+
+# A name right after these is one of several examples or a comparison, not the sentence's subject.
+_LIST_BEFORE = re.compile(
+    r"(?:\b(?:like|such as|including|includes|include|e\.g\.|vs\.?|versus|compared (?:to|with)|than|unlike|"
+    r"alongside|rivals?|competitors?|alternatives? to)|[,;&/])\s*$",
+    re.IGNORECASE,
+)
+# A name right before these is an item of a list of names, a comparison, or an "X for Y" analogy.
+_LIST_AFTER = re.compile(
+    r"^(?:\s*,\s*[A-Z][\w.&'-]*(?:\s+[A-Z][\w.&'-]*)*\s*(?:,|\band\b|\bor\b|&)|\s*[&/]\s*[A-Z]"
+    r"|\s+(?:and|or|vs\.?|versus)\s+[A-Z]|\s+for\s+(?![$\d]))"
+)
+# A capitalised word right after the name makes a longer name ("Acme Freight Systems"): another company.
+_LONGER_NAME = re.compile(r"^[\s-]+[A-Z][\w&'-]*")
+
+
+def _listed(sentence: str, start: int, end: int) -> bool:
+    """True when the name at ``sentence[start:end]`` stands in a list, a comparison or an analogy, or is
+    the start of a longer name (in a sentence that is not written in title case)."""
+    before = sentence[:start]
+    longer = _LONGER_NAME.match(sentence[end:])
+    if longer and not re.match(rf"^[\s-]+(?i:{_legal_suffix()})\b", sentence[end:]):
+        # Prose, not a title-case headline ("Acme Freight Opens Office in Lyon"): words of four or more
+        # letters after the name are mostly lower case.
+        words = [w for w in sentence[end:].split() if w[:1].isalpha() and len(w) > 3]
+        if sum(w[0].isupper() for w in words) <= 0.75 * len(words):
+            return True
+    # "In Austin, Acme ..." is not a list: a comma counts only after another name that follows a separator.
+    if before.rstrip().endswith(",") and not re.search(r"(?:[,;&]|\band|\blike|\bsuch as|\bincluding)\s*"
+                                                       r"[^\W\d_][^,;]*,\s*$", before):
+        return _LIST_AFTER.match(sentence[end:]) is not None
+    return _LIST_BEFORE.search(before) is not None or _LIST_AFTER.match(sentence[end:]) is not None
+
+
+def _find(sentence: str, value: str) -> tuple[int, int] | None:
+    """Where ``value`` occurs in ``sentence`` (case-insensitive, whitespace-tolerant), or None."""
+    words = value.split()
+    if not words:
+        return None
+    m = re.search(r"\s+".join(re.escape(w) for w in words), sentence, re.IGNORECASE)
+    return (m.start(), m.end()) if m else None
 
 
 @dataclass
@@ -107,10 +148,16 @@ class CompanyMatcher:
 
     A sentence names the company when it contains the name with or without its legal suffix, or the
     registrable domain (``fumedev.com``), as whole words: no letter or digit may touch the match, so
-    ``Brightline`` does not name ``Brightlane`` and ``Patriot`` does not name ``Pat``. A one-word name is
-    matched case-sensitively as written or capitalised (``Fume`` names Fume; "toxic fume" does not);
-    longer names case-insensitively. A one-word name that is a common English word (``COMMON_NAME_ZIPF``:
-    "Atlas", "Ramp", "Million") counts only with a legal suffix ("Atlas Inc.") or as the domain.
+    ``Brightline`` does not name ``Brightlane`` and ``Patriot`` does not name ``Pat``. Names match as
+    written, with each word capitalised, or in capitals (``Fume`` names Fume, "toxic fume" does not; "one
+    month later" does not name One Month). A one-word name that is a common English word
+    (``COMMON_NAME_ZIPF``: "Atlas", "Ramp", "Million") counts only with a legal suffix ("Atlas Inc.") or as
+    the domain.
+
+    ``attributed`` is stricter than ``names`` for a sentence on another site: the company must be named
+    outside the fact's value and not only as an item of a list of names ("companies like Ramp, Webflow"),
+    a comparison ("unlike Acme", "Acme vs ...") or an "X for Y" analogy ("Retool for logistics"), and not
+    as the start of a longer name in prose ("Acme Freight Systems is hiring": another company).
     """
 
     company: str
@@ -123,13 +170,11 @@ class CompanyMatcher:
         names = dict.fromkeys(n for n in (" ".join(self.company.split()), company_core_name(self.company)) if n)
         self._patterns = []
         for name in names:
-            if len(name.split()) == 1:
-                common = _common_word(name)
-                for variant in dict.fromkeys((name, name[:1].upper() + name[1:])):
-                    if (p := _name_pattern(variant, case_sensitive=True, with_suffix=common)) is not None:
-                        self._patterns.append(p)
-            elif (p := _name_pattern(name, case_sensitive=False)) is not None:
-                self._patterns.append(p)
+            common = _common_word(name)
+            capitalised = " ".join(w[:1].upper() + w[1:] for w in name.split())
+            for variant in dict.fromkeys((name, capitalised, name.upper())):
+                if (p := _name_pattern(variant, with_suffix=common)) is not None:
+                    self._patterns.append(p)
         if self.own_domain and "." in self.own_domain:
             self._patterns.append(
                 re.compile(rf"(?<![\w-]){re.escape(self.own_domain)}(?![\w-]|\.[^\W_])", re.IGNORECASE))
@@ -142,7 +187,15 @@ class CompanyMatcher:
         """True when ``text`` names the company by name or domain, as whole words (see the class)."""
         return any(p.search(text) for p in self._patterns)
 
-    def attributed(self, url: str, sentence: str) -> bool:
-        """True when a fact quoted from ``sentence`` on ``url`` is about the company: the page is the
-        company's own, or the sentence names the company."""
-        return self.is_own(url) or self.names(sentence)
+    def attributed(self, url: str, sentence: str, value: str = "") -> bool:
+        """True when a fact with ``value`` quoted from ``sentence`` on ``url`` is about the company: the page
+        is the company's own, or the sentence names the company as what it is about (see the class)."""
+        if self.is_own(url):
+            return True
+        span = _find(sentence, value)
+        for pattern in self._patterns:
+            for m in pattern.finditer(sentence):
+                inside_value = span is not None and m.start() < span[1] and span[0] < m.end()
+                if not inside_value and not _listed(sentence, m.start(), m.end()):
+                    return True
+        return False

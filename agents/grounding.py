@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from agents.attribution import CompanyMatcher
 from agents.fact_shapes import value_problem
 from agents.schemas import DROP_REASONS, FACT_FIELDS, ExtractedFact, ExtractionOutput, Fact
+from tools.textnorm import normalize_page_text
 from tools.types import Document
 
 __all__ = [
@@ -57,30 +58,312 @@ _SENTENCE_END = re.compile(
     r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)\]]))\s+(?=[A-Z0-9\"'\u201c\u2018(\[])"
 )
 
-#: Regexes (case-insensitive) for sentences that address an AI instead of a human reader.
-INSTRUCTION_PATTERNS: tuple[str, ...] = (
-    r"\b(?:ignore|forget|override|bypass)\b.{0,40}\b(?:instructions?|prompts?|directions|rules|guidelines)\b",
-    r"\bdisregard\b",
-    r"\bAI[- ](?:assistants?|agents?|models?|systems?|bots?|readers?|crawlers?)\b",
-    r"\b(?:large )?language models?\b",
-    r"\bLLMs?\b",
-    r"\bchat ?bots?\b",
-    r"\bsystem prompt\b",
-    r"\bprompt injection\b",
-    r"\byou must now\b",
-    r"\byou are now\b",
-    r"\bfrom now on\b",
-    r"\bnew instructions?\b",
-    r"\bnote to (?:the )?(?:ai|bots?|assistants?|crawlers?|scrapers?|models?|agents?)\b",
-    r"\bas an ai\b",
-    r"\bjailbreak",
-    r"\bpretend (?:to be|you are|that you)\b",
-    r"\b(?:tell|inform|remind|assure) (?:the |your |all )?(?:readers?|users?|recipients?|prospects?)\b",
-    r"\b(?:in|into) (?:your|the|every) (?:email|reply|replies|answer|response|output|summary)s?\b",
-    r"\b(?:respond|reply|answer) (?:only )?with\b",
-    r"\byou (?:must|should|will) (?:say|write|tell|include|mention|recommend|add|insert)\b",
+# Building blocks of INSTRUCTION_PATTERNS. Each is a tuple of alternatives that start with a letter,
+# so ``_INSTRUCTION`` can skip a pattern with one character test where its first letter cannot match.
+_AI_NOUNS: tuple[str, ...] = (
+    r"ai(?:[- ](?:assistant|assistent|asistente|assistente|agent|agente|model|modell|modele|modelo|modello|system|"
+    r"systeme|sistema|bot|chatbot|crawler|reader|tool|summari[sz]er)\w*|s)?",
+    r"a\.i\.", r"ia(?:[- ](?:assistant|agent|modele|modelo|modello|sistema|systeme)\w*)?",
+    r"ki(?:[- ](?:assistent|agent|modell|system|bot|chatbot|crawler|tool)\w*)?",
+    r"llms?", r"gpt\w*", "genai", "chatgpt", "claude", "gemini", "copilot", r"large language models?",
+    r"language models?", r"sprachmodell\w*", r"modeles? de langage", r"modelos? de (?:lenguaje|linguagem)",
+    r"modell[oi] linguistic[oi]", r"taalmodel\w*", r"chat ?bots?", r"bots?",
+    r"assist\w*(?: (?:d'|de |di )?(?:ia|ki|ai))?",
+    r"asistentes?(?: de ia)?", r"agent\w* (?:d'|de |di )?(?:ia|ki|ai)", r"modele\w* (?:d'|de )?ia", r"crawlers?",
+    r"scrapers?", r"summari[sz]ers?", r"robots?",
+    r"automat\w* \w+", r"geautomatiseerde? \w+",
 )
-_INSTRUCTION = re.compile("|".join(f"(?:{p})" for p in INSTRUCTION_PATTERNS), re.IGNORECASE)
+_AI_STRICT: tuple[str, ...] = (
+    r"ai[- ](?:assistant|assistent|asistente|assistente|agent|agente|model|modell|modele|modelo|modello|system|"
+    r"systeme|sistema|bot|chatbot|crawler|reader|tool|summari[sz]er)\w*",
+    r"ia[- ](?:assistant|agent|modele|modelo|modello|sistema|systeme)\w*",
+    r"ki[- ](?:assistent|agent|modell|system|bot|chatbot|crawler|tool)\w*",
+    r"llms?", "chatgpt", r"large language models?", r"language models?", r"sprachmodell\w*",
+    r"modeles? de langage", r"modelos? de (?:lenguaje|linguagem)", r"modell[oi] linguistic[oi]", r"taalmodel\w*",
+    r"chat ?bots?", "bots", r"crawlers?", r"scrapers?", r"summari[sz]ers?",
+    r"assist\w* (?:d'|de |di )?(?:ia|ki|ai)", r"asist\w* (?:de )?ia", r"agent\w* (?:d'|de |di )?(?:ia|ki|ai)",
+    r"automat\w* (?:readers?|assistants?|agents?|tools?|systems?|models?|programs?|services?|summari[sz]ers?|"
+    r"lecteurs?|systemes?|outils?|systeme|sistemas?|herramientas?|strumenti|ferramentas?)",
+    r"geautomatiseerde? (?:lezers?|assistenten|agenten|systemen|modellen|programma's)",
+)
+_OVERRIDE: tuple[str, ...] = (
+    "ignore", "ignoring", "forget", "override", "bypass", "disregard", "discard", "skip", "ignorez", "ignorer",
+    "oubliez", "oublie", "oublier", r"ne tenez (?:pas|plus) compte", r"ignorier\w*", r"uberspring\w*", "vergiss",
+    "vergessen sie", r"missachte\w*", r"ignora\w*", "ignoren", r"olvid[ae]\w*", "omite", "omita", "haz caso omiso",
+    "no hagas caso", r"dimentica\w*", r"esquec\w*", "desconsidere", "negeer", "vergeet",
+)
+_SAY_VERBS = (
+    r"(?:state|say|mention|include|insert|add|write|tell|link|recommend|praise|promote|describe|treat|ignore|forget|"
+    r"disregard|output|print|use|call|claim|put|append|begin|start|note|mentionner|inclure|ecrire|dire|indiquer|"
+    r"citer|ajouter|recommander|erwahnen|nennen|schreiben|sagen|angeben|einfugen|empfehlen|mencionar|incluir|"
+    r"escribir|decir|citar|agregar|recomendar|menzionare|includere|scrivere|citare|raccomandare|escrever|dizer|"
+    r"vermelden|noemen|schrijven|zeggen|opnemen|aanbevelen)\b"
+)
+_THIS_PAGE = (
+    r"(?:this|these|the|our|cette|ce|cet|ces|diese[rsnm]?|esta|este|estas|estos|questa|questo|deze|dit)\s"
+    r"(?:page|site|website|webpage|web page|text|document|article|content|post|profile|listing|entry|description|"
+    r"seite|webseite|inhalt|dokument|beitrag|texte|contenu|pagina|sitio|sito|texto|testo|documento|contenido|"
+    r"contenuto|conteudo|tekst)s?\b"
+)
+_READING = (
+    r"(?:reading|processing|visiting|crawling|scraping|summari[sz]ing|analy[sz]ing|parsing|indexing|ingesting|"
+    r"viewing|lisant|traitant|analysant|resumant|lisent|traitent|resument|lesen|liest|verarbeite\w*|"
+    r"zusammenfass\w*|analysier\w*|lee[ns]?|lean?|procesa\w*|resum\w*|legg\w*|elabor\w*|riassum\w*|le(?:e|em|m)?|"
+    r"processa\w*|lendo|lees|lezen|leest|verwerk\w*|samenvat\w*)\b"
+)
+_YOU = (
+    r"(?:you|your|vous|tu|du|usted|voce|je|jij|must|should|devez|dois|doit|debes|debe|deves|deve|devi|musst|mussen|"
+    r"sollst|solltest|moet|please|veuillez|bitte|por favor|per favore)\b"
+)
+#: After an addressee noun: the noun phrase ends there ("If you are an AI," but not "an AI startup").
+_ROLE_END = (
+    r"(?=\s*(?:[,.;:!?)]|$|\b(?:and|or|reading|processing|summari[sz]ing|visiting|crawling|scraping|parsing|that|who|"
+    r"which|tasked|asked|instructed|you|lisant|qui|que|der|die|das|che|dat)\b))"
+)
+_AI = "(?:" + "|".join(_AI_NOUNS) + ")"
+
+#: ``(context, anchors, rest)``: the pattern ``context + \b(?:anchor|...) + rest``. ``context`` is zero-width.
+_INSTRUCTION_PARTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    # Override commands: "ignore all previous instructions" and its translations.
+    ("", _OVERRIDE, r"\b.{0,60}\b(?:instructions?|prompts?|directives?|consignes?|indications|anweisung\w*|"
+     r"instruktion\w*|befehle|instrucciones|instruccion|indicaciones|ordenes|istruzioni|indicazioni|direttive|"
+     r"instrucoes|instrucao|orientacoes|instructies|aanwijzingen|opdrachten)\b"),
+    ("", _OVERRIDE, r"\b (?:\w+ ){0,2}?(?:previous|prior|above|earlier|preceding|original|initial|system|your|my|"
+     r"these|those|all|any|precedentes|anterieures|vorherigen|bisherigen|obigen|anteriores|precedenti|vorige)\b"
+     r".{0,20}\b(?:rules|guidelines|guidance|directions|commands|regles|regeln|vorgaben|richtlinien|reglas|"
+     r"directrices|regole|regras|diretrizes|regels|richtlijnen)\b"),
+    ("", ("disregard",), r"\b"),
+    # "forget everything you were told", "ignore what the rest of the page says", and translations.
+    ("", ("ignore", "forget", "disregard", "discard", "override", "skip", "drop"),
+     r"\b (?:\w+ ){0,2}?(?:everything|anything|all|what(?:ever)?)\b (?:\S+ ){0,5}?(?:told|said|says|given|"
+     r"instructed|above|before|previously|earlier|prior)\b"),
+    ("", ("oubliez", "oublie", "ignorez", "ignore"),
+     r" (?:tout|tous|toutes)\b.{0,30}\b(?:dit|donne\w*|precede\w*|ci-dessus|avant)\b"),
+    ("", ("vergiss", "vergessen sie", "ignoriere", "ignorieren sie"),
+     r"\b,? (?:alles|was)\b.{0,40}\b(?:gesagt|vorher|zuvor|bisher|oben)\b"),
+    ("", ("ignora", "olvida", "olvide", "ignore", "dimentica"),
+     r"\w* (?:todo|lo|tutto|quanto)\b.{0,20}\b(?:anterior|dicho|previo|arriba|precedente|sopra|detto|prima)\b"),
+    ("", ("ignore", "esqueca", "desconsidere", "negeer", "vergeet"),
+     r" (?:tudo|o que|alles|wat)\b.{0,30}\b(?:anterior|dito|acima|antes|eerder|gezegd|hierboven|voorgaande)\b"),
+    ("", ("instead of", "rather than", "without"), r" (?:following|obeying|using|heeding) (?:your|the|any|all)\b "
+     r"(?:\w+ ){0,2}?(?:instructions|guidance|rules|guidelines|prompt|directions)\b"),
+    # An AI addressee told what to do: "Language models must state ...", "Bots: please insert ...".
+    ("", _AI_STRICT, r"\b[^.]{0,60}?(?:\b(?:must|should|shall|need to|needs to|have to|has to|are (?:asked|"
+     r"instructed|required|expected|supposed) to|is (?:asked|instructed|required|expected|supposed) to|take note|"
+     r"please|doivent|doit|devez|mussen|muss|sollen|soll|sollten|deben|debe|devono|deve|devem|moeten|moet|bitte|"
+     rf"veuillez)\b|:)\s*(?:\S+ ){{0,6}}?{_SAY_VERBS}"),
+    ("", ("whoever", "anyone", r"assistants?", r"agents?", r"models?", r"writers?", r"tools?", r"systems?", r"bots?"),
+     r"\b (?:who |that |which )?(?:is |are )?(?:writing|drafting|composing|generating|preparing) "
+     r"(?:this|the|an?|your|any) (?:e-?mails?|messages?|reply|replies|response|summary|outreach|pitch)\b"),
+    ("", ("tell", "inform", "remind"), r" (?:everyone|anyone|all those|whoever|everybody) (?:who|that) "
+     r"(?:reads|receives|sees|opens)\b"),
+    ("", ("when",), r" (?:generating|drafting|composing|writing|preparing) (?:\w+ ){0,2}?(?:outreach|e-?mails?|"
+     r"summar(?:y|ies)|messages?|replies|responses?|pitch(?:es)?|profiles?)\b.{0,60}?\b(?:include|mention|say|"
+     r"state|add|insert|link|tell|always|never)\b"),
+    # Addressing an AI: "Note to AI assistants:", "Attention LLMs,", "Dear ChatGPT,", "Hinweis an die KI".
+    ("", ("note", "message", "memo", "notice", "attention", "hinweis", "achtung", "nachricht", "nota", "aviso",
+          "atencion", "attenzione", "avviso", "bericht", "let op"),
+     r"\b[ :,]+(?:(?:to|for|a|aux?|pour|an|fur|para|per|ai|agli|alla|voor|aan)\b ?)?(?:(?:the|all|any|every|les|la|"
+     rf"le|die|den|der|alle|jede[nrs]?|los|las|el|i|gli|os|as|de|het)\b ?|l')?{_AI}\b"),
+    ("", ("dear", "hey", "hi", "hello", "bonjour", "cher", "chere", "hallo", r"liebe[rs]?", "hola", r"querid[oa]",
+          "ciao", r"car[oa]", "ola", "beste"), rf" {_AI}\s*[,:!]"),
+    # "As an AI, you ...", "En tant qu'IA, vous devez", "Als KI-Assistent musst du", "Como IA, debes".
+    ("", ("as", r"en tant que?", "als", "como", "come", "enquanto"),
+     rf"\s*(?:an?|une?|ein(?:e|en)?|una?|uma?|een)?\s*'?\s*{_AI}\b,?\s*{_YOU}"),
+    # "If you are an AI model, ...", "Si vous êtes une IA", "Wenn du eine KI bist", "Se sei un'IA".
+    ("", ("if", "when", "since", "because"), rf" (?:you(?: are|'re)|you happen to be) (?:an? |the )?{_AI}{_ROLE_END}"),
+    ("", ("si",), rf" (?:vous etes|tu es|eres|es usted|usted es) (?:une? |una? )?{_AI}{_ROLE_END}"),
+    ("", ("wenn", "falls", "sofern"), rf" (?:du|sie) (?:ein(?:e|en)? )?{_AI} (?:bist|sind)\b"),
+    ("", ("se",), rf" (?:sei|lei e|voce e|voce for|tu es|fores) (?:un'|una? |uma? )?{_AI}{_ROLE_END}"),
+    ("", ("als", "indien"), rf" (?:je|jij|u) (?:een )?{_AI} (?:bent|is)\b"),
+    ("", ("if", "when", "while"), r" (?:this|the) (?:\w+ )?(?:is|are) (?:being )?(?:read|processed|summari[sz]ed|"
+     rf"parsed|crawled|scraped|analy[sz]ed|ingested|indexed|seen) by (?:an? |the |any )?{_AI}"),
+    ("", ("you",), r"(?: are|'re) (?:a|an) (?:helpful|friendly|harmless|honest|obedient)\b (?:\w+ )?(?:assistant|"
+     r"model|chatbot|bot|agent|ai)\b"),
+    ("", ("you",), rf"(?: are|'re) (?:a|an) (?:ai|llm|(?:large )?language model|chatbot){_ROLE_END}"),
+    # "AI agents reading this page must ...", "KI-Systeme, die diese Seite lesen".
+    ("", _AI_NOUNS, rf"\b.{{0,40}}\b{_READING}.{{0,12}}{_THIS_PAGE}"),
+    ("", _AI_NOUNS, rf"\b.{{0,40}}{_THIS_PAGE} (?:lesen|liest|verarbeiten|verarbeitet|zusammenfassen|zusammenfasst|"
+     r"analysieren|analysiert|crawlen|leest|lezen|verwerkt|verwerken)\b"),
+    # Indirect: "whoever summarises this page should", "any automated reader processing this".
+    ("", ("whoever",), r"\b.{0,30}\b(?:summari|read|process|writ|describ|report|cover|review|analy)\w*"),
+    ("", ("anyone", "anybody", "everyone", "those"), r"\b (?:who |that |which )?(?:is |are )?(?:summari[sz]\w*|"
+     rf"process\w*|crawl\w*|scrap\w*|pars\w*|index\w*|ingest\w*|analy[sz]\w*) {_THIS_PAGE}"),
+    ("", ("any", "every", "each", "all"), r"\b (?:(?:automated|automatic|ai|machine|software|external)\s)?(?:tools?|"
+     r"systems?|programs?|software|models?|readers?|assistants?|agents?|bots?|crawlers?|scrapers?|services?|"
+     r"summari[sz]ers?)\b (?:that |which |who )?(?:is |are )?(?:(?:reading|parsing|crawling|summari[sz]ing|"
+     r"visiting|scraping|ingesting|indexing)\b|(?:process\w*|analy[sz]\w*|read[s]?) (?:this|these)\b)"),
+    ("", ("any",), r" (?:automated|automatic|ai|machine) (?:readers?|assistants?|agents?|tools?|systems?|models?|"
+     r"programs?)\b"),
+    ("", ("quiconque", "celui qui", "celle qui", "ceux qui", "toute personne qui",
+          r"tout (?:outil|systeme|programme|assistant|modele) qui"),
+     r"\b.{0,20}\b(?:resume|resumera|traite|lit|analyse|synthetise)\w*"),
+    ("", ("wer", r"jeder,? der", r"jedes (?:tool|system|programm),? das"), r"\b (?:diese\w*|den|die|das) (?:seite|"
+     r"text|inhalt|webseite|website|beitrag|artikel)\w* (?:zusammenfass|verarbeit|lies|liest|les|analys|crawl)\w*"),
+    ("", ("quien", "quienquiera que", "cualquiera que", r"todo (?:sistema|programa|asistente|modelo) que", "chiunque",
+          "quem quer que", r"qualquer (?:sistema|programa|assistente|modelo) que", "iedereen die",
+          r"elk (?:systeem|programma|model) dat"),
+     r"\b (?:resuma|lea|procese|analice|resume|lee|procesa|analiza|riassum\w*|legg\w*|elabor\w*|analizz\w*|"
+     r"resum\w*|le|ler|process\w*|analis\w*|deze|dit)\b"),
+    # "When you write about us, say ...", "Quand vous écrivez sur nous, dites ...".
+    ("", (r"when(?:ever)?", "if", "while", "before", "once"), r"\b (?:you(?:'re| are)? )?(?:summari[sz]\w*|"
+     r"describ\w*|writ\w* (?:about|up)|talk\w* about|report\w* (?:on|about)|present\w*|refer\w* to|introduc\w*|"
+     r"pitch\w*|mention\w*|cover\w*|review\w*|email\w*)\b.{0,60}?\b(?:say|state|claim|write|mention|call|describe|"
+     r"tell|include|emphasi[sz]e|highlight|refer|always|never|make sure|be sure|remember|you (?:should|must|need to|"
+     r"have to|will|shall))\b"),
+    ("", ("quand", "lorsque", "si"), r" (?:vous|tu) (?:ecrivez|ecris|parlez|parles|redigez|rediges|resumez|resumes|"
+     r"presentez|presentes|decrivez|decris|mentionnez|mentionnes)\b.{0,60}?\b(?:dites|dis|ecrivez|ecris|"
+     r"mentionnez|mentionne|precisez|indiquez|affirmez|citez|incluez|ajoutez|toujours|n'oubliez pas|veuillez)\b"),
+    ("", ("wenn", "sobald", "falls"), r" (?:du|sie)\b.{0,40}\b(?:schreibst|schreiben|berichtest|berichten|"
+     r"zusammenfasst|zusammenfassen|beschreibst|beschreiben|erwahnst|erwahnen)\b.{0,60}?\b(?:sag|sage|sagen sie|"
+     r"schreib|schreibe|schreiben sie|erwahne|erwahnen sie|nenne|nennen sie|betone|betonen sie|immer|stets|musst|"
+     r"mussen|sollst|sollten)\b"),
+    ("", ("cuando", "si", "quando", "se"), r" (?:escribas|escriba|hables|hable|resumas|resuma|describas|describa|"
+     r"menciones|mencione|redactes|redacte|scrivi|scrive|parli|parla|riassumi|riassume|descrivi|descrive|menzioni|"
+     r"escrever|falar|resumir|descrever|mencionar|voce escrever)\b.{0,60}?\b(?:di|diga|decir|escribe|escriba|"
+     r"menciona|mencione|afirma|afirme|incluye|incluya|siempre|debes|debe|di'|dite|dica|scrivi|scriva|afferma|"
+     r"includi|sempre|devi|deve|escreva|inclua)\b"),
+    ("", ("wanneer", "als"), r" (?:je|u) (?:over ons )?(?:schrijft|praat|samenvat|beschrijft)\b.{0,60}?\b(?:zeg|"
+     r"schrijf|vermeld|noem|altijd|moet)\b"),
+    # Telling the readers: "tell the reader", "dites aux lecteurs", "sagen Sie den Lesern", "di a los lectores".
+    ("", ("tell", "inform", "remind", "assure", "warn"), r" (?:the |your |all |our )?(?:readers?|recipients?|"
+     r"prospects?)\b"),
+    ("", ("tell", "inform", "assure", "warn"), r" (?:the |your |all |our )?users? that\b"),
+    ("", ("dites", "dis", "dire", "indiquez", "annoncez", "expliquez", "informez", "rappelez", "assurez", "precisez",
+          "signalez", "ecrivez"), r"\b(?:-| )?(?:aux?|les|a vos|a tes|a nos|a leurs?|vos)? ?(?:lecteurs?|"
+     r"lectrices?|utilisateurs?|utilisatrices?|destinataires?|internautes|prospects?)\b"),
+    ("", ("sag", "sage", "sagt", "sagen sie", "teile", "teilt", "teilen sie", "erzahl", "erzahle", "erzahlen sie",
+          "informiere", "informieren sie", "erinnere", "erinnern sie", "versichere", "versichern sie", "schreib",
+          "schreibe", "schreiben sie"), r"\b (?:dem|den|allen|deinen|ihren|jedem)? ?(?:leser\w*|nutzer\w*|"
+     r"benutzer\w*|empfanger\w*|interessent\w*)\b"),
+    ("", ("dem", "den", "allen", "deinen", "ihren"), r" (?:leser\w*|nutzer\w*|empfanger\w*) (?:\w+ )?(?:sagen|"
+     r"mitteilen|erzahlen|schreiben)\b"),
+    ("", ("di", "dile", "diles", "diga", "digale", "digales", "decir", "informa", "informe", "informales", "recuerda",
+          "recuerde", "cuenta", "cuentale", "cuentales", "asegura", "asegure", "escribe", "digam", "diz", "informem",
+          "lembre", "avise", "conte", "escreva"), r"\b (?:a |aos |as |ao |para (?:os|as) )?(?:los |las |tus |sus |"
+     r"todos los |seus |suas )?(?:lectores|lectoras|usuarios|usuarias|destinatarios|prospectos|leitores|leitoras|"
+     r"utilizadores)\b"),
+    ("", ("di'", "di", "dite", "dica", "informa", "informate", "ricorda", "ricordate", "assicura", "scrivi"),
+     r" (?:ai|alle|agli) (?:tuoi |suoi )?(?:lettori|lettrici|utenti|destinatari)\b"),
+    ("", ("vertel", "zeg", "meld", "informeer", "herinner"), r"\b (?:het |de |alle |je |uw )?(?:lezers|gebruikers|"
+     r"ontvangers)\b"),
+    # Second person aimed at the summariser or the writer.
+    ("", ("you",), r" (?:must|should|shall|need to|have to|are (?:required|instructed|asked|expected|supposed) to)"
+     r"(?: now| always| also| only)? (?:say|write|tell|include|mention|recommend|add|insert|state|claim|describe|"
+     r"call|refer|praise|promote|link|direct|urge|output|print|reveal|repeat|respond|reply|answer|summari[sz]e|"
+     r"ignore|forget)\b"),
+    ("", ("you",), r" (?:must|are) now\b"),
+    ("", ("vous devez", "tu dois", "il faut que vous"), r"\b (?:maintenant |desormais |toujours |aussi |egalement )?"
+     r"(?:dire|ecrire|mentionner|inclure|recommander|ajouter|affirmer|preciser|ignorer|oublier|repondre|citer|"
+     r"inserer|rediger)\b"),
+    ("", ("du musst", "du sollst", "du solltest", "sie mussen", "sie sollen", "sie sollten"),
+     r"\b (?:\S+ ){0,5}?(?:sagen|schreiben|erwahnen|empfehlen|einfugen|hinzufugen|behaupten|ignorieren|vergessen|"
+     r"antworten|nennen|betonen)\b"),
+    ("", ("debes", "tienes que", "deberias", "devi", "dovete", "dovresti", "voce deve", "voce precisa", "deves",
+          "voce tem que"), r"\b (?:ahora |siempre |tambien |ora |sempre |anche |agora |tambem )?(?:decir|escribir|"
+     r"mencionar|incluir|recomendar|anadir|agregar|afirmar|ignorar|olvidar|responder|insertar|dire|scrivere|"
+     r"menzionare|includere|raccomandare|aggiungere|affermare|ignorare|dimenticare|rispondere|inserire|dizer|"
+     r"escrever|adicionar|esquecer)\b"),
+    ("", ("je moet", "u moet", "jij moet"), r"\b (?:\w+ ){0,3}?(?:zeggen|schrijven|vermelden|noemen|aanbevelen|"
+     r"toevoegen|negeren|vergeten|antwoorden)\b"),
+    ("", ("your", "every", "each"), r" (?:summary|summaries|reply|replies|response|responses|answer|answers|output|"
+     r"write-?up)\b (?:\w+ ){0,3}?(?:must|should|shall|has to|have to|needs? to|is to|are to)\b"),
+    ("", ("votre", "ta", "chaque", "deine", "ihre", "jede", "tu", "su", "cada", "la tua", "ogni", "sua", "je", "elk"),
+     r" (?:resume|reponse|synthese|antwort|zusammenfassung|respuesta|resumen|risposta|sintesi|resposta|sintese|"
+     r"antwoord|samenvatting)\b.{0,20}\b(?:doi[st]|muss|debe|deve|moet)\b"),
+    ("", ("in", "into"), r" (?:your|every|each) (?:reply|replies|response|responses|answer|answers|output|summary|"
+     r"summaries|write-?up)\b"),
+    ("", ("dans", "in", "en", "nella", "na"), r" (?:votre|ta|ton|chaque|deiner|ihrer|jeder|tu|cada|tua|sua|je) "
+     r"(?:reponse|resume|synthese|antwort|zusammenfassung|respuesta|resumen|risposta|sintesi|resposta|sintese|"
+     r"antwoord|samenvatting)\b"),
+    (r"(?:^|(?<=[.!:;] ))", ("respond", "reply", "answer"), r"(?: only)? with\b"),
+    ("", ("please", "always", "only", "just", "now"), r" (?:respond|reply|answer)(?: only)? with\b"),
+    (r"(?:^|(?<=[.:;!,] ))", ("describe", "present", "portray", r"characteri[sz]e", "call", "refer to", "rank", "rate",
+                              "recommend", "list", "introduce", "position"), r" (?:us|this (?:company|business|"
+     r"firm|vendor|product|startup)|the company|our (?:company|product|business|team)) as\b"),
+    ("", ("please", "always", "be sure to", "make sure to", "you should", "you must"), r" (?:describe|present|"
+     r"portray|characteri[sz]e|call|refer to|rank|rate|recommend|list|introduce|position) (?:us|this (?:company|"
+     r"business|firm|vendor|product|startup)|the company|our (?:company|product|business|team)) as\b"),
+    ("", ("presentez-nous", "decrivez-nous", "presente-nous", "decris-nous", "qualifiez-nous", "beschreibe uns",
+          "beschreiben sie uns", "stelle uns", "stellen sie uns", "nenne uns", "nennen sie uns", "describenos",
+          "presentanos", "descrivici", "presentaci", "descreva-nos", "apresente-nos", "beschrijf ons",
+          "presenteer ons", "noem ons"), r" (?:\w+ ){0,2}?(?:comme|als|como|come)\b"),
+    (r"(?:^|(?<=[.:;!] ))", ("say", "write", "state", "claim", "mention", "report", "respond", "reply", "answer"),
+     r" that\b"),
+    ("", ("please", "and", "then"), r" (?:say|write|state|claim|mention|report|respond|reply|answer) that\b"),
+    # Role changes and resets.
+    ("", ("from now on", "von nun an", "a partir de maintenant", "desormais", "ab jetzt", "a partir de ahora",
+          "de ahora en adelante", "d'ora in", "a partir de agora", "vanaf nu"),
+     r"\b(?:(?<=from now on)|(?<=von nun an)|,? (?:vous|tu|vous devez|tu dois|musst du|sollst du|bist du|wirst du|"
+     r"debes|eres|tienes que|(?:poi|avanti),? (?:devi|sei)|voce deve|voce e|deves|moet je|ben je|moet u|bent u)\b)"),
+    ("", ("you are now", "vous etes maintenant", "vous etes desormais", "ahora eres", "ora sei", "agora voce e",
+          "je bent nu"), r"\b"),
+    ("", ("du bist",), r" (?:jetzt|nun) (?:ein|eine|der|die)\b"),
+    ("", (r"new instructions?", r"nouvelles? (?:instructions|consignes)", r"neue (?:anweisung|instruktion)\w*",
+          "nuevas instrucciones", "nuove istruzioni", "novas instrucoes", "nieuwe instructies"), r"\b"),
+    ("", ("pretend to be", "pretend you are", "pretend that you", "fais semblant", "faites semblant", r"tu so,? als",
+          r"tun sie so,? als", "finge", "finja", "haz como si", "fingi", "fai finta", "faca de conta", "doe alsof"),
+     r"\b"),
+    ("", ("reveal", "print", "show", "output", "repeat", "ignore", "display", "leak"), r"\b.{0,20}\bsystem ?prompt\b"),
+    ("", ("your",), r" system ?prompt\b"),
+    (r"(?<=<\|)", ("im_start", "im_end", "system", "user", "assistant", "endoftext", "eot_id", "start_header_id",
+                   "end_header_id"), r"\|>"),
+    (r"(?:(?<=\[)|(?<=\[/))", ("inst",), r"\]"),
+    (r"(?:(?<=<<)|(?<=<</))", ("sys",), r">>"),
+    ("", ("system override", "developer mode", "god mode", "dan mode", "do anything now"), r"\b"),
+    # Credential lures: "confirm your password at ...", "send their password to ...".
+    ("", ("send", "confirm", "verify", "update", r"re-?enter", "enter", "reset", "validate", "submit", "share",
+          "provide", "give", "email", "type"),
+     r"\b (?:\w+ ){0,2}?(?:your|their|his|her|the reader's|the user's) (?:\w+ )?(?:password|passcode|credentials|"
+     r"login details|login|card details|card number|bank details|account details|pin|seed phrase)s? (?:to|at|via|"
+     r"here|by|on|using|through|in|within|immediately|now)\b"),
+    ("", ("envoy", "confirm", "verifi", "saisi", "entr", "communiqu", "indiqu", "mett"),
+     r"\w* (?:\w+ ){0,2}?(?:votre|vos|leur|leurs|ton|tes) (?:mot de passe|mots de passe|identifiants|"
+     r"coordonnees bancaires|numero de carte|code pin)\b"),
+    ("", ("ihr", "ihre", "dein", "deine", "ihren", "deinen"), r" (?:passwort|kennwort|zugangsdaten|kartennummer|"
+     r"bankdaten|pin)\w* (?:\w+ ){0,4}?(?:senden|schicken|bestatigen|eingeben|verifizieren|aktualisieren|"
+     r"mitteilen)\b"),
+    ("", ("sende", "schicke", "bestatige", "gib", "senden sie", "schicken sie", "bestatigen sie", "geben sie"),
+     r"\b.{0,30}\b(?:passwort|kennwort|zugangsdaten|kartennummer)\b"),
+    ("", ("envi", "confirm", "verifi", "actualic", "actualiz", "introduzc", "ingres", "compart", "proporcion", "invi",
+          "conferm", "aggiorn", "inserisc", "comunic", "atualiz", "insir", "digit"),
+     r"\w* (?:\w+ ){0,2}?(?:tu|su|sus|tus|la tua|la sua|le tue|il tuo|il suo|a sua|sua|seu|suas|seus|a tua|tua) "
+     r"(?:contrasena|clave|credenciales|datos de (?:la )?tarjeta|numero de tarjeta|password|credenziali|"
+     r"numero di carta|dati della carta|senha|credenciais|numero do cartao|dados do cartao|pin)\b"),
+    ("", ("stuur", "bevestig", "verifieer", "update", "voer", "geef"), r"\w* (?:\w+ ){0,2}?(?:je|uw|jouw) "
+     r"(?:wachtwoord|inloggegevens|kaartnummer|pincode)\b"),
+)
+#: Regexes for sentences that address an AI instead of a human reader, or lure a reader's credentials,
+#: in English, French, German, Spanish, Italian, Portuguese and Dutch. ``is_instruction`` matches them on
+#: the sentence normalised (``normalize_page_text``, then ``normalize``) with accents removed, so they
+#: are written in lower-case ASCII ("précédentes" is matched as "precedentes").
+INSTRUCTION_PATTERNS: tuple[str, ...] = tuple(
+    rf"{context}\b(?:{'|'.join(anchors)}){rest}" for context, anchors, rest in _INSTRUCTION_PARTS
+)
+def _anchor_regex(parts: tuple[tuple[str, tuple[str, ...], str], ...]) -> re.Pattern[str]:
+    """A zero-width regex matching where any anchor of ``parts`` starts, anchors grouped by first letter.
+
+    Raises:
+        ValueError: an anchor does not start with a lower-case letter that stands on its own (not
+            followed by a quantifier).
+    """
+    by_letter: dict[str, set[str]] = {}
+    for _context, anchors, _rest in parts:
+        for anchor in anchors:
+            if not ("a" <= anchor[:1] <= "z") or anchor[1:2] in ("?", "*", "+", "{"):
+                raise ValueError(f"instruction anchor {anchor!r} must start with a lower-case letter of its own")
+            by_letter.setdefault(anchor[0], set()).add(anchor[1:])
+    return re.compile(r"\b(?=" + "|".join(f"{c}(?:{'|'.join(sorted(a))})" for c, a in sorted(by_letter.items())) + ")")
+
+
+# ``is_instruction`` finds the places where an anchor starts with one pass of ``_INSTRUCTION_ANCHOR``
+# (anchors grouped by first letter, so each place costs a few character tests) and tries
+# ``_INSTRUCTION`` only there; each pattern of it is skipped unless the place can start one of its anchors.
+_INSTRUCTION_ANCHOR = _anchor_regex(_INSTRUCTION_PARTS)
+_INSTRUCTION = re.compile("|".join(
+    f"(?=[{''.join(sorted({a[0] for a in anchors}))}]){pattern}"
+    for (_, anchors, _), pattern in zip(_INSTRUCTION_PARTS, INSTRUCTION_PATTERNS, strict=True)
+))
 
 # Words and shapes that make a sentence likely to state one of the profile fields.
 _FACT_CUE = re.compile(
@@ -154,9 +437,16 @@ def is_instruction(sentence: str) -> bool:
     """True when ``sentence`` looks like an instruction aimed at an AI (see ``INSTRUCTION_PATTERNS``).
 
     Such sentences are prompt injection attempts in page text: the researcher never shows them to a
-    model and never accepts them as evidence.
+    model and never accepts them as evidence. The sentence may be raw or already normalised: it is
+    normalised here (``normalize_page_text``, so hidden characters and look-alike letters cannot
+    hide a phrase; then ``normalize``) and matched with accents removed. About 35 microseconds per
+    sentence. A filter of phrases is a second line of defence only: facts are also held by their
+    value shapes and by attribution.
     """
-    return _INSTRUCTION.search(sentence) is not None
+    text = normalize(normalize_page_text(sentence))
+    if not text.isascii():
+        text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return any(_INSTRUCTION.match(text, m.start()) for m in _INSTRUCTION_ANCHOR.finditer(text))
 
 
 @dataclass(frozen=True)
@@ -269,7 +559,8 @@ def number_sentences(
     dropped = 0
     for d_idx, doc in enumerate(documents):
         own = bool(own_host) and host_of(doc.url) == own_host
-        for pos, raw in enumerate(split_sentences(doc.text)):
+        # Corpora stored before normalisation existed hold raw text: normalise again (idempotent).
+        for pos, raw in enumerate(split_sentences(normalize_page_text(doc.text))):
             if is_instruction(raw):
                 dropped += 1
                 continue
@@ -359,8 +650,9 @@ def check_fact(
         return "ungrounded", f"the value does not occur in the evidence: {sentence!r}", None
     if is_instruction(sentence) or is_instruction(value):
         return "bad_value", "the evidence reads as an instruction", None
-    if not matcher.attributed(url, sentence):
-        return "misattributed", f"{url} is not the company's site and the sentence does not name it", None
+    if not matcher.attributed(url, sentence, value):
+        return ("misattributed", f"{url} is not the company's site and the sentence does not name the company "
+                "as its subject (outside the value, not in a list or comparison)", None)
     problem = value_problem(field_name, value, sentence, own_domain=matcher.own_domain)
     if problem:
         return "bad_value", problem, None
@@ -384,8 +676,10 @@ def ground_facts(
        look like an instruction), and its value is non-empty, at most ``MAX_FACT_VALUE_CHARS`` characters
        and occurs in the evidence;
     2. (else ``misattributed``) the source is attributed to the prospect's company: the page is on the
-       company's registrable domain, or the evidence sentence names the company by name or domain
-       (``agents.attribution.CompanyMatcher``); the title or heading a sentence sits under does not count;
+       company's registrable domain, or the evidence sentence names the company by name or domain, outside
+       the value and not only in a list of names, a comparison or an analogy
+       (``agents.attribution.CompanyMatcher.attributed``); the title or heading a sentence sits under does
+       not count;
     3. (else ``bad_value``) neither the evidence nor the value reads as an instruction, and the value has
        its field's shape (``agents.fact_shapes.value_problem``).
 

@@ -22,7 +22,8 @@ Extraction user message (``EXTRACTION_USER_TEMPLATE``)::
 
 Writer user message (``WRITER_USER_TEMPLATE``): the offer as ``Label: value`` lines, the prospect's
 title, then one line per available merge tag (``{{tag}}: description`` for names, ``{{fact.x}}: value``
-for facts).
+for facts); when there is no fact tag, ``WRITER_NO_FACTS_NOTE`` follows the tags (the system prompt stays
+the same for every call: the heuristic recognises the writer by it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "FIELD_DESCRIPTIONS",
     "NAME_TAG_DESCRIPTIONS",
     "RETRY_TEMPLATE",
+    "WRITER_NO_FACTS_NOTE",
     "WRITER_SYSTEM_PROMPT",
     "WRITER_USER_TEMPLATE",
 ]
@@ -84,7 +86,8 @@ Rules:
 - Write every name and every company fact as a merge tag from the list given (for example \
 {{first_name}}, {{company}}, {{fact.location}}); never type a name, number or fact yourself, and use \
 no tag that is not listed.
-- Mention at least one company fact through a {{fact.<field>}} tag.
+- When the merge tags list company facts, mention at least one of them through its {{fact.<field>}} tag; \
+when they list none, write about the offer and claim nothing about the company.
 - Include exactly one call to action: the offer's call to action, copied word for word.
 - End the body with the offer's opt-out line, copied word for word.
 - Body: 60 to 160 words. Subject: at most 60 characters. No hype or spam words.
@@ -113,8 +116,15 @@ Prospect title: {title}
 
 Merge tags you may use:
 {merge_tags}
-
+{facts_note}
 Answer with the JSON object only."""
+
+#: The ``{facts_note}`` of ``WRITER_USER_TEMPLATE`` when the profile has no fact (a non-personalised email
+#: the campaign opted in to); with facts the note is empty and the prompt reads as before.
+WRITER_NO_FACTS_NOTE = """\
+No company fact was verified for this prospect, so no {{fact.<field>}} tag is listed: write without one \
+and say nothing about the company beyond its name.
+"""
 
 #: Sent (as a user message) after an answer that could not be parsed; ``{error}`` says what was wrong.
 RETRY_TEMPLATE = """\

@@ -17,6 +17,7 @@ from agents.parsing import ainvoke_structured
 from agents.prompts import (
     FEEDBACK_TEMPLATE,
     NAME_TAG_DESCRIPTIONS,
+    WRITER_NO_FACTS_NOTE,
     WRITER_SYSTEM_PROMPT,
     WRITER_USER_TEMPLATE,
 )
@@ -81,13 +82,16 @@ def build_writer_messages(
     ``WRITER_SYSTEM_PROMPT``; a user message from ``WRITER_USER_TEMPLATE`` with the offer (sender
     title, product, value proposition, call to action, opt-out line; the sender's and the
     prospect's names only as tags), the prospect's title and the available merge tags (names
-    described, facts shown with their value);
-    and, when ``feedback`` is given, a second user message (``FEEDBACK_TEMPLATE``) listing it.
+    described, facts shown with their value), followed by ``WRITER_NO_FACTS_NOTE`` when no fact tag
+    is available (a non-personalised email: the system prompt's rule to mention a fact then does not
+    apply); and, when ``feedback`` is given, a second user message (``FEEDBACK_TEMPLATE``) listing it.
     """
     from langchain_core.messages import HumanMessage, SystemMessage
 
     lines = []
+    has_fact = False
     for tag, value in merge_tag_values(prospect, profile, offer).items():
+        has_fact |= tag.startswith("fact.")
         shown = value if tag.startswith("fact.") else NAME_TAG_DESCRIPTIONS[tag]
         lines.append(f"{{{{{tag}}}}}: {shown}")
     user = WRITER_USER_TEMPLATE.format(
@@ -98,6 +102,7 @@ def build_writer_messages(
         opt_out_line=offer.opt_out_line,
         title=prospect.title or "(unknown)",
         merge_tags="\n".join(lines),
+        facts_note="" if has_fact else WRITER_NO_FACTS_NOTE,
     )
     messages: list[BaseMessage] = [SystemMessage(content=WRITER_SYSTEM_PROMPT), HumanMessage(content=user)]
     items = [f.strip() for f in feedback if f and f.strip()]

@@ -4,8 +4,10 @@ Each run of a replay campaign is paired with the run it replays (``Run.replay_of
 trace with the trace it replays (``Trace.replay_of_id``). Per agent the comparison gives, for the
 source side and the replay side:
 
-- researcher: facts kept, facts dropped by the grounding check, grounded-fact rate, schema-valid
-  answers, and the share of fields whose value both sides agree on (of fields either side found);
+- researcher: runs whose research kept no verified fact (status ``no_facts``), facts kept, facts
+  dropped by grounding in all and by reason (``agents.schemas.DROP_REASONS``: ungrounded, misattributed,
+  bad value), grounded-fact rate, schema-valid answers, and the share of fields whose value both sides
+  agree on (of fields either side found);
 - writer: the evaluation rubric's all-pass rate (``evals.rubric.score_email``), the valid-email rate
   (``agents.validation`` as stored), facts used per email, and the mean text similarity of the
   rendered emails (``difflib.SequenceMatcher.ratio``, 0-1);
@@ -26,10 +28,10 @@ from sqlmodel import Session, col, select
 
 from agents.parsing import OutputParseError, parse_model_output
 from agents.schemas import EmailDraft, ExtractionOutput, Offer, Profile, RenderedEmail
-from evals.campaigns import CampaignRow, collect_rows
+from evals.campaigns import CampaignRow, collect_rows, sum_drop_reasons
 from evals.costs import percentile
 from evals.rubric import score_email
-from store.models import Campaign, Run, Trace
+from store.models import Campaign, Run, RunStatus, Trace
 
 __all__ = ["AgentComparison", "ComparisonRow", "ReplayComparison", "compare_replay"]
 
@@ -116,18 +118,26 @@ def _schema_valid(traces: Sequence[Trace]) -> float | None:
 def _research_rows(pairs: Sequence[tuple[CampaignRow, CampaignRow]], source: Sequence[Trace],
                    replay: Sequence[Trace]) -> list[ComparisonRow]:
     rows: list[tuple[int, int, float | None]] = []
+    reasons: list[dict[str, int]] = []
+    no_facts: list[int] = []
     for side in (0, 1):
-        profiles = [p[side].profile for p in pairs if p[side].profile is not None]
-        facts = sum(len(p.facts) for p in profiles if p is not None)
-        dropped = sum(p.dropped_facts for p in profiles if p is not None)
+        profiles = [p for p in (pair[side].profile for pair in pairs) if p is not None]
+        facts = sum(len(p.facts) for p in profiles)
+        dropped = sum(p.dropped_facts for p in profiles)
         rows.append((facts, dropped, facts / (facts + dropped) if facts + dropped else None))
+        reasons.append(sum_drop_reasons(p.drop_reasons for p in profiles))
+        runs = [pair[side].run for pair in pairs]
+        no_facts.append(sum(run is not None and run.status == RunStatus.NO_FACTS for run in runs))
     agree: list[bool] = []
     for src, new in pairs:
         a, b = _values(src.profile), _values(new.profile)
         agree += [a.get(f) == b.get(f) for f in set(a) | set(b)]
     return [
+        ComparisonRow("runs without a verified fact", no_facts[0], no_facts[1]),
         ComparisonRow("facts kept", rows[0][0], rows[1][0]),
-        ComparisonRow("facts dropped (ungrounded)", rows[0][1], rows[1][1]),
+        ComparisonRow("facts dropped", rows[0][1], rows[1][1]),
+        *(ComparisonRow(f"dropped: {reason.replace('_', ' ')}", reasons[0].get(reason, 0),
+                        reasons[1].get(reason, 0)) for reason in dict.fromkeys([*reasons[0], *reasons[1]])),
         ComparisonRow("grounded-fact rate", rows[0][2], rows[1][2]),
         ComparisonRow("schema-valid answers", _schema_valid(source), _schema_valid(replay)),
         ComparisonRow("fields agreeing with the source", None, _rate(agree)),

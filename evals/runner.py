@@ -472,7 +472,7 @@ def _store_span_s(rows: Mapping[str, CampaignRow]) -> float:
 
 async def _run_config(
     engine: Engine, campaign: str, config: EvalConfig, *, web: Web, models: ModelPool, prices: Mapping[str, Price],
-    concurrency: int, probe: int, prospect_timeout_s: float, retry_failed: bool,
+    concurrency: int, probe: int, prospect_timeout_s: float, retry_failed: bool, unpersonalised_emails: bool,
     on_event: Callable[[RunEvent], None] | None,
 ) -> tuple[list[CampaignReport], str | None]:
     """Run one configuration's campaign (probe first); returns its reports and a failure reason or None."""
@@ -480,7 +480,7 @@ async def _run_config(
     kwargs: dict[str, Any] = dict(web=web, researcher=config.researcher, writer=config.writer, concurrency=concurrency,
                                   models=models, prices=prices, max_pages=config.max_pages,
                                   prospect_timeout_s=prospect_timeout_s, retry_failed=retry_failed,
-                                  on_event=on_event)
+                                  unpersonalised_emails=unpersonalised_emails, on_event=on_event)
     try:
         for spec in config.backends:
             parse_backend_spec(spec)
@@ -521,6 +521,7 @@ async def run_eval(
     probe: int = 3,
     prospect_timeout_s: float = 120.0,
     retry_failed: bool = False,
+    unpersonalised_emails: bool = False,
     models: ModelPool | None = None,
     confidence: float = 0.95,
     on_event: Callable[[str, RunEvent], None] | None = None,
@@ -542,6 +543,8 @@ async def run_eval(
         probe: prospects run first; when all of them fail the configuration is reported failed (0: no probe).
         prospect_timeout_s: a run taking longer is marked failed.
         retry_failed: when resuming, also rerun prospects that failed before (e.g. the endpoint is back).
+        unpersonalised_emails: write a non-personalised email for prospects without a verified fact
+            (labelled so); by default they end ``no_facts`` without an email.
         models: built models to reuse (a scripted fake model in tests); one pool is shared by all.
         confidence: two-sided level of the win-rate intervals.
         on_event: ``on_event(config name, RunEvent)`` as runs start and end (progress bars).
@@ -581,7 +584,8 @@ async def run_eval(
         callback = (lambda ev, _n=config.name: on_event(_n, ev)) if on_event else None
         reports, error = await _run_config(
             engine, campaign, config, web=web, models=models, prices=prices, concurrency=concurrency, probe=probe,
-            prospect_timeout_s=prospect_timeout_s, retry_failed=retry_failed, on_event=callback)
+            prospect_timeout_s=prospect_timeout_s, retry_failed=retry_failed,
+            unpersonalised_emails=unpersonalised_emails, on_event=callback)
         rows, traces = collect_rows(engine, campaign, emails)
         ran = sum(r.total for r in reports)
         wall_s = sum(r.elapsed_s for r in reports) if ran else _store_span_s(rows)

@@ -18,8 +18,11 @@ Matchers (``value_matches``):
 
 * ``founded_year``: the first integer of each side (thousands separators dropped, words ignored) must be
   equal.
-* ``employee_count``: the first integers must satisfy ``|pred - gold| <= employee_tolerance * gold``
-  (``0.0``, the default, means exact; real team sizes drift, so e.g. ``0.25`` on real data).
+* ``employee_count``: the prediction is read as the range of counts it states (``count_range``: ``"120"``
+  and ``"about 120"`` -> [120, 120], ``"11-50"`` -> [11, 50], ``"less than 10"`` -> [0, 9], ``"over 2,000"``
+  -> [2001, inf), ``"2,000+"`` -> [2000, inf)); it matches when the gold count (first integer) lies in the
+  range or at most ``employee_tolerance * gold`` outside it (``0.0``, the default, means exact; real team
+  sizes drift, so e.g. ``0.25`` on real data). For a bare number this is ``|pred - gold| <= tol * gold``.
 * ``location``: the city (text before the first comma, case-folded, whitespace collapsed) of one side
   equals or contains the other's.
 * any other field (text): token F1 >= ``text_threshold`` (0.5) between the bags of lower-cased word tokens
@@ -29,6 +32,7 @@ Matchers (``value_matches``):
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -42,6 +46,7 @@ __all__ = [
     "ExtractionScores",
     "FieldScore",
     "Mismatch",
+    "count_range",
     "parse_int",
     "profile_values",
     "score_profiles",
@@ -59,10 +64,26 @@ STOP_WORDS: frozenset[str] = frozenset(
     should now also our ours via per""".split()
 )
 
-_INT_FIELDS = ("founded_year", "employee_count")
 _THOUSANDS = re.compile(r"(?<=\d)[,_\u00a0\u202f ](?=\d{3}(?!\d))")
 _INT = re.compile(r"\d+")
 _TOKEN = re.compile(r"[^\W_]+")
+_COUNT_NUMBER = r"\d{1,3}(?:[,_\u00a0\u202f ]\d{3})+(?!\d)|\d+"
+# Qualifier words before a count, by what they say of it: below (<), at most (<=), above (>), at least (>=);
+# any other ("about", "between", ...) leaves the number or range as it is.
+_COUNT_QUALIFIERS = {
+    "less than": "lt", "fewer than": "lt", "under": "lt", "below": "lt", "<": "lt",
+    "up to": "le", "at most": "le", "no more than": "le",
+    "more than": "gt", "over": "gt", "above": "gt", ">": "gt",
+    "at least": "ge", "no fewer than": "ge",
+    "about": "", "around": "", "approximately": "", "approx.": "", "approx": "", "roughly": "", "nearly": "",
+    "almost": "", "some": "", "close to": "", "~": "", "between": "",
+}
+_COUNT_VALUE = re.compile(
+    r"(?:(?<![^\W_])(?P<qualifier>" + "|".join(re.escape(q) for q in sorted(_COUNT_QUALIFIERS, key=len, reverse=True))
+    + rf")\s*)?(?<!\d)(?P<low>{_COUNT_NUMBER})(?P<plus>\s*\+)?"
+    rf"(?:\s*(?:-|\u2013|\u2014|to|and)\s*(?P<high>{_COUNT_NUMBER})\s*\+?)?",
+    re.IGNORECASE,
+)
 
 
 def parse_int(value: str) -> int | None:
@@ -80,6 +101,36 @@ def parse_int(value: str) -> int | None:
     """
     match = _INT.search(_THOUSANDS.sub("", value))
     return int(match.group()) if match else None
+
+
+def count_range(value: str) -> tuple[float, float] | None:
+    """Read a head count as the range of counts it states, bounds included.
+
+    The first number of ``value`` (thousands separators allowed), with the qualifier just before it and
+    a range or ``+`` just after it: ``"120"``, ``"about 120 people"`` -> (120, 120); ``"11-50"``,
+    ``"between 11 and 50"`` -> (11, 50); ``"less than 10"``, ``"under 10"`` -> (0, 9); ``"up to 10"``
+    -> (0, 10); ``"over 2,000"``, ``"more than 2000"`` -> (2001, inf); ``"2,000+"``, ``"at least 2000"``
+    -> (2000, inf). Approximate words ("about", "nearly", "~") leave the number as it is: how far off
+    it may be is the scorer's tolerance, not the reader's.
+
+    Args:
+        value: a predicted ``employee_count`` (the shapes ``agents.fact_shapes`` accepts, words around
+            them allowed).
+
+    Returns:
+        ``(low, high)`` with ``high`` possibly ``math.inf``; None when ``value`` holds no number.
+    """
+    match = _COUNT_VALUE.search(value)
+    if match is None:
+        return None
+    low = float(_THOUSANDS.sub("", match["low"]))
+    if match["high"] is not None:
+        high = float(_THOUSANDS.sub("", match["high"]))
+        return (min(low, high), max(low, high))
+    kind = _COUNT_QUALIFIERS.get((match["qualifier"] or "").lower(), "")
+    if match["plus"] or kind == "ge":
+        return (low, math.inf)
+    return {"lt": (0.0, low - 1), "le": (0.0, low), "gt": (low + 1, math.inf)}.get(kind, (low, low))
 
 
 def text_tokens(value: str) -> list[str]:
@@ -121,7 +172,8 @@ def value_matches(field: str, predicted: str, gold: str, *, employee_tolerance: 
             is compared by city, anything else as text).
         predicted: predicted value.
         gold: gold value.
-        employee_tolerance: allowed relative error of ``employee_count`` (0.0 = exact).
+        employee_tolerance: how far outside the predicted ``count_range`` the gold ``employee_count`` may lie,
+            as a fraction of the gold count (0.0 = exact).
         text_threshold: minimum token F1 for text fields.
 
     Returns:
@@ -130,13 +182,15 @@ def value_matches(field: str, predicted: str, gold: str, *, employee_tolerance: 
     predicted, gold = predicted.strip(), gold.strip()
     if not predicted or not gold:
         return False
-    if field in _INT_FIELDS:
-        pred_int, gold_int = parse_int(predicted), parse_int(gold)
-        if pred_int is None or gold_int is None:
+    if field == "employee_count":
+        bounds, gold_count = count_range(predicted), parse_int(gold)
+        if bounds is None or gold_count is None:
             return False
-        if field == "employee_count":
-            return abs(pred_int - gold_int) <= employee_tolerance * abs(gold_int)
-        return pred_int == gold_int
+        outside = max(bounds[0] - gold_count, gold_count - bounds[1], 0)
+        return outside <= employee_tolerance * abs(gold_count)
+    if field == "founded_year":
+        pred_int, gold_int = parse_int(predicted), parse_int(gold)
+        return pred_int is not None and pred_int == gold_int
     if field == "location":
         pred_city, gold_city = _city(predicted), _city(gold)
         return bool(pred_city and gold_city) and (pred_city in gold_city or gold_city in pred_city)

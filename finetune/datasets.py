@@ -17,11 +17,19 @@ common source of silent quality loss; see DESIGN.md, "The one interface for mode
    each kind ``(run, agent, step)`` counts: a writer retry after failed validation supersedes the first
    attempt; a replay, ``Trace.replay_of_id``, belongs to its own run in the replay campaign that
    ``finetune.replay`` made, so it is a row of its own), matching the backend and campaign filters, and
-   with ``valid_only`` from runs whose status is ``done``.
+   with ``valid_only`` from runs whose status is ``done`` or ``no_facts`` (research kept no verified
+   fact: its researcher call is a "nothing found" example, and a writer call there wrote the
+   non-personalised email the campaign opted in to, which passed validation, or the run would be
+   ``failed``).
 2. *Review*: the latest ``Review`` row of a trace decides: ``rejected`` drops it, ``edited`` replaces the
    target by ``Review.edited_output``, ``approved`` keeps it; ``review="approved"`` keeps only approved or
    edited traces, ``review="reviewed"`` any reviewed trace not rejected.
 3. *Parse*: rows whose messages are not a valid chat (see ``validate_example``) are skipped and counted.
+   A researcher row's target is the answer filtered to the facts grounding keeps
+   (``check_extraction_answer``: ``agents.grounding.check_fact`` re-run on the sentences of the trace's
+   own prompt, for the run's prospect), so a miniature never learns a fact that was dropped as ungrounded,
+   misattributed (another company's page) or of a bad value; rows whose target lost facts are counted
+   (``filtered_targets``, ``filtered_facts``), and a researcher answer that does not parse is skipped.
 4. *Exact duplicates*: sha256 of the canonical JSON of the normalised messages (roles, Unicode NFC,
    whitespace runs collapsed) plus target; the first occurrence (lowest trace id) is kept.
 5. *Near duplicates*: Jaccard similarity of word 3-shingle sets over the user messages plus the target
@@ -53,6 +61,10 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy import Engine
 from sqlmodel import SQLModel, col, select
 
+from agents.attribution import CompanyMatcher
+from agents.grounding import NumberedSentences, check_fact
+from agents.parsing import OutputParseError, extract_json_object, parse_model_output
+from agents.schemas import ExtractionOutput
 from store import session_scope
 from store.exports import trace_to_openai_example
 from store.models import Campaign, Prospect, Review, Run, RunStatus, Trace
@@ -60,10 +72,14 @@ from store.models import Campaign, Prospect, Review, Run, RunStatus, Trace
 __all__ = [
     "DatasetFormatError",
     "DatasetManifest",
+    "ExtractionCheck",
     "SftDataset",
     "build_sft_dataset",
     "by_ids",
+    "check_extraction_answer",
     "content_hash",
+    "extraction_json",
+    "extraction_prompt_sentences",
     "flatten_content",
     "latest_reviews",
     "load_dataset_dir",
@@ -92,6 +108,8 @@ NEAR_DUP_METHOD = (
     "candidates by prefix filtering; first kept"
 )
 _CHUNK = 500  # ids per IN (...) query
+#: Run statuses whose traces ``valid_only`` keeps.
+_VALID_RUNS = frozenset({RunStatus.DONE, RunStatus.NO_FACTS})
 _WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -120,10 +138,11 @@ class DatasetManifest:
         filters: the arguments of ``build_sft_dataset`` (backends, campaigns, review, valid_only,
             eval_fraction, near_dup_threshold, seed).
         counts: stage counts: ``traces`` (all of the agent), ``errored``, ``superseded``, ``no_run``,
-            ``wrong_backend``, ``wrong_campaign``, ``run_not_done``, ``candidates`` (qualified before
-            review), ``rejected``, ``unreviewed`` (dropped by the review filter), ``edited``, ``approved``,
-            ``unreviewed_kept``,
-            ``unparseable``, ``exact_duplicates``, ``near_duplicates``, ``kept``, ``train``, ``eval``,
+            ``wrong_backend``, ``wrong_campaign``, ``run_not_done`` (neither ``done`` nor ``no_facts``),
+            ``candidates`` (qualified before review), ``rejected``, ``unreviewed`` (dropped by the review
+            filter), ``edited``, ``approved``, ``unreviewed_kept``, ``unparseable``, ``filtered_targets``
+            (researcher rows whose target lost facts grounding drops) and ``filtered_facts`` (the facts
+            they lost), ``exact_duplicates``, ``near_duplicates``, ``kept``, ``train``, ``eval``,
             ``train_companies``, ``eval_companies``.
         content_hash: sha256 hex of the canonical JSON of the rows (``content_hash``).
         train_trace_ids, eval_trace_ids: source trace id of each row, in row order.
@@ -394,6 +413,95 @@ def near_duplicate_indices(rows: Sequence[Mapping[str, Any]], threshold: float) 
     return result
 
 
+# --------------------------------------------------------------------------- researcher targets
+
+
+def extraction_prompt_sentences(messages: Any) -> NumberedSentences:
+    """The numbered sentences of an extraction prompt (``Trace.messages``, OpenAI chat format): the
+    ``Sentences:`` block of its user message, read back with ``NumberedSentences.parse``; empty when no
+    user message has one."""
+    for message in flatten_content(messages) or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if message.get("role") == "user" and isinstance(content, str) and "\nSentences:\n" in f"\n{content}":
+            return NumberedSentences.parse(content.split("Sentences:", 1)[1])
+    return NumberedSentences()
+
+
+def extraction_json(output: ExtractionOutput, text: str, keep: Iterable[int] | None = None) -> str:
+    """``output`` in the researcher's answer format, ``{"facts": [...]}`` JSON, each fact's keys in the
+    order ``text`` (the answer ``output`` was parsed from) wrote them, so a rewritten answer looks like the
+    agent's own.
+
+    Args:
+        output: the parsed answer.
+        text: the answer's text.
+        keep: indices (0-based) of the facts to write, in answer order; None writes every fact.
+    """
+    raw = extract_json_object(text).get("facts") or []
+    wanted = set(range(len(output.facts))) if keep is None else set(keep)
+    facts = []
+    for i, fact in enumerate(output.facts):
+        if i not in wanted:
+            continue
+        values = fact.model_dump()
+        order = [k for k in (raw[i] if i < len(raw) and isinstance(raw[i], dict) else {}) if k in values]
+        facts.append({k: values[k] for k in [*order, *(k for k in values if k not in order)]})
+    return json.dumps({"facts": facts}, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class ExtractionCheck:
+    """A researcher answer checked against the sentences of its own prompt, as grounding checks it.
+
+    Attributes:
+        text: the answer's text.
+        output: the parsed answer.
+        kept: indices (0-based, into ``output.facts``) of the facts grounding keeps, in answer order.
+        drops: ``(index, reason, detail)`` of every other fact: ``reason`` a key of
+            ``agents.schemas.DROP_REASONS``, ``detail`` what is wrong and what to do.
+    """
+
+    text: str
+    output: ExtractionOutput
+    kept: list[int]
+    drops: list[tuple[int, str, str]]
+
+    def kept_json(self) -> str:
+        """The answer filtered to the kept facts, in the agent's answer format (``extraction_json``)."""
+        return extraction_json(self.output, self.text, self.kept)
+
+
+def check_extraction_answer(text: str, messages: Any, matcher: CompanyMatcher) -> ExtractionCheck:
+    """Check each fact of a researcher answer with ``agents.grounding.check_fact`` against the numbered
+    sentences of the prompt it answered, with no documents (so evidence must be a sentence id of that
+    prompt, not a quote) and the first kept fact of a field taking it, as ``ground_facts`` does.
+
+    Args:
+        text: the answer (a model output or a reviewer's edit; prose or fences around the JSON tolerated).
+        messages: the extraction prompt in OpenAI chat format (``Trace.messages``).
+        matcher: the run's prospect (``CompanyMatcher(company, website)``): whose facts count.
+
+    Returns:
+        ``ExtractionCheck``.
+
+    Raises:
+        agents.parsing.OutputParseError: ``text`` is not ``ExtractionOutput`` JSON.
+    """
+    output = parse_model_output(text, ExtractionOutput)
+    numbered = extraction_prompt_sentences(messages)
+    kept: list[int] = []
+    drops: list[tuple[int, str, str]] = []
+    taken: set[str] = set()
+    for i, fact in enumerate(output.facts):
+        reason, detail, resolved = check_fact(fact, numbered, [], matcher, taken)
+        if reason or resolved is None:
+            drops.append((i, reason or "ungrounded", detail))
+            continue
+        kept.append(i)
+        taken.add(fact.field.strip())
+    return ExtractionCheck(text, output, kept, drops)
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -473,8 +581,9 @@ def _iter_candidates(
     campaigns: set[str] | None,
     valid_only: bool,
     counts: Counter[str],
-) -> Iterator[tuple[Trace, str]]:
-    """Yield ``(trace, company)`` for each qualifying trace, in trace id order, counting what was dropped."""
+) -> Iterator[tuple[Trace, str, Prospect | None]]:
+    """Yield ``(trace, company key, prospect)`` for each qualifying trace, in trace id order, counting what
+    was dropped."""
     traces = session.exec(select(Trace).where(Trace.agent == agent).order_by(col(Trace.id))).all()
     counts["traces"] = len(traces)
     ok = [t for t in traces if not t.error]
@@ -497,12 +606,32 @@ def _iter_candidates(
         if campaigns is not None and campaign_names.get(run.campaign_id) not in campaigns:
             counts["wrong_campaign"] += 1
             continue
-        if valid_only and run.status != RunStatus.DONE:
+        if valid_only and run.status not in _VALID_RUNS:
             counts["run_not_done"] += 1
             continue
         prospect = prospects.get(run.prospect_id)
         counts["candidates"] += 1
-        yield trace, _company_key(prospect.company if prospect is not None else f"run-{run.id}")
+        yield trace, _company_key(prospect.company if prospect is not None else f"run-{run.id}"), prospect
+
+
+def _researcher_target(trace: Trace, target: str | None, prospect: Prospect | None, counts: Counter[str]) -> str:
+    """The researcher row's target: the answer (``target``, else the trace's output) filtered to the facts
+    grounding keeps for the run's prospect (``check_extraction_answer``); the answer as it is when nothing
+    is dropped. Counts ``filtered_targets`` and ``filtered_facts``.
+
+    Raises:
+        agents.parsing.OutputParseError: the answer is not ``ExtractionOutput`` JSON.
+    """
+    text = trace.output if target is None else target
+    matcher = CompanyMatcher(prospect.company, prospect.website) if prospect is not None else CompanyMatcher("", "")
+    check = check_extraction_answer(text, trace.messages, matcher)
+    if not check.drops:
+        return text
+    counts["filtered_targets"] += 1
+    counts["filtered_facts"] += len(check.drops)
+    logger.debug("trace %s: target keeps %d of %d facts (dropped: %s)", trace.id, len(check.kept),
+                 len(check.output.facts), ", ".join(reason for _i, reason, _d in check.drops))
+    return check.kept_json()
 
 
 def build_sft_dataset(
@@ -526,7 +655,8 @@ def build_sft_dataset(
         campaigns: keep traces of runs in these campaigns (by name) only; ``None``: any.
         review: ``any`` keeps unreviewed traces too; ``approved`` only approved or edited ones; ``reviewed``
             any reviewed trace that was not rejected. Rejected traces are always dropped.
-        valid_only: keep only traces of runs whose status is ``done`` (the email passed validation).
+        valid_only: keep only traces of runs whose status is ``done`` (the email passed validation) or
+            ``no_facts`` (research kept no verified fact: a researcher row then teaches "nothing found").
         eval_fraction: share of rows, in [0, 1), whose companies go to eval (whole companies, so the
             share is approximate; with fewer than two companies eval is empty).
         near_dup_threshold: Jaccard similarity in (0, 1] at which a row counts as a near duplicate of
@@ -558,8 +688,8 @@ def build_sft_dataset(
             session, agent=agent, backends=set(backends) if backends is not None else None,
             campaigns=set(campaigns) if campaigns is not None else None, valid_only=valid_only, counts=counts,
         ))
-        reviews = latest_reviews(session, [_id(t) for t, _ in candidates])
-        for trace, company in candidates:
+        reviews = latest_reviews(session, [_id(t) for t, _, _ in candidates])
+        for trace, company, prospect in candidates:
             rev = reviews.get(_id(trace))
             status = rev.status.strip().lower() if rev is not None else None
             if status is not None and status not in REVIEW_STATUSES:
@@ -582,6 +712,14 @@ def build_sft_dataset(
                     counts["unparseable"] += 1
                     continue
                 target = rev.edited_output
+            if agent == "researcher":
+                try:
+                    target = _researcher_target(trace, target, prospect, counts)
+                except OutputParseError as exc:
+                    logger.warning("trace %s skipped: the researcher answer is not ExtractionOutput JSON: %s",
+                                   trace.id, exc)
+                    counts["unparseable"] += 1
+                    continue
             try:
                 example = trace_to_openai_example(trace, output=target)
                 example["messages"] = flatten_content(example["messages"])
@@ -617,7 +755,8 @@ def build_sft_dataset(
     counts.update({"train": len(train), "eval": len(eval_rows), "train_companies": len(train_companies),
                    "eval_companies": len(eval_companies)})
     for name in ("rejected", "unreviewed", "edited", "approved", "unparseable", "exact_duplicates",
-                 "wrong_backend", "wrong_campaign", "run_not_done", "candidates"):
+                 "wrong_backend", "wrong_campaign", "run_not_done", "candidates", "filtered_targets",
+                 "filtered_facts"):
         counts.setdefault(name, 0)
     manifest = DatasetManifest(
         agent=agent,

@@ -13,6 +13,10 @@ no network is needed and the same pages are seen; the model calls then get the r
   after a replayed researcher found other facts) goes to the agent's original backend and is
   recorded like any call.
 
+Any finished run can be replayed: ``done``, ``failed`` and ``no_facts`` (research kept no verified
+fact, so no writer call was recorded: replayed through a better researcher it may find facts, and the
+writer then runs on its original backend and the run may end ``done``).
+
 Each replay is a campaign of its own (default name ``"<source> -> replay(<researcher>, <writer>)"``,
 ``recorded`` for an agent kept as it was) with the source's offer and prospects and one run per
 replayed run (``Run.replay_of_id``), so it resumes like any campaign (rerun the same command), can be
@@ -52,6 +56,7 @@ from tools.types import FetchError, Web
 
 __all__ = [
     "AGENTS",
+    "FINISHED_STATUSES",
     "RECORDED",
     "MissingSnapshot",
     "RecordedAnswers",
@@ -70,6 +75,8 @@ logger = logging.getLogger(__name__)
 AGENTS = ("researcher", "writer")
 #: How an agent kept with its recorded answers is named in replay campaign names.
 RECORDED = "recorded"
+#: Statuses of the runs a replay can select.
+FINISHED_STATUSES = (RunStatus.DONE, RunStatus.NO_FACTS, RunStatus.FAILED)
 
 
 class ReplayError(ValueError):
@@ -194,19 +201,25 @@ def select_replay_runs(
     backend: str | None = None,
     trace_ids: Iterable[int] | None = None,
     failed_only: bool = False,
+    no_facts_only: bool = False,
 ) -> dict[str, list[int]]:
     """The finished runs to replay, by campaign name: those with a trace matching every filter given.
+
+    Finished runs are ``done``, ``no_facts`` (research kept no verified fact: replayed through a better
+    researcher such a run may end ``done``) and ``failed``.
 
     Args:
         campaign: only this campaign's runs (all its finished runs when no trace filter is given).
         agent, backend: traces of this agent / backend spec.
         trace_ids: only these traces.
         failed_only: only runs that failed (e.g. an email that failed validation twice).
+        no_facts_only: only runs whose research kept no verified fact; with ``failed_only``, runs of either.
 
     Returns:
         ``{campaign name: [run id, ...]}`` in run order; empty when nothing matches.
     """
-    finished = [RunStatus.FAILED] if failed_only else [RunStatus.DONE, RunStatus.FAILED]
+    wanted = [s for s, on in ((RunStatus.NO_FACTS, no_facts_only), (RunStatus.FAILED, failed_only)) if on]
+    finished = wanted or list(FINISHED_STATUSES)
     with Session(engine) as session:
         query = (select(Run.id, Campaign.name).join(Campaign, col(Campaign.id) == col(Run.campaign_id))
                  .where(col(Run.status).in_(finished)))
@@ -339,6 +352,7 @@ async def replay(
     models: ModelPool | None = None,
     prices: Mapping[str, Price] = DEFAULT_PRICES,
     concurrency: int = 4,
+    unpersonalised_emails: bool = False,
     on_event: Callable[[RunEvent], None] | None = None,
 ) -> ReplayReport:
     """Replay runs of ``source_campaign`` through other backends (see the module docstring).
@@ -354,6 +368,8 @@ async def replay(
         models: built models to reuse (a scripted model in tests); one is made when omitted.
         prices: price table for the new traces' costs (US dollars per million tokens).
         concurrency: runs replayed at once.
+        unpersonalised_emails: when a replayed research keeps no verified fact, still write an email
+            without company facts (as ``graphs.runner.run_campaign``); by default the run ends ``no_facts``.
         on_event: progress callback per run (as ``graphs.runner.run_campaign``).
 
     Returns:
@@ -454,6 +470,7 @@ async def replay(
     web = SnapshotWeb(engine, search=RecordedSearch(engine, pending), pages=pages)
     report.result = await run_campaign(
         engine, name, web=web, researcher=keys["researcher"], writer=keys["writer"], concurrency=concurrency,
-        models=pool, prices=run_prices, max_pages=max_pages, retry_failed=False, on_event=on_event, before_persist=link,
+        models=pool, prices=run_prices, max_pages=max_pages, retry_failed=False,
+        unpersonalised_emails=unpersonalised_emails, on_event=on_event, before_persist=link,
     )
     return report

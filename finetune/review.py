@@ -38,11 +38,16 @@ from sqlmodel import col, select
 
 from agents.attribution import CompanyMatcher
 from agents.errors import MergeTagError
-from agents.grounding import NumberedSentences, check_fact
-from agents.parsing import OutputParseError, extract_json_object, parse_model_output
-from agents.schemas import EmailDraft, ExtractionOutput, Fact, Offer, Profile, ProspectInfo
+from agents.parsing import OutputParseError, parse_model_output
+from agents.schemas import DROP_REASONS, EmailDraft, ExtractionOutput, Fact, Offer, Profile, ProspectInfo
 from agents.writer import render
-from finetune.datasets import REVIEW_STATUSES, by_ids, flatten_content, latest_reviews
+from finetune.datasets import (
+    REVIEW_STATUSES,
+    by_ids,
+    check_extraction_answer,
+    extraction_json,
+    latest_reviews,
+)
 from store import session_scope
 from store.models import (
     Campaign,
@@ -132,6 +137,18 @@ class ItemProfile:
     facts: list[ItemFact]
     sources: list[str]
     dropped_facts: int
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def drops_text(self) -> str:
+        """The drops in words, by reason: ``"3 fact(s) dropped (misattributed 2, ungrounded 1)"``;
+        drops stored before reasons were recorded show as ``reason not recorded``."""
+        counts = {r: self.drop_reasons.get(r, 0) for r in DROP_REASONS}
+        counts.update({r: n for r, n in self.drop_reasons.items() if r not in counts})
+        unrecorded = self.dropped_facts - sum(counts.values())
+        parts = [f"{r.replace('_', ' ')} {n}" for r, n in counts.items() if n > 0]
+        parts += [f"reason not recorded {unrecorded}"] if unrecorded > 0 else []
+        return f"{self.dropped_facts} fact(s) dropped" + (f" ({', '.join(parts)})" if parts else "")
 
 
 @dataclass(frozen=True)
@@ -362,7 +379,7 @@ def _load_items(session: Any, keys: Sequence[_Key], reviews: Mapping[int, Review
         profile = None
         if pr is not None:
             profile = ItemProfile(pr.id, pr.company, pr.website, facts.get(pr.id, []), list(pr.sources or []),
-                                  pr.dropped_facts)
+                                  pr.dropped_facts, dict(pr.drop_reasons or {}))
         items.append(ReviewItem(
             kind=AGENT_KINDS[key.agent], trace_id=key.trace_id, run_id=key.run_id, campaign=key.campaign,
             agent=key.agent, backend=key.backend, run_status=run.status, run_error=run.error, prospect=prospect,
@@ -491,47 +508,19 @@ def load_item(engine: Engine, trace_id: int) -> ReviewItem:
 # --------------------------------------------------------------------------- edits
 
 
-def _prompt_sentences(messages: Any) -> NumberedSentences:
-    """The numbered sentences of an extraction prompt: the ``Sentences:`` block of its user message."""
-    for message in flatten_content(messages) or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if message.get("role") == "user" and isinstance(content, str) and "\nSentences:\n" in f"\n{content}":
-            return NumberedSentences.parse(content.split("Sentences:", 1)[1])
-    return NumberedSentences()
-
-
 def _check_extraction(text: str, trace: Trace, prospect: ProspectInfo) -> str:
     try:
-        output = parse_model_output(text, ExtractionOutput)
+        check = check_extraction_answer(text, trace.messages, CompanyMatcher(prospect.company, prospect.website))
     except OutputParseError as exc:
         raise ReviewInputError(f'the edited profile is not researcher output JSON '
                                f'{{"facts": [{{"field", "value", "evidence": "S12"}}]}}: {exc}') from exc
-    numbered = _prompt_sentences(trace.messages)
-    matcher = CompanyMatcher(prospect.company, prospect.website)
-    problems: list[str] = []
-    taken: set[str] = set()
-    for i, fact in enumerate(output.facts, start=1):
-        reason, detail, _resolved = check_fact(fact, numbered, [], matcher, taken)
-        if reason:
-            problems.append(f"fact {i} ({fact.field}={fact.value!r}, evidence {fact.evidence!r}): {detail}")
-        taken.add(fact.field.strip())
-    if problems:
+    if check.drops:
+        facts = check.output.facts
         raise ReviewInputError("the edited profile has facts that are not grounded in the trace's sentences, "
                                "not about the prospect's company or not of their field's shape: "
-                               + "; ".join(problems))
-    return _ordered_json(output, text)
-
-
-def _ordered_json(output: ExtractionOutput, text: str) -> str:
-    """``output`` as JSON, each fact's keys in the order the reviewer wrote them (the teacher's order, as
-    ``editable_text`` keeps it), so an edited target looks like the agent's own answers."""
-    raw = extract_json_object(text).get("facts") or []
-    facts = []
-    for i, fact in enumerate(output.facts):
-        values = fact.model_dump()
-        order = [k for k in (raw[i] if i < len(raw) and isinstance(raw[i], dict) else {}) if k in values]
-        facts.append({k: values[k] for k in [*order, *(k for k in values if k not in order)]})
-    return json.dumps({"facts": facts}, ensure_ascii=False)
+                               + "; ".join(f"fact {i + 1} ({facts[i].field}={facts[i].value!r}, evidence "
+                                           f"{facts[i].evidence!r}): {detail}" for i, _reason, detail in check.drops))
+    return check.kept_json()  # every fact: keys in the order the reviewer wrote them, like the agent's answers
 
 
 def _run_context(session: Any, run_id: int) -> tuple[ProspectInfo, Profile, Offer]:
@@ -682,7 +671,7 @@ def editable_text(item: ReviewItem) -> str:
             subject, body = item.email.subject_template, item.email.body_template
         return f"Subject: {subject}\n\n{body.rstrip()}\n"
     try:
-        facts = json.loads(_ordered_json(parse_model_output(text, ExtractionOutput), text))["facts"]
+        facts = json.loads(extraction_json(parse_model_output(text, ExtractionOutput), text))["facts"]
     except OutputParseError:
         return text
     lines = ",\n".join("  " + json.dumps(f, ensure_ascii=False) for f in facts)

@@ -116,7 +116,12 @@ class RecordingWeb:
         except Exception as exc:
             self._record("search", {"query": query}, {}, started, exc)
             raise
-        self._record("search", {"query": query}, {"urls": [h.url for h in hits]}, started)
+        # Titles and snippets too: ranking reads them (a third-party hit must name the company), and a
+        # replay must rank what the original run ranked.
+        self._record("search", {"query": query}, {
+            "urls": [h.url for h in hits],
+            "hits": [{"url": h.url, "title": h.title, "snippet": h.snippet} for h in hits],
+        }, started)
         return hits
 
     async def fetch(self, url: str) -> Document:

@@ -155,11 +155,18 @@ def _print_report(report, engine, campaign: str) -> None:  # type: ignore[no-unt
     table = Table(title=f"campaign {campaign}")
     table.add_column("figure")
     table.add_column("value", justify="right")
+    unrecorded = summary.dropped_facts - sum(summary.drop_reasons.values())
     rows = [
-        ("prospects run now", report.total), ("done now", report.done), ("failed now", report.failed),
-        ("already done before", report.skipped), ("seconds", f"{report.elapsed_s:.1f}"),
-        ("valid emails (all runs)", summary.valid_emails), ("grounded facts", summary.facts),
-        ("facts dropped (ungrounded)", summary.dropped_facts), ("model calls", summary.model_calls),
+        ("prospects run now", report.total), ("done now", report.done),
+        ("no verified fact now", report.no_facts), ("failed now", report.failed),
+        ("already finished before", report.skipped), ("seconds", f"{report.elapsed_s:.1f}"),
+        ("valid emails (all runs)", summary.valid_emails),
+        ("  of them not personalised", summary.unpersonalised_emails),
+        ("no verified fact (all runs)", summary.no_facts), ("grounded facts", summary.facts),
+        ("facts dropped", summary.dropped_facts),
+        *((f"  {reason.replace('_', ' ')}", n) for reason, n in summary.drop_reasons.items()),
+        *((("  reason not recorded", unrecorded),) if unrecorded > 0 else ()),
+        ("model calls", summary.model_calls),
         ("tokens in / out", f"{summary.input_tokens} / {summary.output_tokens}"),
         ("latency p50 / p95 ms", f"{summary.latency_p50_ms:.1f} / {summary.latency_p95_ms:.1f}"),
         ("cost USD", f"{summary.cost_usd:.4f}"),
@@ -171,6 +178,10 @@ def _print_report(report, engine, campaign: str) -> None:  # type: ignore[no-unt
         err.print(f"[yellow]failed {email}: {reason}[/yellow]")
     if len(report.failures) > 10:
         err.print(f"[yellow]... and {len(report.failures) - 10} more failures (outreach traces list)[/yellow]")
+    for email, note in report.without_facts[:5]:
+        err.print(f"no verified fact for {email}: {note}", markup=False)
+    if len(report.without_facts) > 5:
+        err.print(f"... and {len(report.without_facts) - 5} more prospects without a verified fact (no_facts)")
 
 
 @app.command("run")
@@ -183,6 +194,12 @@ def run(
     concurrency: Annotated[int | None, typer.Option(help="Prospects in flight at once.")] = None,
     web: Annotated[str | None, typer.Option(help="corpus (offline) or ddgs (live web).")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Also rerun prospects that failed before.")] = False,
+    retry_no_facts: Annotated[bool, typer.Option(
+        help="Also rerun prospects whose research found no verified fact before (status no_facts).")] = False,
+    unpersonalised_emails: Annotated[bool | None, typer.Option(
+        "--unpersonalised-emails/--no-unpersonalised-emails",
+        help="When research finds no verified fact, still write an email without company facts, exported as "
+             "not personalised (setting unpersonalised_emails; default: no email, status no_facts).")] = None,
     limit: Annotated[int | None, typer.Option(help="Run at most this many pending prospects.")] = None,
     store: StoreOpt = None,
     corpus: CorpusOpt = None,
@@ -190,7 +207,9 @@ def run(
 ) -> None:
     """Run a campaign: research each prospect, write a grounded email, record every model call.
 
-    Running it again with the same campaign resumes it: done prospects are skipped, interrupted ones rerun.
+    Running it again with the same campaign resumes it: finished prospects (done, or no verified fact) are
+    skipped, interrupted ones rerun. A prospect whose research finds no verified fact gets no email unless
+    `--unpersonalised-emails` is given.
 
     Examples:
 
@@ -203,7 +222,7 @@ def run(
     from outreach.pipeline import open_web
 
     settings = settings_or_exit(config, researcher=researcher, writer=writer, concurrency=concurrency, web=web,
-                         store_url=store, corpus_path=corpus)
+                         store_url=store, corpus_path=corpus, unpersonalised_emails=unpersonalised_emails)
     try:
         for spec in (settings.researcher, settings.writer):
             parse_backend_spec(spec)
@@ -228,7 +247,8 @@ def run(
         report = _progress_run(lambda on_event: run_campaign(
             engine, name, web=web_impl, researcher=settings.researcher, writer=settings.writer,
             concurrency=settings.concurrency, prices=settings.price_table(), max_pages=settings.max_pages,
-            prospect_timeout_s=settings.prospect_timeout_s, retry_failed=retry_failed, limit=limit,
+            prospect_timeout_s=settings.prospect_timeout_s, retry_failed=retry_failed, retry_no_facts=retry_no_facts,
+            unpersonalised_emails=settings.unpersonalised_emails, limit=limit,
             on_event=on_event), total=limit or len(parsed.prospects))
     except BackendSpecError as exc:
         err.print(f"[red]{exc}[/red]")
@@ -378,7 +398,8 @@ def demo(
     web_impl = open_web(settings, engine)
     report = _progress_run(lambda on_event: run_campaign(
         engine, "demo-train", web=web_impl, researcher=settings.researcher, writer=settings.writer,
-        concurrency=settings.concurrency, prices=settings.price_table(), on_event=on_event),
+        concurrency=settings.concurrency, prices=settings.price_table(),
+        unpersonalised_emails=settings.unpersonalised_emails, on_event=on_event),
         total=len(parsed.prospects))
     _print_report(report, engine, "demo-train")
     gold = {name: g.facts for name, g in load_gold(world_dir).items() if g.split == "train"}
@@ -454,7 +475,8 @@ def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, bas
     ]
     eval_set = world_eval_set(world_dir, split="heldout", limit=60)
     result = asyncio.run(run_eval(engine, eval_set, configs, web=open_web(settings, engine), run_name="demo-heldout",
-                                  concurrency=concurrency, prices=settings.price_table()))
+                                  concurrency=concurrency, prices=settings.price_table(),
+                                  unpersonalised_emails=settings.unpersonalised_emails))
     files = write_report(result, out / "eval")
     for table in overview_tables(result):
         console.print(table)
@@ -465,42 +487,132 @@ def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, bas
 def realdata_companies(
     csv_path: Annotated[Path, typer.Option("--csv", help="The YC companies CSV.")] = Path(
         "../shared/realdata/companies/yc_companies_even_ids.csv"),
-    limit: Annotated[int, typer.Option(help="Prospects in the campaign.")] = 30,
-    campaign: Annotated[str, typer.Option(help="Campaign name.")] = "yc-b2b",
+    rendering: Annotated[str, typer.Option(
+        help="What each corpus document holds: directory (descriptions plus labelled directory fields), prose "
+             "(descriptions only) or both (one corpus and campaign each, one table).")] = "both",
+    limit: Annotated[int | None, typer.Option(help="Prospects per rendering (the first Active rows; default: all).")] = None,
+    out: Annotated[Path, typer.Option(
+        help="Folder for each rendering's corpus, store and figures (RENDERING-corpus.sqlite, RENDERING-store.sqlite "
+             "and RENDERING.json are replaced).")] = Path("out/realdata-companies"),
     offer: Annotated[Path | None, typer.Option(help="Offer TOML (default: a built-in example offer).")] = None,
-    prose_only: Annotated[bool, typer.Option(help="Corpus documents hold only the descriptions, not the directory fields.")] = False,
-    store: StoreOpt = None,
-    corpus: CorpusOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Real companies: import the Active, b2b-tagged YC rows as a corpus and as prospects (founders as
-    contacts), run a campaign, and report precision/recall of location, employee count and founded year
-    against the rows' own fields.
+    """Real companies: every Active YC row imported as one corpus, the first `--limit` as prospects (founders as
+    contacts), a campaign per rendering with the settings' backends, and a report: precision and recall of
+    location, employee count and founded year against the rows' own fields, facts kept, facts dropped by reason
+    (`misattributed`: the source is not about the prospect), kept facts whose source is another company's page,
+    and valid emails that use one (target 0).
 
-    With `--prose-only` each document holds only the company's descriptions, so the facts must be found in
-    free text (and mostly are not there: recall is low by construction, precision is the figure to watch).
+    The `directory` rendering puts the fields on the page, labelled (an easy read); `prose` leaves only the
+    descriptions, so facts must be read from free text (recall is low by construction: precision is the figure
+    to watch). An employee count is right when the row's team size lies in the range the fact states ("11-50",
+    "less than 10", "2,000+"), or at most 25% of it outside (sizes are a May 2024 snapshot).
 
-    Example: `outreach realdata companies --limit 30 --store sqlite:///real.sqlite --corpus real-corpus.sqlite`
+    Example: `outreach realdata companies --rendering both --out out/realdata-companies`
     """
-    from agents.schemas import Offer
-    from graphs.inputs import load_offer
-    from outreach.pipeline import YC_PROSE_COLUMNS, YC_TEXT_COLUMNS, run_yc_campaign
+    import os
+    import time
 
+    from agents.schemas import Offer
+    from evals.realdata import YC_RENDERINGS, load_yc_companies, measure_yc_companies, yc_prospects
+    from graphs.inputs import InputError, load_offer
+    from miniatures.specs import BackendSpecError, parse_backend_spec
+    from store import open_store
+    from tools import Corpus
+
+    renderings = list(YC_RENDERINGS) if rendering == "both" else [rendering]
+    if any(r not in YC_RENDERINGS for r in renderings):
+        err.print(f"[red]--rendering {rendering!r}: use {', '.join(YC_RENDERINGS)} or both[/red]")
+        raise typer.Exit(2)
+    if limit is not None and limit < 0:
+        err.print(f"[red]--limit {limit}: give a number >= 0, or leave it out for all prospects[/red]")
+        raise typer.Exit(2)
     if not csv_path.is_file():
         err.print(f"[red]{csv_path} not found; it lives in ../shared/realdata/companies/[/red]")
         raise typer.Exit(2)
-    settings = settings_or_exit(config, store_url=store, corpus_path=corpus)
-    offer_model = load_offer(offer) if offer else Offer(
-        sender_name="Dana Whitfield", sender_title="Account Executive", sender_company="Ledgerline",
-        product="Ledgerline", value_proposition="cuts month-end close time by automating reconciliation",
-        call_to_action="Would a 20-minute call next week be useful?")
-    engine = open_engine(settings)
-    report, scores, imported = run_yc_campaign(
-        engine, settings, csv_path, campaign=campaign, offer=offer_model, limit=limit,
-        text_columns=YC_PROSE_COLUMNS if prose_only else YC_TEXT_COLUMNS)
-    console.print(f"imported {imported} Active b2b companies into {settings.corpus_path}")
-    _print_report(report, engine, campaign)
-    console.print(_scores_table(f"extraction vs the rows' own fields ({campaign})", scores))
+    settings = settings_or_exit(config)
+    try:
+        for spec in (settings.researcher, settings.writer):
+            parse_backend_spec(spec)
+        offer_model = load_offer(offer) if offer else Offer(
+            sender_name="Dana Whitfield", sender_title="Account Executive", sender_company="Ledgerline",
+            product="Ledgerline", value_proposition="cuts month-end close time by automating reconciliation",
+            call_to_action="Would a 20-minute call next week be useful?")
+        n_prospects = len(yc_prospects(load_yc_companies(csv_path, tag=None)))
+    except (InputError, BackendSpecError, ValueError) as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    n_prospects = min(n_prospects, limit) if limit is not None else n_prospects
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = []
+    for name in renderings:
+        corpus_path, store_path = out / f"{name}-corpus.sqlite", out / f"{name}-store.sqlite"
+        for stale in (corpus_path, store_path):
+            for path in (stale, stale.with_name(stale.name + "-wal"), stale.with_name(stale.name + "-shm")):
+                path.unlink(missing_ok=True)
+        engine, corpus = open_store(f"sqlite:///{store_path}"), Corpus(corpus_path)
+        console.print(f"{name}: researching {n_prospects} prospects on {corpus_path} "
+                      f"(researcher={settings.researcher}, writer={settings.writer})")
+        try:
+            figures = _progress_run(lambda on_event, name=name, engine=engine, corpus=corpus: measure_yc_companies(
+                csv_path, engine=engine, corpus=corpus, rendering=name, offer=offer_model, campaign=f"yc-{name}",
+                limit=limit, researcher=settings.researcher, writer=settings.writer,
+                concurrency=settings.concurrency, max_pages=settings.max_pages,
+                prospect_timeout_s=settings.prospect_timeout_s, prices=settings.price_table(),
+                unpersonalised_emails=settings.unpersonalised_emails, on_event=on_event),
+                total=n_prospects)
+        finally:
+            corpus.close()
+            engine.dispose()
+        (out / f"{name}.json").write_text(figures.model_dump_json(indent=2), encoding="utf-8")
+        results.append(figures)
+    console.print(_realdata_table(results))
+    for figures in results:
+        for fact in figures.foreign_examples[:5]:
+            err.print(f"{figures.rendering}: {fact.company} kept {fact.field}={fact.value!r} from {fact.source_url}"
+                      f"{' (used in its email)' if fact.in_valid_email else ''}: {fact.evidence[:120]!r}",
+                      markup=False)
+    load = os.getloadavg()
+    console.print(f"{time.perf_counter() - started:.0f} s wall on {os.cpu_count()} CPUs, load average "
+                  f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; figures and stores in {out}/ "
+                  f"(e.g. outreach emails export --store sqlite:///{out}/{renderings[0]}-store.sqlite)")
+
+
+def _realdata_table(results) -> Table:  # type: ignore[no-untyped-def]
+    """One column per rendering of ``evals.realdata.YcFigures``."""
+    from evals.realdata import YC_PRECISION_TARGET
+
+    table = Table(title="real YC companies: research and emails vs the rows' own fields")
+    table.add_column("figure")
+    for figures in results:
+        table.add_column(figures.rendering, justify="right")
+
+    def pr(score) -> str:  # type: ignore[no-untyped-def]
+        if not score.n_pred:
+            return f"- / {score.recall:.3f} (0/0/{score.n_gold})"
+        return f"{score.precision:.3f} / {score.recall:.3f} ({score.tp}/{score.n_pred}/{score.n_gold})"
+
+    rows: list[tuple[str, list[str]]] = [
+        ("corpus documents (Active rows)", [str(f.corpus_documents) for f in results]),
+        ("prospects: done / no facts / failed",
+         [f"{f.prospects}: {f.done} / {f.no_facts} / {f.failed}" for f in results]),
+        *((f"{field} P / R (tp/pred/gold)", [pr(f.scores.per_field[field]) for f in results])
+          for field in results[0].scores.fields),
+        ("micro P / R (tp/pred/gold)", [pr(f.scores.micro) for f in results]),
+        ("facts kept", [str(f.facts_kept) for f in results]),
+        ("dropped: " + " / ".join(results[0].drop_reasons),
+         [" / ".join(str(n) for n in f.drop_reasons.values()) for f in results]),
+        ("kept facts from another company's page", [str(f.foreign_facts) for f in results]),
+        ("valid emails", [str(f.valid_emails) for f in results]),
+        ("  using another company's fact (target 0)", [str(f.emails_using_foreign_facts) for f in results]),
+        (f"targets met (0 such emails; micro P >= {YC_PRECISION_TARGET})",
+         [" / ".join({True: "yes", False: "NO", None: "-"}[ok] for ok in f.targets_met.values()) for f in results]),
+        ("wall s", [f"{f.elapsed_s:.0f}" for f in results]),
+    ]
+    for label, values in rows:
+        table.add_row(label, *values)
+    return table
 
 
 @realdata_app.command("pages")

@@ -21,7 +21,9 @@ __all__ = ["parse_trace_filter", "replay_command"]
 
 console = Console()
 
-_FILTER_KEYS = ("campaign", "agent", "backend", "ids", "failed")
+_FILTER_KEYS = ("campaign", "agent", "backend", "ids")
+#: Bare words of a ``--traces`` filter: the run statuses to select (either, when both are given).
+_STATUS_WORDS = {"failed": "failed_only", "no_facts": "no_facts_only"}
 _IDS = re.compile(r"^\d+(-\d+)?$")
 
 
@@ -33,22 +35,23 @@ def parse_trace_filter(text: str) -> dict[str, Any]:
     """Read a ``--traces`` filter into ``finetune.replay.select_replay_runs`` arguments.
 
     Form: space-separated ``key=value`` terms, keys ``campaign``, ``agent``, ``backend`` and ``ids``
-    (comma-separated ids and ranges, e.g. ``ids=3,10-20``), plus the bare word ``failed``
-    (only failed runs). Example: ``"campaign=q4 agent=writer backend=heuristic failed"``.
+    (comma-separated ids and ranges, e.g. ``ids=3,10-20``), plus the bare words ``failed`` (only
+    failed runs) and ``no_facts`` (only runs whose research kept no verified fact); with both, runs of
+    either. Example: ``"campaign=q4 agent=writer backend=heuristic failed"``.
 
     Raises:
         TraceFilterError: an unknown key, a term without ``=``, or ids that are not numbers/ranges.
     """
     out: dict[str, Any] = {}
     for term in text.split():
-        if term == "failed":
-            out["failed_only"] = True
+        if term in _STATUS_WORDS:
+            out[_STATUS_WORDS[term]] = True
             continue
         key, sep, value = term.partition("=")
         if not sep or key not in _FILTER_KEYS or not value:
             raise TraceFilterError(
                 f"cannot read {term!r} in --traces {text!r}: use space-separated key=value terms with keys "
-                f"{', '.join(_FILTER_KEYS[:4])} (ids=3,10-20) and the word 'failed'")
+                f"{', '.join(_FILTER_KEYS)} (ids=3,10-20) and the words 'failed' and 'no_facts'")
         if key == "ids":
             ids: list[int] = []
             for part in value.split(","):
@@ -88,10 +91,11 @@ def print_comparison(comparison: ReplayComparison) -> None:
 
 def _print_report(report: ReplayReport) -> None:
     done = report.result.done if report.result else 0
+    no_facts = report.result.no_facts if report.result else 0
     failed = report.result.failed if report.result else 0
     console.print(f"replay {report.campaign!r} of {report.source_campaign!r}: agents replayed "
-                  f"{', '.join(report.replayed_agents)}; {done} runs done, {failed} failed now, "
-                  f"{report.recorded_answers} calls answered from the records")
+                  f"{', '.join(report.replayed_agents)}; {done} runs done, {no_facts} without a verified fact, "
+                  f"{failed} failed now, {report.recorded_answers} calls answered from the records")
     for m in report.missing:
         err.print(f"[yellow]not replayed: run {m.run_id} ({m.prospect}), traces {m.trace_ids}: missing snapshot "
                   f"of {', '.join(m.urls[:3])}{' ...' if len(m.urls) > 3 else ''}[/yellow]")
@@ -104,7 +108,7 @@ def replay_command(
     campaign: Annotated[str | None, typer.Option(help="Replay every finished run of this campaign.")] = None,
     traces: Annotated[str | None, typer.Option(
         help="Replay the runs of the traces matching this filter, e.g. 'campaign=q4 agent=writer backend=heuristic "
-             "ids=3,10-20 failed'.")] = None,
+             "ids=3,10-20 failed' ('no_facts': runs whose research kept no verified fact).")] = None,
     researcher: Annotated[str | None, typer.Option(
         help="Backend spec to replay the researcher with (omit to keep its recorded answers).")] = None,
     writer: Annotated[str | None, typer.Option(
@@ -116,6 +120,10 @@ def replay_command(
         "--use-corpus/--snapshots-only", help="Read pages without a snapshot from the corpus (offline campaigns).")
     ] = True,
     concurrency: Annotated[int | None, typer.Option(help="Runs replayed at once.")] = None,
+    unpersonalised_emails: Annotated[bool | None, typer.Option(
+        "--unpersonalised-emails/--no-unpersonalised-emails",
+        help="When a replayed research keeps no verified fact, still write an email without company facts "
+             "(setting unpersonalised_emails; default: no email, status no_facts).")] = None,
     store: StoreOpt = None,
     corpus: CorpusOpt = None,
     config: ConfigOpt = None,
@@ -130,6 +138,7 @@ def replay_command(
 
     * `outreach replay --campaign q4 --writer openai:gpt-4.1@http://localhost:8000/v1`
     * `outreach replay --traces 'agent=writer failed' --researcher heuristic --writer heuristic`
+    * `outreach replay --traces 'campaign=q4 no_facts' --researcher openai:gpt-4.1` (research that found nothing)
     """
     from evals.replays import compare_replay
     from finetune.replay import ReplayError, replay, select_replay_runs
@@ -139,7 +148,8 @@ def replay_command(
     if (campaign is None) == (traces is None):
         err.print("[red]give exactly one of --campaign NAME or --traces FILTER[/red]")
         raise typer.Exit(2)
-    settings = settings_or_exit(config, concurrency=concurrency, store_url=store, corpus_path=corpus)
+    settings = settings_or_exit(config, concurrency=concurrency, store_url=store, corpus_path=corpus,
+                                unpersonalised_emails=unpersonalised_emails)
     try:
         for spec in (researcher, writer):
             if spec is not None:
@@ -169,7 +179,7 @@ def replay_command(
             report = asyncio.run(replay(
                 engine, source, run_ids=run_ids if traces is not None else None, researcher=researcher,
                 writer=writer, name=name, pages=pages, prices=settings.price_table(),
-                concurrency=settings.concurrency))
+                concurrency=settings.concurrency, unpersonalised_emails=settings.unpersonalised_emails))
         except (ReplayError, BackendSpecError) as exc:
             err.print(f"[red]{exc}[/red]")
             failed = True

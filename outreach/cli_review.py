@@ -105,7 +105,7 @@ def render_item(item: ReviewItem, index: int, total: int) -> Group:
     else:
         parts.append(Panel(_facts_table(item), title="profile (grounded facts)"))
         if item.profile is not None:
-            parts.append(_t(f"{item.profile.dropped_facts} fact(s) dropped as ungrounded · sources: "
+            parts.append(_t(f"{item.profile.drops_text} · sources: "
                             + (", ".join(item.profile.sources) or "none"), "dim"))
     return Group(*parts)  # type: ignore[arg-type]
 

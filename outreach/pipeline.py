@@ -3,39 +3,25 @@ real-data jobs. No business logic lives here; each step calls the package that o
 
 from __future__ import annotations
 
-import ast
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Engine
 
 from agents import HeuristicChatModel, ProspectInfo, research
-from agents.schemas import Offer, Profile
-from evals.campaigns import campaign_predictions
-from evals.realdata import load_yc_companies, yc_gold, yc_prospects
-from evals.scoring import ExtractionScores, score_profiles
-from graphs.runner import CampaignReport, RunEvent, add_prospects, run_campaign
+from agents.schemas import Profile
 from outreach.settings import Settings
-from tools import Corpus, CorpusWeb, DdgsSearch, Fetcher, FetchPolicy, LiveWeb, SnapshotStore, import_csv, import_html
+from tools import Corpus, CorpusWeb, DdgsSearch, Fetcher, FetchPolicy, LiveWeb, SnapshotStore, import_html
 from tools.types import Web
 
 __all__ = [
-    "YC_PROSE_COLUMNS",
-    "YC_TEXT_COLUMNS",
     "PageResearch",
     "import_world_corpus",
     "open_web",
     "research_real_pages",
-    "run_yc_campaign",
 ]
-
-#: Columns of the YC directory rows rendered into each corpus document, like a directory page.
-YC_TEXT_COLUMNS = ("short_description", "long_description", "tags", "location", "year_founded", "team_size")
-#: Only the companies' own prose: the facts must then be found in free text, if they are there at all.
-YC_PROSE_COLUMNS = ("short_description", "long_description")
-
 
 def open_web(settings: Settings, engine: Engine) -> Web:
     """The web research runs on: the local corpus (offline default) or ddgs + httpx with snapshots.
@@ -61,46 +47,6 @@ def import_world_corpus(world_dir: Path, corpus_path: Path) -> int:
         return import_html(world_dir / "sites", corpus, root=world_dir / "sites")
     finally:
         corpus.close()
-
-
-def _is_active_b2b(row: dict[str, str]) -> bool:
-    try:
-        tags = ast.literal_eval(row.get("tags") or "[]")
-    except (ValueError, SyntaxError):
-        tags = []
-    return row.get("status") == "Active" and "b2b" in {str(t).lower() for t in tags}
-
-
-def run_yc_campaign(
-    engine: Engine, settings: Settings, csv_path: Path, *, campaign: str, offer: Offer, limit: int,
-    text_columns: Sequence[str] = YC_TEXT_COLUMNS, on_event: Callable[[RunEvent], None] | None = None,
-) -> tuple[CampaignReport, ExtractionScores, int]:
-    """The real-data job: import the Active, b2b-tagged YC rows as a corpus (one directory-page
-    document per company) and ``limit`` of them as prospects (first founder as the contact), run the
-    campaign with the settings' backends, and score location, employee count and founded year
-    against the rows' own fields. ``text_columns`` says which columns make each document's text
-    (``YC_PROSE_COLUMNS`` leaves the directory fields out, so facts must come from the prose).
-
-    Returns:
-        ``(campaign report, extraction scores, documents imported)``.
-    """
-    imported = import_csv(
-        csv_path, Corpus(settings.corpus_path), name_column="company_name", url_column="website",
-        text_columns=text_columns, where=_is_active_b2b,
-    ).imported
-    companies = [c for c in load_yc_companies(csv_path) if c.website.strip() not in ("", "https://", "http://")][:limit]
-    rows = [(i + 2, ProspectInfo(**p)) for i, p in enumerate(yc_prospects(companies))]
-    add_prospects(engine, campaign, offer, rows, split="realdata")
-    report = asyncio.run(run_campaign(
-        engine, campaign, web=CorpusWeb(Corpus(settings.corpus_path)), researcher=settings.researcher,
-        writer=settings.writer, concurrency=settings.concurrency, prices=settings.price_table(),
-        max_pages=settings.max_pages, prospect_timeout_s=settings.prospect_timeout_s, on_event=on_event,
-    ))
-    gold = yc_gold(companies)
-    predictions = campaign_predictions(engine, campaign)
-    fields = ("location", "employee_count", "founded_year")
-    scores = score_profiles({c: predictions.get(c, {}) for c in gold}, gold, fields, ignore_missing_gold=True)
-    return report, scores, imported
 
 
 @dataclass(frozen=True)

@@ -199,3 +199,68 @@ def test_credential_requests_fail_validation_unless_the_offer_has_them() -> None
     draft = GOOD.model_copy(update={"body": GOOD_BODY.replace(
         "Best,", "Please confirm your password on the portal first. Best,")})
     assert check(draft)["grounded"] is False
+
+
+def _prompt_reading_writer():  # type: ignore[no-untyped-def]
+    """A scripted writer that does what its prompt says: it uses a fact tag when the system prompt asks for one
+    unconditionally or the merge tags list one, and writes without when the prompt says none is listed."""
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    from agents.prompts import WRITER_NO_FACTS_NOTE
+
+    class PromptReadingWriter(GenericFakeChatModel):
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):  # type: ignore[no-untyped-def]
+            system, user = messages[0].text, messages[1].text
+            asked_for_a_fact = "- Mention at least one company fact through a {{fact.<field>}} tag.\n" in system
+            tags = [line for line in user.splitlines() if line.startswith("{{fact.")]
+            told_none = WRITER_NO_FACTS_NOTE.strip() in user
+            assert not (tags and told_none), "the no-facts note must only come without fact tags"
+            body = GOOD_BODY if asked_for_a_fact or tags or not told_none else PLAIN_BODY
+            draft = EmailDraft(subject="Quick idea for {{company}}", body=body)
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(draft.model_dump_json()))])
+
+    return PromptReadingWriter(messages=iter(()))
+
+
+PLAIN_BODY = (
+    "Hi {{first_name}},\n\nI lead partnerships at {{sender_company}}, and I am writing because teams that plan "
+    "routes every day often tell us how much of the week goes into it. {{product}} assigns routes automatically "
+    "so dispatchers plan in minutes, and it works with the tools they already use.\n\nIf it would help, I can "
+    "show you how other teams set it up and what changed for them in the first month.\n\n"
+    "Would you be open to a 15-minute call next week?\n\nBest,\n{{sender_name}}\n\n"
+    "If this isn't relevant, just reply 'no thanks' and I won't write again."
+)
+
+
+async def test_without_facts_the_prompt_asks_for_none_and_the_email_is_valid() -> None:
+    from agents.prompts import WRITER_NO_FACTS_NOTE
+
+    no_facts = Profile(company="Acme Freight")
+    recorder = PromptRecorder()
+    draft = await write(OFFER, PROSPECT, no_facts, model=_prompt_reading_writer(), config={"callbacks": [recorder]})
+    system, user = recorder.calls[0]
+    assert system.content == WRITER_SYSTEM_PROMPT  # one constant system prompt, with or without facts
+    assert WRITER_NO_FACTS_NOTE.strip() in user.text
+    assert not [line for line in user.text.splitlines() if line.startswith("{{fact.")]
+    assert "{{fact." not in draft.body
+    result = validate_email(draft, render(draft, PROSPECT, no_facts, OFFER), PROSPECT, no_facts, OFFER,
+                            require_fact=False)
+    assert result.ok, result.errors
+    # With facts the note is left out and the same model uses a fact tag.
+    recorder = PromptRecorder()
+    personal = await write(OFFER, PROSPECT, PROFILE, model=_prompt_reading_writer(), config={"callbacks": [recorder]})
+    assert WRITER_NO_FACTS_NOTE.strip() not in recorder.calls[0][1].text
+    assert "{{fact." in personal.body and check(personal) == dict.fromkeys(CHECKS, True)
+
+
+async def test_the_heuristic_teacher_writes_without_facts_too() -> None:
+    from agents import HeuristicChatModel
+
+    no_facts = Profile(company="Acme Freight")
+    draft = await write(OFFER, PROSPECT, no_facts, model=HeuristicChatModel())
+    assert "{{fact." not in draft.subject + draft.body
+    result = validate_email(draft, render(draft, PROSPECT, no_facts, OFFER), PROSPECT, no_facts, OFFER,
+                            require_fact=False)
+    assert result.ok, result.errors

@@ -66,8 +66,25 @@ def test_replay_errors_are_clear(cli_env, args, message) -> None:  # type: ignor
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
 
 
+def test_runs_without_a_verified_fact_are_replayed(cli_env) -> None:  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+    # A company the corpus knows nothing about: its research keeps no verified fact (status no_facts).
+    (cli_env / "nobody.csv").write_text("first_name,last_name,title,email,company,website\n"
+                                        "Ana,Ruiz,CTO,ana@quillmere.example,Quillmere Robotics,"
+                                        "https://www.quillmere.example/\n")
+    result = runner.invoke(app, ["run", "nobody.csv", "--offer", "world/offer.toml", "--campaign", "nf"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["replay", "--traces", "campaign=q4 no_facts", "--researcher", "heuristic"])
+    assert result.exit_code == 2 and "no finished run has a trace matching" in result.output, result.output
+    result = runner.invoke(app, ["replay", "--traces", "campaign=nf no_facts", "--researcher", "heuristic",
+                                 "--name", "nf2"])
+    assert result.exit_code == 0, result.output
+    assert "0 runs done, 1 without a verified fact, 0 failed now" in " ".join(result.output.split())
+
+
 def test_trace_filter_syntax() -> None:
     assert parse_trace_filter("campaign=q4 agent=writer ids=3,10-12 failed") == {
         "campaign": "q4", "agent": "writer", "trace_ids": [3, 10, 11, 12], "failed_only": True}
+    assert parse_trace_filter("no_facts failed") == {"no_facts_only": True, "failed_only": True}
     with pytest.raises(TraceFilterError, match="ids must be numbers"):
         parse_trace_filter("ids=a-b")

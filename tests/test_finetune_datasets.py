@@ -38,7 +38,7 @@ class _Store:
         self.campaigns: dict[str, int] = {}
         self.n = 0
 
-    def run(self, campaign: str, company: str, status: str = "done") -> int:
+    def run(self, campaign: str, company: str, status: str = "done", website: str = "") -> int:
         with session_scope(self.engine) as s:
             if campaign not in self.campaigns:
                 c = Campaign(name=campaign)
@@ -47,7 +47,7 @@ class _Store:
                 self.campaigns[campaign] = c.id  # type: ignore[assignment]
             self.n += 1
             p = Prospect(campaign_id=self.campaigns[campaign], first_name="Ana", email=f"p{self.n}@x.example",
-                         company=company)
+                         company=company, website=website)
             s.add(p)
             s.flush()
             r = Run(campaign_id=self.campaigns[campaign], prospect_id=p.id, status=status)  # type: ignore[arg-type]
@@ -99,6 +99,83 @@ def test_filters_agent_error_backend_campaign_and_run_status(engine):
     assert _ids(researcher) == [res1] and researcher.manifest.counts["errored"] == 1
     assert build_sft_dataset(engine, agent="nobody").manifest.counts["kept"] == 0
     assert researcher.manifest.filters["valid_only"] is True
+
+
+def _extraction_messages() -> list[dict]:  # type: ignore[type-arg]
+    """A real extraction prompt for Acme Freight: its own page, then a round-up that names another company."""
+    from langchain_core.messages import convert_to_openai_messages
+
+    from agents.grounding import number_sentences
+    from agents.researcher import build_extraction_messages
+    from agents.schemas import ProspectInfo
+    from tools.types import Document
+
+    docs = [Document(url="https://www.acme.example/about", title="About", text=(
+                "Acme Freight is based in Austin, Texas. Our customers often struggle to reach "
+                "https://acme-login.example/verify in time.")),
+            Document(url="https://news.example/roundup", title="Roundup", text=(
+                "Acme Freight joined the list this year. Brightwave Labs is based in Lisbon, Portugal."))]
+    numbered = number_sentences(docs, own_host="acme.example")
+    prospect = ProspectInfo(first_name="Ana", email="ana@acme.example", company="Acme Freight",
+                            website="https://www.acme.example/")
+    return convert_to_openai_messages(build_extraction_messages(prospect, numbered.format()))  # type: ignore[return-value]
+
+
+def test_researcher_targets_keep_only_the_facts_grounding_keeps(engine):
+    st = _Store(engine)
+    messages = _extraction_messages()
+    fact = {"field": "location", "evidence": "S1", "value": "Austin, Texas"}
+    answer = {"facts": [
+        {"field": "customer_segment", "evidence": "S4", "value": "Brightwave Labs"},  # another company's sentence
+        fact,
+        {"field": "pain_point", "evidence": "S2", "value": "reach https://acme-login.example/verify"},  # a link
+        {"field": "industry", "evidence": "S9", "value": "freight"},  # no such sentence
+    ]}
+    run = st.run("q4", "Acme Freight", website="https://www.acme.example/")
+    filtered = st.trace(run, agent="researcher", messages=messages, output=json.dumps(answer))
+    clean = json.dumps({"facts": [fact]}, indent=1)  # nothing dropped: the answer is kept as written
+    clean_trace = st.trace(st.run("q4", "Acme Freight", website="https://www.acme.example/"), agent="researcher",
+                           messages=messages, output=clean)
+    wrong_company = st.trace(st.run("q4", "Brightwave Labs", website="https://brightwave.example/"),
+                             agent="researcher", messages=messages, output=json.dumps({"facts": [fact]}))
+    st.trace(st.run("q4", "Acme Freight"), agent="researcher", messages=messages, output="no JSON here")
+    ds = build_sft_dataset(engine, agent="researcher", eval_fraction=0.0, near_dup_threshold=2)
+    assert _ids(ds) == [filtered, clean_trace, wrong_company]
+    targets = {tid: row["messages"][-1]["content"] for tid, row in zip(ds.manifest.train_trace_ids, ds.train,
+                                                                       strict=True)}
+    assert json.loads(targets[filtered]) == {"facts": [fact]}  # the agent's format, evidence id kept
+    assert list(json.loads(targets[filtered])["facts"][0]) == ["field", "evidence", "value"]  # the answer's key order
+    assert targets[clean_trace] == clean
+    # Austin is on Acme's site: for another prospect it is not their fact.
+    assert json.loads(targets[wrong_company]) == {"facts": []}
+    counts = ds.manifest.counts
+    assert (counts["filtered_targets"], counts["filtered_facts"], counts["unparseable"]) == (2, 4, 1)
+    # The sentence-tag rows of a miniature come from the filtered target: the dropped facts teach "-".
+    import random
+
+    from miniatures.formats import sentence_rows
+
+    tags = {row["messages"][0]["content"].rsplit("Sentence: ", 1)[1]: row["messages"][1]["content"]
+            for row in sentence_rows(ds.train[0], negative_fraction=1.0, rng=random.Random(0))}
+    assert tags["Acme Freight is based in Austin, Texas."] == "location | Austin, Texas"
+    assert tags["Brightwave Labs is based in Lisbon, Portugal."] == "-"
+    assert set(tags.values()) == {"location | Austin, Texas", "-"}
+
+
+def test_no_facts_runs_are_valid_examples(engine):
+    st = _Store(engine)
+    nothing = st.trace(st.run("q4", "Acme Freight", status="no_facts", website="https://www.acme.example/"),
+                       agent="researcher", messages=_extraction_messages(),
+                       output=json.dumps({"facts": [{"field": "location", "evidence": "S4", "value": "Lisbon"}]}))
+    failed = st.trace(st.run("q4", "Beta", status="failed"), agent="researcher", output='{"facts": []}')
+    plain = st.run("q4", "Gamma", status="no_facts")  # opted in: a valid email without company facts
+    writer = st.trace(plain)
+    researcher = build_sft_dataset(engine, agent="researcher", eval_fraction=0.0)
+    assert _ids(researcher) == [nothing] and researcher.manifest.counts["run_not_done"] == 1
+    assert json.loads(researcher.train[0]["messages"][-1]["content"]) == {"facts": []}  # "nothing found"
+    assert _ids(build_sft_dataset(engine, agent="researcher", valid_only=False, eval_fraction=0.0)) == [nothing,
+                                                                                                       failed]
+    assert _ids(build_sft_dataset(engine, agent="writer", eval_fraction=0.0)) == [writer]
 
 
 def test_writer_retry_supersedes_first_attempt_and_replays_stand_apart(engine):

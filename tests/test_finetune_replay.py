@@ -107,9 +107,11 @@ def test_replay_of_a_replay_follows_the_chain(source) -> None:  # type: ignore[n
 def test_a_changed_input_goes_to_the_original_backend(source) -> None:  # type: ignore[no-untyped-def]
     engine, corpus, _world = source
     pool = ModelPool(preloaded={"openai:empty": scripted(*['{"facts": []}'] * 4)}, store=engine)
+    # Opted in to non-personalised emails, the writer is asked without fact tags: a prompt never recorded.
     report = asyncio.run(replay(engine, "src", researcher="openai:empty", pages=CorpusWeb(corpus), models=pool,
-                                name="e"))
+                                name="e", unpersonalised_emails=True))
     assert report.recorded_answers == 0  # every writer prompt changed (no facts any more)
+    assert report.result is not None and report.result.no_facts == 4
     writers = [t for t in _traces(engine, "e") if t.agent == "writer"]
     assert writers and all(t.backend == "heuristic" for t in writers)
     source_writers = {t.id for t in _traces(engine, "src") if t.agent == "writer"}
@@ -117,6 +119,28 @@ def test_a_changed_input_goes_to_the_original_backend(source) -> None:  # type: 
     assert {t.replay_of_id for t in firsts} == source_writers
     # A retry the source never made replays nothing.
     assert all(t.replay_of_id is None for t in writers if t not in firsts)
+
+
+def test_research_that_finds_nothing_skips_the_writer_and_a_better_one_finds_facts(tmp_path, sqlite_engine) -> None:  # type: ignore[no-untyped-def]
+    _world, corpus, offer, prospects = small_world(tmp_path, n=3)
+    add_prospects(sqlite_engine, "nf", offer, prospects)
+    pool = ModelPool(preloaded={"openai:empty": scripted(*['{"facts": []}'] * 3)}, store=sqlite_engine)
+    first = asyncio.run(run_campaign(sqlite_engine, "nf", web=CorpusWeb(corpus), researcher="openai:empty",
+                                     models=pool))
+    assert (first.done, first.no_facts) == (0, 3)
+    assert {t.agent for t in _traces(sqlite_engine, "nf")} == {"researcher"}  # no fact, no writer call
+    no_facts = [r.id for r in _runs(sqlite_engine, "nf")]
+    assert select_replay_runs(sqlite_engine, campaign="nf") == {"nf": no_facts}
+    assert select_replay_runs(sqlite_engine, campaign="nf", no_facts_only=True) == {"nf": no_facts}
+    assert select_replay_runs(sqlite_engine, campaign="nf", failed_only=True) == {}
+    # Replayed through a researcher that finds facts: the writer, kept, has no recorded call to answer
+    # from, so it runs on its original backend, and the runs are done.
+    better = asyncio.run(replay(sqlite_engine, "nf", researcher="heuristic", pages=CorpusWeb(corpus), name="b"))
+    assert better.runs == no_facts and better.result is not None and better.result.done == 3
+    assert better.recorded_answers == 0
+    writers = [t for t in _traces(sqlite_engine, "b") if t.agent == "writer"]
+    assert writers and all(t.backend == "heuristic" and t.replay_of_id is None for t in writers)
+    assert {r.status for r in _runs(sqlite_engine, "b")} == {"done"}
 
 
 def test_replayed_traces_are_reviewed_and_feed_datasets(source) -> None:  # type: ignore[no-untyped-def]
@@ -175,6 +199,7 @@ def test_select_replay_runs_filters_by_trace(source) -> None:  # type: ignore[no
     assert select_replay_runs(engine, agent="writer", trace_ids=[writer.id]) == {"src": [writer.run_id]}
     assert select_replay_runs(engine, backend="openai:gpt-4.1") == {}
     assert select_replay_runs(engine, campaign="src", failed_only=True) == {}
+    assert select_replay_runs(engine, campaign="src", no_facts_only=True) == {}
     report = asyncio.run(replay(engine, "src", writer="heuristic", run_ids=[runs[1]], pages=CorpusWeb(corpus)))
     assert report.runs == [runs[1]] and [r.replay_of_id for r in _runs(engine, report.campaign)] == [runs[1]]
 

@@ -8,12 +8,14 @@ fails validation and has two writer traces).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import click
 import pytest
+from rich.console import Console
 from sqlalchemy import Engine
 from sqlmodel import col, select
 from typer.testing import CliRunner
@@ -35,7 +37,7 @@ from finetune.review import (
 from graphs.models import ModelPool
 from graphs.runner import add_prospects, run_campaign
 from outreach.cli import app
-from store import FactRecord, Review, Trace, session_scope
+from store import FactRecord, ProfileRecord, Review, Trace, session_scope
 from tests.helpers import scripted, small_world
 from tools import CorpusWeb
 
@@ -192,6 +194,26 @@ def test_profile_edit_is_checked_against_the_prompt_sentences(store: Engine) -> 
     with pytest.raises(ReviewInputError, match="researcher output JSON"):
         apply_review(store, item.trace_id, "edit", edited_output='{"facts": "none"}')
     assert len(_reviews(store)) == 1  # only the valid edit was written
+
+
+def test_drops_are_shown_by_reason(store: Engine) -> None:
+    from outreach.cli_review import render_item
+
+    item = _items(store)[("c", "profile")][0]
+    with session_scope(store) as s:
+        record = s.get(ProfileRecord, item.profile.id)  # type: ignore[union-attr]
+        assert record is not None
+        record.dropped_facts, record.drop_reasons = 5, {"misattributed": 2, "ungrounded": 1}
+    loaded = load_item(store, item.trace_id)
+    assert loaded.profile is not None and loaded.profile.drop_reasons == {"misattributed": 2, "ungrounded": 1}
+    # Two drops were stored before reasons were recorded: they are counted, not given a reason.
+    assert loaded.profile.drops_text == ("5 fact(s) dropped (ungrounded 1, misattributed 2, "
+                                         "reason not recorded 2)")
+    console = Console(width=200, record=True)
+    console.print(render_item(loaded, 0, 1))
+    assert "5 fact(s) dropped (ungrounded 1, misattributed 2, reason not recorded 2)" in console.export_text()
+    clean = dataclasses.replace(loaded.profile, dropped_facts=0, drop_reasons={})
+    assert clean.drops_text == "0 fact(s) dropped"
 
 
 def test_bad_actions_and_missing_traces_write_nothing(store: Engine) -> None:

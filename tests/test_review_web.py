@@ -17,7 +17,7 @@ from finetune.review import ReviewItem, review_queue
 from graphs.runner import add_prospects, run_campaign
 from miniatures.server import InsecureBindError, serve_in_thread
 from outreach.review_web import CSRF_COOKIE, TOKEN_COOKIE, create_review_app, loopback_hosts, run_review_server
-from store import EmailRecord, FactRecord, Review, session_scope
+from store import EmailRecord, FactRecord, ProfileRecord, Review, session_scope
 from tests.browser import headless_chromium
 from tests.helpers import small_world
 from tests.test_review import fill_store
@@ -93,6 +93,18 @@ def test_page_shows_the_item_and_escapes_hostile_text(store: Engine) -> None:
     assert 'id="facts"' in email_html  # the facts behind the merge tags, with evidence
     profile_html = client.get(f"/?trace={planted[0].trace_id}").text
     assert profile_html.count("<blockquote") == len(planted[0].profile.facts)  # type: ignore[union-attr]
+
+
+def test_drops_show_by_reason(store: Engine) -> None:
+    item = next(i for i in _queue(store) if i.kind == "profile")
+    with session_scope(store) as s:
+        record = s.get(ProfileRecord, item.profile.id)  # type: ignore[union-attr]
+        assert record is not None
+        record.dropped_facts, record.drop_reasons = 4, {"misattributed": 3, "bad_value": 1}
+    html = TestClient(create_review_app(store)).get(f"/?trace={item.trace_id}").text
+    drops = re.search(r'<p class="muted" id="drops">([^<]*)', html)
+    assert drops and " ".join(drops.group(1).split()) == "4 fact(s) dropped (misattributed 3, bad value 1) · sources:"
+    assert "ungrounded" not in drops.group(1)
 
 
 def test_writes_need_the_csrf_token_and_our_origin(store: Engine) -> None:

@@ -1,9 +1,8 @@
-"""The local corpus: upsert, URL normalisation, FTS5 ranking, hostile queries, speed, CorpusWeb."""
+"""The local corpus: upsert, URL normalisation, FTS5 ranking, hostile queries, a larger corpus, CorpusWeb."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -201,12 +200,8 @@ def test_search_over_thousands_of_docs_is_fast(tmp_path: Path) -> None:
         for i in range(2000)
     )
     assert len(c) == 2000
-    start = time.perf_counter()
-    for _ in range(20):
-        hits = c.search("robotics employees founded 2005")
-    per_query = (time.perf_counter() - start) / 20
+    hits = c.search("robotics employees founded 2005")
     assert len(hits) == 8
-    assert per_query < 0.05  # measured ~2 ms
 
 
 async def test_corpus_web_fetch_returns_the_extracted_document(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from tools.corpus import Corpus, url_key
 from tools.extract import decode_html, extract_document
+from tools.textnorm import normalize_page_text
 from tools.types import Document
 
 __all__ = ["CsvImportReport", "column_label", "import_csv", "import_html", "import_warc", "url_for_html_file"]
@@ -174,8 +175,8 @@ _FLOAT_INT = re.compile(r"^-?\d+\.0+$")
 
 
 def _cell_text(value: str | None) -> str:
-    """A CSV cell as one line: whitespace collapsed, ``2019.0`` -> ``2019``, ``['a', 'b']`` -> ``a, b``."""
-    text = " ".join((value or "").split())
+    """A CSV cell as one normalised line: whitespace collapsed, ``2019.0`` -> ``2019``, ``['a', 'b']`` -> ``a, b``."""
+    text = " ".join(normalize_page_text(value or "").split())
     if not text or text.lower() in ("nan", "none", "null"):
         return ""
     if _FLOAT_INT.match(text):
@@ -223,7 +224,8 @@ def import_csv(
     ``title`` from ``name_column``, ``site_name`` the URL's host, ``text`` one line
     ``"<Column label>: <value>"`` per non-empty text column (``column_label``; floats such as
     ``2019.0`` written ``2019``, Python-list strings such as ``['b2b', 'saas']`` written ``b2b, saas``)
-    and ``html`` a minimal page with the same lines.
+    and ``html`` a minimal page with the same lines. Names and values are normalised with
+    ``tools.textnorm.normalize_page_text``, as ``extract_document`` does for pages.
 
     Args:
         path: a UTF-8 CSV file with a header row (quoted multi-line fields are fine).
@@ -267,7 +269,7 @@ def import_csv(
             if where is not None and not where(row):
                 report.filtered += 1
                 continue
-            name = " ".join((row.get(name_column) or "").split())
+            name = " ".join(normalize_page_text(row.get(name_column) or "").split())
             url = _normalise_url(row.get(url_column) or "")
             host = urlsplit(url).hostname if url else None
             if not name or not url or not host:

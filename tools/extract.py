@@ -11,6 +11,10 @@ metadata lines that the grounding check also accepts as evidence::
     Organization address.addressLocality: Austin
     Organization numberOfEmployees.value: 120
 
+Every string of the document (text, title, site name, description, JSON-LD values) is normalised
+with ``tools.textnorm.normalize_page_text`` (NFKC, invisible characters removed, look-alike letters
+folded), so the corpus stores what the live path produces and no reader sees hidden characters.
+
 Main-text extraction is trafilatura's (Barbaresi, "Trafilatura: A Web Scraping Library and
 Command-Line Tool for Text Discovery and Extraction", ACL 2021); when it finds nothing (tiny pages)
 the visible text of ``<body>`` is used instead, so a page with words never yields empty text.
@@ -25,6 +29,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from tools.textnorm import normalize_page_text
 from tools.types import Document
 
 __all__ = ["ORGANIZATION_TYPES", "decode_html", "extract_document", "jsonld_evidence_lines", "parse_jsonld"]
@@ -146,6 +151,17 @@ def parse_jsonld(tree: Any, *, url: str = "") -> list[dict[str, Any]]:
             continue
         nodes.extend(_flatten_graph(value))
     return nodes
+
+
+def _normalized_json(obj: Any) -> Any:
+    """``obj`` (parsed JSON) with every string, keys included, passed through ``normalize_page_text``."""
+    if isinstance(obj, str):
+        return normalize_page_text(obj)
+    if isinstance(obj, list):
+        return [_normalized_json(item) for item in obj]
+    if isinstance(obj, dict):
+        return {normalize_page_text(k): _normalized_json(v) for k, v in obj.items()}
+    return obj
 
 
 def _types(node: dict[str, Any]) -> list[str]:
@@ -280,8 +296,10 @@ def extract_document(html: str, url: str, *, status_code: int = 200) -> Document
         trafilatura finds nothing, followed by a blank line and the evidence lines (``Description:``
         and Organization-like JSON-LD properties, see ``jsonld_evidence_lines``). ``title``,
         ``site_name``, ``date`` (ISO ``YYYY-MM-DD``) and ``description`` come from trafilatura's
-        metadata (meta tags, OpenGraph, JSON-LD, htmldate); empty strings when absent. An empty or
-        unparsable page gives a document with empty text, never an exception.
+        metadata (meta tags, OpenGraph, JSON-LD, htmldate); empty strings when absent. Every string
+        but ``html`` (the raw page) is normalised (``normalize_page_text``), JSON-LD values and
+        keys included. Alt text and other attributes are not part of the text. An empty
+        or unparsable page gives a document with empty text, never an exception.
 
     Raises:
         TypeError: ``html`` is not a ``str``.
@@ -295,7 +313,7 @@ def extract_document(html: str, url: str, *, status_code: int = 200) -> Document
     if tree is None:
         return Document(url=url, html=html, status_code=status_code)
 
-    jsonld = parse_jsonld(tree, url=url)
+    jsonld = [_normalized_json(node) for node in parse_jsonld(tree, url=url)]
 
     from trafilatura import bare_extraction, extract_metadata
     from trafilatura.xml import xmltotxt
@@ -332,12 +350,13 @@ def extract_document(html: str, url: str, *, status_code: int = 200) -> Document
 
     def field(name: str) -> str:
         value = getattr(meta, name, None) if meta is not None else None
-        return _collapse(str(value)) if value else ""
+        return _collapse(normalize_page_text(str(value))) if value else ""
 
     title, description = field("title"), field("description")
     if not title:
         titles = tree.xpath("//title/text()")
-        title = _collapse(titles[0]) if titles else ""
+        title = _collapse(normalize_page_text(titles[0])) if titles else ""
+    main_text = normalize_page_text(main_text)
 
     evidence = ([f"Description: {description}"] if description else []) + jsonld_evidence_lines(jsonld)
     text = main_text

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import or_
 from sqlmodel import Session, col, select
@@ -168,8 +168,10 @@ class SnapshotWeb:
 class RecordedSearch:
     """Searches answered from the ``search`` tool calls recorded for some runs (a ``SearchBackend``).
 
-    Each query returns the result URLs its recorded call got, in the recorded order (``SearchHit`` with
-    ``url`` and ``rank`` only: the researcher ranks pages by URL). When several of the runs recorded the
+    Each query returns the hits its recorded call got, in the recorded order, with their titles and
+    snippets (the researcher ranks third-party pages by whether these name the company); calls recorded
+    before hits were stored give URLs only, so their third-party pages do not rank in a replay. When several
+    of the runs recorded the
     same query, the newest call wins. A query recorded as failed raises ``SearchError`` with the
     recorded error; a query never recorded raises ``SearchError`` naming it.
 
@@ -179,7 +181,7 @@ class RecordedSearch:
     """
 
     def __init__(self, engine: Engine, run_ids: Iterable[int]) -> None:
-        self._answers: dict[str, list[str] | str] = {}
+        self._answers: dict[str, list[SearchHit] | str] = {}
         ids = list(run_ids)
         statement = (
             select(ToolCall)
@@ -189,13 +191,13 @@ class RecordedSearch:
         with Session(engine) as session:
             for call in session.exec(statement):
                 query = str(call.input.get("query", ""))
-                self._answers[query] = call.error if call.error else [str(u) for u in call.output.get("urls", [])]
+                self._answers[query] = call.error if call.error else _recorded_hits(call.output)
 
     def __len__(self) -> int:
         return len(self._answers)
 
     async def search(self, query: str, *, max_results: int = 8) -> list[SearchHit]:
-        """The recorded result URLs for ``query`` (at most ``max_results``).
+        """The recorded hits for ``query`` (at most ``max_results``).
 
         Raises:
             SearchError: the query was not recorded for these runs, or its recorded call failed.
@@ -205,4 +207,15 @@ class RecordedSearch:
             raise SearchError(f"no recorded search for {query!r} in the replayed runs")
         if isinstance(answer, str):
             raise SearchError(f"recorded search {query!r} failed: {answer}")
-        return [SearchHit(url=url, rank=i) for i, url in enumerate(answer[:max_results])]
+        return answer[:max_results]
+
+
+def _recorded_hits(output: dict[str, Any]) -> list[SearchHit]:
+    """The hits of a recorded ``search`` tool call's output: ``hits`` (url, title, snippet) when stored, else
+    the bare ``urls`` of older records."""
+    rows = output.get("hits")
+    if isinstance(rows, list):
+        return [SearchHit(url=str(r.get("url", "")), title=str(r.get("title") or ""),
+                          snippet=str(r.get("snippet") or ""), rank=i)
+                for i, r in enumerate(rows) if isinstance(r, dict)]
+    return [SearchHit(url=str(u), rank=i) for i, u in enumerate(output.get("urls", []))]
