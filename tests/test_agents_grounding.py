@@ -215,3 +215,28 @@ def test_numbered_sentences_parse_back_from_their_prompt_form() -> None:
     parsed = NumberedSentences.parse(prompt)
     assert parsed.sentences == numbered.sentences and parsed.sources == numbered.sources
     assert parsed.get("s3") is not None and parsed.get("S3").url == "https://news.example/acme"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("company", "sentence", "value", "attributed"), [
+    # Measured on real YC pages: each of these credited another company's fact to the prospect.
+    ("Webflow", "Whalesync is trusted by hundreds of companies like Ramp, Webflow and Notion.",
+     "hundreds of companies", False),                                     # an item of a list of customers
+    ("One Month", "We had 9 paying customers one month later.", "9 paying customers", False),  # not the name
+    ("Retool", "Reform is Retool for logistics companies.", "logistics companies", False),      # an analogy
+    ("Acme Freight", "Unlike Acme Freight, Zeta was founded in 2010.", "2010", False),          # a comparison
+    ("Acme Freight", "Acme Freight Systems is hiring in Berlin.", "Berlin", False),            # a longer name
+    ("Acme Freight", "Acme Freight, Brightline and Zeta raised money.", "raised money", False),
+    ("Acme Freight", "Acme Freight is trusted by companies like Acme Freight Labs.", "companies like Acme "
+     "Freight Labs", True),                                               # named outside the value as well
+    # Ordinary third-party sentences about the company stay attributed.
+    ("Acme Freight", "In Austin, Acme Freight raised $5 million.", "raised $5 million", True),
+    ("Acme Freight", "Acme Freight, based in Austin, raised money.", "Austin", True),
+    ("Acme Freight", "Acme Freight Raises $5M to Expand in Lyon", "Lyon", True),                # a headline
+    ("Acme Freight", "ACME FREIGHT OPENS AN OFFICE IN LYON", "LYON", True),
+    ("Acme Freight", "Acme Freight Inc. opened an office in Lyon.", "Lyon", True),
+])
+def test_a_third_party_sentence_must_be_about_the_company(company: str, sentence: str, value: str,
+                                                          attributed: bool) -> None:
+    matcher = CompanyMatcher(company, "https://prospect.example")
+    assert matcher.attributed("https://news.example/a", sentence, value) is attributed
+    assert matcher.attributed("https://www.prospect.example/a", sentence, value)  # own site: always
