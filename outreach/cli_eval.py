@@ -123,26 +123,26 @@ def _f(v: float | None, fmt: str = ".3f") -> str:
 def overview_tables(result: EvalResult) -> tuple[Table, Table]:
     """Two terminal tables: quality (research, rubric, win rate) and cost and speed.
 
-    Quality columns: F1 against gold, ``no facts`` (prospects whose research kept no verified fact),
-    ``misattributed`` (facts dropped because their source is not about the prospect's company), the
-    grounded-fact and schema-valid rates, the rubric's all-pass rate and the win rate.
+    Quality columns: F1 against gold, ``no facts / misattr.`` (prospects whose research kept no verified
+    fact / facts dropped because their source is not about the prospect's company), the grounded-fact and
+    schema-valid rates, the rubric's all-pass rate and the win rate.
     """
     quality = Table(title=f"evaluation {result.run_name}: {result.eval_set}, {result.n_prospects} prospects")
-    for name in ("config", "status", "F1", "no facts", "misattributed", "grounded", "schema", "rubric",
-                 "win rate [CI]"):
-        quality.add_column(name, justify="left" if name in ("config", "status") else "right")
+    for name in ("config", "status", "F1", "no facts / misattr.", "grounded", "schema", "rubric", "win rate [CI]"):
+        quality.add_column(name, justify="left" if name in ("config", "status") else "right",
+                           min_width=9 if name == "win rate [CI]" else None)  # "reference" whole
     cost = Table(title="cost and speed")
     for name in ("config", "tokens in/out per email", "USD / 1k emails", "p50 / p95 ms", "emails/s"):
         cost.add_column(name, justify="left" if name == "config" else "right")
     for c in result.configs:
         if c.status == "failed":
-            quality.add_row(c.name, "[red]failed[/red]", *["-"] * 7)
+            quality.add_row(c.name, "[red]failed[/red]", *["-"] * 6)
             continue
         r, e, p, k = c.research, c.email, c.pairwise, c.cost
         win = (f"{p.win_rate:.1%} [{p.ci_low:.1%}, {p.ci_high:.1%}]" if p else
                "reference" if c.name == result.reference else "-")
-        quality.add_row(c.name, "ok", _f(r.f1 if r else None), str(c.no_facts),
-                        str(r.drop_reasons.get("misattributed", 0)) if r else "-",
+        quality.add_row(c.name, "ok", _f(r.f1 if r else None),
+                        f"{c.no_facts} / {r.drop_reasons.get('misattributed', 0) if r else '-'}",
                         _f(r.grounded_fact_rate if r else None, ".1%"), _f(r.schema_valid_rate if r else None, ".1%"),
                         _f(e.all_pass_rate if e else None, ".1%"), win)
         if k is not None:
