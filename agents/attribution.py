@@ -107,6 +107,7 @@ _LIST_AFTER = re.compile(
     r"^(?:\s*,\s*[A-Z][\w.&'-]*(?:\s+[A-Z][\w.&'-]*)*\s*(?:,|\band\b|\bor\b|&)|\s*[&/]\s*[A-Z]"
     r"|\s+(?:and|or|vs\.?|versus)\s+[A-Z]|\s+for\s+(?![$\d]))"
 )
+_MARKDOWN_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)?")
 # A capitalised word right after the name makes a longer name ("Acme Freight Systems"): another company.
 _LONGER_NAME = re.compile(r"^[\s-]+[A-Z][\w&'-]*")
 
@@ -192,6 +193,7 @@ class CompanyMatcher:
         is the company's own, or the sentence names the company as what it is about (see the class)."""
         if self.is_own(url):
             return True
+        sentence = _MARKDOWN_LINK.sub(r"\1", sentence)  # "[Webflow](https://webflow.com/)" reads "Webflow"
         span = _find(sentence, value)
         for pattern in self._patterns:
             for m in pattern.finditer(sentence):

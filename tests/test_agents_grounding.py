@@ -221,6 +221,8 @@ def test_numbered_sentences_parse_back_from_their_prompt_form() -> None:
     # Measured on real YC pages: each of these credited another company's fact to the prospect.
     ("Webflow", "Whalesync is trusted by hundreds of companies like Ramp, Webflow and Notion.",
      "hundreds of companies", False),                                     # an item of a list of customers
+    ("Webflow", "We're now trusted by hundreds of companies like [Ramp](https://ramp.com/), "
+     "[Webflow](https://webflow.com/), and [Alchemy", "hundreds of companies", False),  # markdown links
     ("One Month", "We had 9 paying customers one month later.", "9 paying customers", False),  # not the name
     ("Retool", "Reform is Retool for logistics companies.", "logistics companies", False),      # an analogy
     ("Acme Freight", "Unlike Acme Freight, Zeta was founded in 2010.", "2010", False),          # a comparison
