@@ -63,6 +63,8 @@ class Offer(BaseModel):
     sender_name: str
     sender_title: str = ""
     sender_company: str
+    #: The sender's e-mail address (the ``From`` of exported ``.eml`` files); optional.
+    sender_email: str = ""
     product: str
     value_proposition: str
     call_to_action: str

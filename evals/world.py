@@ -58,6 +58,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from agents.schemas import FACT_FIELDS
+from store.exports import write_csv
 
 __all__ = [
     "HOSTILE_TACTICS",
@@ -1578,9 +1579,7 @@ def _offer_toml() -> str:
 
 def _prospects_csv(rows: list[dict[str, str]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(PROSPECT_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
+    write_csv(buffer, list(PROSPECT_COLUMNS), rows, lineterminator="\n")
     return buffer.getvalue()
 
 

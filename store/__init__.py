@@ -1,6 +1,6 @@
 """Layer 0: SQLModel tables, the engine (SQLite by default, any SQLAlchemy URL) and migrations."""
 
-from store.engine import DEFAULT_URL, open_store, session_scope
+from store.engine import DEFAULT_URL, StoreError, open_store, session_scope
 from store.migrations import MIGRATIONS, migrate
 from store.models import (
     Campaign,
@@ -33,6 +33,7 @@ __all__ = [
     "Run",
     "RunStatus",
     "SchemaMigration",
+    "StoreError",
     "ToolCall",
     "Trace",
     "WebSnapshot",

@@ -2,18 +2,48 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, event
+from sqlalchemy.engine import ExceptionContext
 from sqlmodel import Session, create_engine
 
 from store.migrations import migrate
 
-__all__ = ["DEFAULT_URL", "open_store", "session_scope"]
+__all__ = ["DEFAULT_URL", "StoreError", "open_store", "session_scope"]
 
 DEFAULT_URL = "sqlite:///outreach.sqlite"
+
+#: SQLite result codes (sqlite.org/rescode.html) that mean the store file itself is unusable, with what
+#: to tell the user: SQLITE_CORRUPT (11), SQLITE_CANTOPEN (14), SQLITE_NOTADB (26).
+_UNUSABLE_SQLITE = {
+    11: "is damaged ({error}); restore it from a backup, or salvage its rows with the sqlite3 shell's "
+        "`.recover` command into a new file; or move it aside to start an empty store",
+    14: "cannot be opened ({error}); check that the path names a file in a folder you can write to",
+    26: "is not a SQLite database ({error}); point --store (setting store_url) at the store's file, "
+        "or move this file aside to start an empty store",
+}
+
+
+class StoreError(RuntimeError):
+    """The store's file is unusable (damaged, not a database, cannot be opened): the message is one line
+    that names the file and what to do."""
+
+
+def _sqlite_file_error(context: ExceptionContext) -> None:
+    """``handle_error`` listener: turn SQLite's "the file is unusable" errors, on connecting or on any
+    statement, into a ``StoreError`` naming the file; other errors pass through unchanged."""
+    error = context.original_exception
+    if not isinstance(error, sqlite3.DatabaseError):
+        return
+    advice = _UNUSABLE_SQLITE.get(getattr(error, "sqlite_errorcode", 0) & 0xFF)
+    if advice is None:
+        return
+    database = context.engine.url.database if context.engine is not None else None
+    raise StoreError(f"store {database or '(unknown file)'} {advice.format(error=error)}") from error
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -35,12 +65,15 @@ def open_store(url: str = DEFAULT_URL, *, migrate_schema: bool = True) -> Engine
     Raises:
         sqlalchemy.exc.ArgumentError: ``url`` is not a valid SQLAlchemy URL.
         sqlalchemy.exc.OperationalError: the database cannot be reached.
+        StoreError: a SQLite store's file is damaged, not a database, or cannot be opened (also raised
+            by any later statement on the returned engine that finds it so).
     """
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "handle_error", _sqlite_file_error)
     if migrate_schema:
         migrate(engine)
     return engine

@@ -1,15 +1,64 @@
-"""Traces as OpenAI chat fine-tuning examples (the JSONL format TRL and OpenAI fine-tuning read:
-one ``{"messages": [...]}`` object per line, the last message the assistant's answer)."""
+"""Export formats every room shares: CSV that spreadsheets cannot run as formulas, and traces as OpenAI
+chat fine-tuning examples (the JSONL format TRL and OpenAI fine-tuning read: one ``{"messages": [...]}``
+object per line, the last message the assistant's answer)."""
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
 from store.models import Trace
 
-__all__ = ["trace_to_openai_example", "write_openai_jsonl"]
+__all__ = ["FORMULA_PREFIXES", "neutralise_csv_cell", "trace_to_openai_example", "write_csv", "write_openai_jsonl"]
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV Injection":
+#: ``=``, ``+``, ``-``, ``@``, tab, carriage return).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_csv_cell(value: object) -> object:
+    """``value`` with a single quote in front when it is text that starts with a ``FORMULA_PREFIXES``
+    character (``"=HYPERLINK(...)"`` -> ``"'=HYPERLINK(...)"``), so Excel, LibreOffice and Google Sheets
+    show it as text instead of running it; other values are returned unchanged (numbers and booleans are
+    the exporter's own, never a formula).
+
+    The rule is OWASP's (owasp.org/www-community/attacks/CSV_Injection); cells are also quoted
+    (``write_csv``), which keeps a ``;`` or ``,`` inside a cell from starting a new, unneutralised one.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def write_csv(out: IO[str], fieldnames: Sequence[str], rows: Iterable[Mapping[str, Any]], *,
+              lineterminator: str = "\r\n") -> int:
+    """Write a header and ``rows`` as CSV to ``out``, every cell quoted and passed through
+    ``neutralise_csv_cell``; the one CSV writer of the project (every CSV it writes goes through here).
+
+    Args:
+        out: A text stream opened with ``newline=""``.
+        fieldnames: Column names, in order (the header is neutralised too).
+        rows: One mapping per row from column name to value; missing columns are written empty.
+        lineterminator: Record separator (RFC 4180's ``\r\n`` by default).
+
+    Returns:
+        The number of rows written (header not counted).
+
+    Raises:
+        ValueError: a row has a key that is not in ``fieldnames``.
+    """
+    writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator=lineterminator)
+    writer.writerow([neutralise_csv_cell(name) for name in fieldnames])
+    n = 0
+    for row in rows:
+        extra = set(row) - set(fieldnames)
+        if extra:
+            raise ValueError(f"CSV row has column(s) {', '.join(sorted(extra))} not in the header")
+        writer.writerow([neutralise_csv_cell(row.get(name, "")) for name in fieldnames])
+        n += 1
+    return n
 
 
 def trace_to_openai_example(trace: Trace, *, output: str | None = None) -> dict[str, Any]:

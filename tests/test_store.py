@@ -1,4 +1,5 @@
-"""The store on SQLite and, when OUTREACH_TEST_POSTGRES_URL is set, on a real PostgreSQL server."""
+"""The store on SQLite and, when OUTREACH_TEST_POSTGRES_URL is set, on a real PostgreSQL server; an unusable
+SQLite file is one clear ``StoreError``."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from store import (
     Run,
     Trace,
     migrate,
+    open_store,
     session_scope,
 )
+from store.engine import StoreError
 from store.migrations import applied_versions
 
 
@@ -180,3 +183,54 @@ def test_migration_003_upgrades_a_store_made_before_it_and_keeps_its_rows(empty_
         assert s.exec(select(Run)).one().status == "done"
     assert migrate(engine) == []
     engine.dispose()
+
+
+def _unusable(url: str) -> str:
+    with pytest.raises(StoreError) as info:
+        engine = open_store(url)
+        with session_scope(engine) as s:
+            s.exec(select(Trace)).all()
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value.__cause__, Exception)
+    return message
+
+
+def test_a_file_that_is_not_a_database_is_one_clear_error(tmp_path):
+    path = tmp_path / "store.sqlite"
+    path.write_bytes(bytes(range(256)) * 32)
+    message = _unusable(f"sqlite:///{path}")
+    assert str(path) in message and "is not a SQLite database" in message and "move this file aside" in message
+
+
+def test_a_damaged_store_is_one_clear_error(tmp_path):
+    path = tmp_path / "store.sqlite"
+    engine = open_store(f"sqlite:///{path}")
+    with session_scope(engine) as s:
+        s.add(Campaign(name="c", offer={}))
+    engine.dispose()
+    data = bytearray(path.read_bytes())
+    data[100:4096] = b"\xff" * 3996  # page 1 past the header: the schema table
+    path.write_bytes(bytes(data))
+    message = _unusable(f"sqlite:///{path}")
+    assert str(path) in message and "is damaged" in message and ".recover" in message
+
+
+def test_damage_found_by_a_later_statement_is_the_same_error(tmp_path):
+    path = tmp_path / "store.sqlite"
+    engine = open_store(f"sqlite:///{path}")
+    with session_scope(engine) as s:
+        for i in range(40):
+            s.add(Trace(agent="writer", step="write", backend="heuristic", output="x" * 4000 + str(i)))
+    engine.dispose()
+    data = bytearray(path.read_bytes())
+    data[-4096 * 8:] = b"\xff" * (4096 * 8)  # the last pages: the traces just written
+    path.write_bytes(bytes(data))
+    engine = open_store(f"sqlite:///{path}")  # the schema pages are intact
+    with pytest.raises(StoreError, match="is damaged"), session_scope(engine) as s:
+        s.exec(select(Trace)).all()
+    engine.dispose()
+
+
+def test_a_folder_as_store_is_one_clear_error(tmp_path):
+    message = _unusable(f"sqlite:///{tmp_path}")
+    assert str(tmp_path) in message and "cannot be opened" in message
