@@ -394,12 +394,15 @@ def contains_normalized(haystack: str, needle: str) -> bool:
 def host_of(url: str) -> str:
     """Return the lower-case host of ``url`` without a leading ``www.`` or a port ('' when none).
 
-    A bare domain such as ``acme.example`` is accepted as well as a full URL.
+    A bare domain such as ``acme.example`` is accepted as well as a full URL; an unparsable one (a search
+    hit such as ``http://[::1/x``) has no host.
     """
     if not url:
         return ""
-    parts = urlsplit(url if "//" in url else f"//{url}")
-    host = (parts.hostname or "").lower()
+    try:
+        host = (urlsplit(url if "//" in url else f"//{url}").hostname or "").lower()
+    except ValueError:
+        return ""
     return host[4:] if host.startswith("www.") else host
 
 

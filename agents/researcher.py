@@ -91,8 +91,12 @@ def _resembles(host: str, company_slug: str) -> bool:
 
 
 def _canonical(url: str) -> str:
-    """Dedup key: host without ``www.``, path without trailing slash, query; scheme and fragment ignored."""
-    parts = urlsplit(url.strip() if "//" in url else f"//{url.strip()}")
+    """Dedup key: host without ``www.``, path without trailing slash, query; scheme and fragment ignored
+    ('' for an unparsable URL, which is then skipped)."""
+    try:
+        parts = urlsplit(url.strip() if "//" in url else f"//{url.strip()}")
+    except ValueError:
+        return ""
     query = f"?{parts.query}" if parts.query else ""
     return f"{host_of(url)}{parts.path.rstrip('/')}{query}"
 

@@ -116,8 +116,8 @@ async def test_research_keeps_grounded_facts_and_counts_dropped() -> None:
     # First pass: learn the sentence ids the researcher assigns.
     probe = scripted(facts_json())
     await research(PROSPECT, model=probe, web=web, config={"callbacks": [recorder]})
-    prompt = recorder.calls[0][1].content
-    assert recorder.calls[0][0].content == EXTRACTION_SYSTEM_PROMPT
+    prompt = recorder.calls[0][1].text
+    assert recorder.calls[0][0].text == EXTRACTION_SYSTEM_PROMPT
     answer = facts_json(
         ("location", "Austin, Texas", sid_of(prompt, "based in Austin")),
         ("employee_count", "120", sid_of(prompt, "team of 120")),
@@ -130,7 +130,8 @@ async def test_research_keeps_grounded_facts_and_counts_dropped() -> None:
     profile = result.profile
     assert {f.field: f.value for f in profile.facts} == {
         "location": "Austin, Texas", "employee_count": "120", "recent_event": "raised a $12 million Series A"}
-    assert profile.fact("recent_event").source_url == "https://acme.example/news"
+    event = profile.fact("recent_event")
+    assert event is not None and event.source_url == "https://acme.example/news"
     assert profile.dropped_facts == 3
     # the namesake's site (acmefreightco.example) is never fetched
     assert set(profile.sources) == {"https://acme.example/", "https://acme.example/news"}
@@ -146,7 +147,7 @@ async def test_hostile_instruction_never_reaches_the_model_nor_the_profile() -> 
     )
     result = await research(PROSPECT, model=scripted(injected), web=acme_web(),
                             config={"callbacks": [recorder]})
-    prompt = recorder.calls[0][1].content
+    prompt = recorder.calls[0][1].text
     assert "iPhone" not in prompt and "ignore all previous" not in prompt.lower()
     assert "based in Austin, Texas" in prompt
     assert all("iphone" not in f.value.lower() for f in result.profile.facts)
@@ -160,8 +161,8 @@ async def test_broken_json_once_then_valid_succeeds_with_error_fed_back() -> Non
     assert result.profile.facts == []
     assert len(recorder.calls) == 2
     retry = recorder.calls[1]
-    assert retry[-2].content.startswith("Sure!")          # the broken answer, as the assistant turn
-    assert "could not be used" in retry[-1].content       # and what was wrong, as a user turn
+    assert retry[-2].text.startswith("Sure!")          # the broken answer, as the assistant turn
+    assert "could not be used" in retry[-1].text       # and what was wrong, as a user turn
 
 
 async def test_broken_json_twice_raises_model_output_error() -> None:
@@ -273,3 +274,14 @@ async def test_live_search_quotes_the_name_and_fetches_only_pages_that_name_it()
     assert client.queries == ['"Acme Freight"', '"acme.example"', '"Acme Freight" news']
     assert web.fetched == ["https://acme.example/", "https://trucking.example/top"]
     assert result.queries == client.queries
+
+
+def test_unparsable_search_hits_are_skipped_not_fatal() -> None:
+    from agents.researcher import rank_urls
+    from agents.schemas import ProspectInfo as _P
+    from tools.types import SearchHit as _Hit
+
+    prospect = _P(first_name="Dana", email="dana@acme.example", company="Acme Freight", website="https://acme.example")
+    hits = [_Hit(url="http://[::1/x", title="Acme Freight", rank=0),
+            _Hit(url="https://acme.example/about", title="About", rank=1)]
+    assert rank_urls(prospect, hits) == ["https://acme.example", "https://acme.example/about"]

@@ -1,12 +1,14 @@
 """Polite, guarded page fetching with httpx, and ``LiveWeb`` (ddgs search + fetch + extraction + snapshots).
 
 ``Fetcher.fetch`` refuses what a research bot should not touch and says why, as a ``FetchError``
-reason: only http/https (``invalid-url``); hosts that resolve to private, loopback, link-local,
-multicast, reserved or unspecified addresses (``private-address``, checked on every redirect hop
-after DNS resolution); paths disallowed by robots.txt (``robots``); more than ``max_redirects``
-redirects (``redirects``); bodies over ``max_bytes``, enforced while streaming (``too-large``);
-content types other than HTML (``content-type``); HTTP 4xx/5xx (``status``); connection failures
-(``unreachable``) and timeouts (``timeout``).
+reason: anything but an http/https URL that httpx parses and whose host is valid IDNA
+(``invalid-url``); hosts that resolve to any address that is not globally reachable
+(``private-address``, see ``is_public_address``; checked on every redirect hop after DNS resolution);
+paths robots.txt disallows, read as RFC 9309 says (``robots``); more than ``max_redirects`` redirects
+(``redirects``); bodies over ``max_bytes`` as sent or as decoded, counted while streaming, so a
+compressed bomb stops at the cap (``too-large``); content codings other than gzip, deflate and zstd,
+or bytes invalid in theirs (``content-encoding``); content types other than HTML (``content-type``);
+HTTP 4xx/5xx (``status``); connection failures (``unreachable``) and timeouts (``timeout``).
 
 The address check resolves the host itself and httpx resolves it again when connecting, so a DNS
 server that answers differently within milliseconds (DNS rebinding) is not stopped; run the bot
@@ -23,12 +25,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.message import Message
 from types import TracebackType
-from typing import TYPE_CHECKING
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, NamedTuple
+from urllib.parse import urljoin
 from urllib.robotparser import RobotFileParser
 
 from pydantic import BaseModel
 
+from tools.content_coding import ACCEPT_ENCODING, BoundedDecoder, ContentCodingError
 from tools.extract import decode_html, extract_document
 from tools.types import Document, FetchError, SearchHit
 
@@ -46,7 +49,15 @@ logger = logging.getLogger(__name__)
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+#: robots.txt bytes parsed: RFC 9309 section 2.5 asks crawlers to parse at least 500 KiB.
 _ROBOTS_MAX_BYTES = 512_000
+#: robots.txt redirects followed: RFC 9309 section 2.3.1.2 asks for at least five.
+_ROBOTS_MAX_REDIRECTS = 5
+#: RFC 6052 well-known NAT64 prefix: its last 32 bits are the IPv4 address reached.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: IANA special-purpose ranges that are not globally reachable but that ``is_global`` calls global on
+#: Python releases before the registry update of CPython gh-113171 (3.11.10, 3.12.4).
+_NOT_GLOBAL = (ipaddress.IPv4Network("192.0.0.0/24"),)
 
 
 @dataclass(frozen=True)
@@ -92,10 +103,13 @@ class FetchResult(BaseModel):
 
 
 def is_public_address(address: str) -> bool:
-    """True when ``address`` (an IPv4/IPv6 string, optionally with ``%scope``) is a public unicast address.
+    """True when ``address`` (an IPv4/IPv6 string, optionally with ``%scope``) is a global unicast address.
 
-    Private, loopback, link-local, multicast, reserved and unspecified addresses are not public;
-    IPv4-mapped and 6to4/Teredo-wrapped IPv6 addresses are judged by the IPv4 address inside.
+    Public means ``ipaddress``'s ``is_global`` (the IANA special-purpose registries: not private,
+    loopback, link-local, unspecified, shared/carrier-grade NAT ``100.64.0.0/10`` with the cloud
+    metadata address ``100.100.100.200``, documentation, benchmarking and the like), and not multicast,
+    reserved, IPv6 site-local or ``192.0.0.0/24``. IPv4-mapped, NAT64 (``64:ff9b::/96``, RFC 6052),
+    6to4 and Teredo IPv6 addresses are judged by the IPv4 address inside.
 
     Raises:
         ValueError: ``address`` is not an IP address.
@@ -103,15 +117,17 @@ def is_public_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
         inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if inner is None and ip in _NAT64:
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
         if inner is not None:
             ip = inner
-    return not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
+        elif ip.is_site_local:
+            return False
+    return (
+        ip.is_global
+        and not ip.is_multicast
+        and not ip.is_reserved
+        and not any(ip in network for network in _NOT_GLOBAL)
     )
 
 
@@ -128,9 +144,54 @@ def _media_type(content_type: str) -> tuple[str, str | None]:
     return msg.get_content_type().lower(), msg.get_param("charset")  # type: ignore[return-value]
 
 
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.lower(), "", "", ""))
+class _Target(NamedTuple):
+    """Where httpx will connect for a URL: the ASCII (IDNA-encoded) host, the port, and the origin
+    ``scheme://host[:port]`` that robots.txt is fetched for."""
+
+    host: str
+    port: int
+    origin: str
+
+
+@dataclass(frozen=True)
+class _Robots:
+    """What one origin's robots.txt allows: its parsed ``rules``, or without rules ``allow_all``."""
+
+    rules: RobotFileParser | None = None
+    allow_all: bool = True
+
+    @classmethod
+    def parse(cls, body: bytes) -> _Robots:
+        parser = RobotFileParser()
+        parser.parse(body.decode("utf-8", errors="replace").splitlines())  # UTF-8: RFC 9309 section 2.3
+        return cls(parser)
+
+    def allows(self, user_agent: str, url: str) -> bool:
+        return self.rules.can_fetch(user_agent, url) if self.rules is not None else self.allow_all
+
+
+async def _read_body(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """Read ``response``'s body, undoing its ``Content-Encoding``, and keep at most ``limit`` bytes.
+
+    Bytes are counted as they stream, both as sent and as decoded (``BoundedDecoder``), so no more
+    than ``limit`` plus one decoded piece is ever held, whatever the compression ratio.
+
+    Returns:
+        ``(body, more)``: the decoded body (at most ``limit`` bytes) and whether the server sent more
+        than ``limit`` bytes, encoded or decoded (reading stops there).
+
+    Raises:
+        ContentCodingError: a coding other than ``SUPPORTED_CODINGS``, or bytes invalid in it.
+    """
+    decoder = BoundedDecoder(response.headers.get("content-encoding", ""), limit)
+    chunks: list[bytes] = []
+    sent = 0
+    async for raw in response.aiter_raw():
+        sent += len(raw)
+        chunks.append(decoder.decode(raw))
+        if decoder.exceeded or sent > limit:
+            return b"".join(chunks), True
+    return b"".join(chunks), False
 
 
 class Fetcher:
@@ -163,7 +224,7 @@ class Fetcher:
             follow_redirects=False, headers={"User-Agent": self.policy.user_agent}
         )
         self._resolver = resolver or _system_resolver
-        self._robots: dict[str, RobotFileParser | None] = {}
+        self._robots: dict[str, _Robots] = {}
         self._robots_locks: dict[str, asyncio.Lock] = {}
 
     async def aclose(self) -> None:
@@ -180,17 +241,25 @@ class Fetcher:
         await self.aclose()
 
     # -- checks --------------------------------------------------------------------------------
-    def _check_url(self, original: str, url: str) -> tuple[str, int]:
+    def _check_url(self, original: str, url: str) -> _Target:
+        """Parse ``url`` as httpx will; raise ``FetchError("invalid-url")`` for anything it cannot fetch."""
+        import httpx
+
         try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
+            parsed = httpx.URL(url)
+            parsed.host  # noqa: B018 - decodes the IDNA host, raising on labels such as ``xn--a``
+            host = parsed.raw_host.decode("ascii")
+            netloc = parsed.netloc.decode("ascii")
+        except (httpx.InvalidURL, ValueError) as exc:  # idna.IDNAError is a UnicodeError, a ValueError
             raise FetchError(original, "invalid-url", f"{url!r}: {exc}") from exc
-        if parts.scheme not in ("http", "https"):
+        if parsed.scheme not in ("http", "https"):
             raise FetchError(original, "invalid-url", f"{url!r}: only http and https addresses are fetched")
-        if not parts.hostname:
+        if not host:
             raise FetchError(original, "invalid-url", f"{url!r} names no host")
-        return parts.hostname, port or (443 if parts.scheme == "https" else 80)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        if port > 65535:
+            raise FetchError(original, "invalid-url", f"{url!r}: port {port} is out of range 0-65535")
+        return _Target(host, port, f"{parsed.scheme}://{netloc}")
 
     async def _check_address(self, original: str, host: str, port: int) -> None:
         if self.policy.allow_private:
@@ -213,48 +282,98 @@ class Fetcher:
                 "set FetchPolicy(allow_private=True) to allow it",
             )
 
-    async def _robots_for(self, url: str) -> RobotFileParser | None:
-        origin = _origin(url)
+    async def _robots_for(self, original: str, origin: str) -> _Robots:
+        """The robots.txt rules of ``origin``, loaded once per fetcher (see ``_load_robots``)."""
         if origin in self._robots:
             return self._robots[origin]
         lock = self._robots_locks.setdefault(origin, asyncio.Lock())
         async with lock:
             if origin not in self._robots:
-                self._robots[origin] = await self._load_robots(origin)
+                self._robots[origin] = await self._load_robots(original, origin)
         return self._robots[origin]
 
-    async def _load_robots(self, origin: str) -> RobotFileParser | None:
+    async def _load_robots(self, original: str, origin: str) -> _Robots:
+        """Fetch and parse ``origin``'s robots.txt as RFC 9309 section 2.3.1 says.
+
+        - 2xx (section 2.3.1.1): the rules are parsed, up to ``_ROBOTS_MAX_BYTES`` (section 2.5);
+        - 3xx (section 2.3.1.2): up to five redirects are followed, to any host, each hop passing the
+          URL and address checks; after more than five the file is unavailable (allow all); a hop the
+          checks refuse (a private address, an invalid URL or IDNA host) counts as unreachable
+          (disallow all);
+        - 4xx (section 2.3.1.3, "unavailable"): everything is allowed, except 429 Too Many Requests,
+          which is a server asking for less traffic and is read as 5xx (as Google's crawler does);
+        - 5xx (section 2.3.1.4, "unreachable"): complete disallow; an undecodable body too.
+
+        A network failure or timeout is unreachable as well (section 2.3.1.4): the page is refused as
+        ``unreachable`` or ``timeout`` and, unlike HTTP answers, the outcome is not cached, so the next
+        page of the host asks again.
+
+        Raises:
+            FetchError: ``unreachable`` or ``timeout`` for ``original`` when robots.txt cannot be reached.
+        """
         import httpx
 
-        robots_url = f"{origin}/robots.txt"
         try:
-            async with asyncio.timeout(self.policy.timeout_s):
-                # Redirects are not followed: their targets would escape the address check.
-                async with self._client.stream(
-                    "GET", robots_url, follow_redirects=False, timeout=self.policy.timeout_s
-                ) as response:
-                    if response.status_code != 200:
-                        logger.debug(
-                            "robots.txt at %s: HTTP %d, all allowed", robots_url, response.status_code)
-                        return None
-                    body = b""
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > _ROBOTS_MAX_BYTES:
-                            break
-        except (httpx.HTTPError, TimeoutError, OSError) as exc:
-            logger.debug("robots.txt at %s unreachable (%r), all allowed", robots_url, exc)
-            return None
-        parser = RobotFileParser(robots_url)
-        parser.parse(body[:_ROBOTS_MAX_BYTES].decode("utf-8", errors="replace").splitlines())
-        return parser
+            return await self._robots_hops(original, f"{origin}/robots.txt")
+        except httpx.TimeoutException as exc:
+            detail = f"robots.txt of {origin} took longer than {self.policy.timeout_s} s"
+            raise FetchError(original, "timeout", detail) from exc
+        except UnicodeError as exc:  # httpx reads a redirect's Location even when not following it
+            logger.info("robots.txt of %s redirects to a host that is not valid IDNA (%s): all disallowed",
+                        origin, exc)
+            return _Robots(allow_all=False)
+        except (httpx.TransportError, OSError) as exc:
+            detail = (f"robots.txt of {origin} unreachable ({type(exc).__name__}: {exc}); "
+                      "RFC 9309 section 2.3.1.4 disallows the whole site while it is")
+            raise FetchError(original, "unreachable", detail) from exc
 
-    async def _check_robots(self, original: str, url: str) -> None:
+    async def _robots_hops(self, original: str, url: str) -> _Robots:
+        """Ask for robots.txt at ``url``, following redirects; statuses read as ``_load_robots`` says."""
+        robots_url = url
+        for hop in range(_ROBOTS_MAX_REDIRECTS + 1):
+            if hop:  # the first hop is the page's own origin, whose address was just checked
+                try:
+                    target = self._check_url(original, url)
+                    await self._check_address(original, target.host, target.port)
+                except FetchError as exc:
+                    if exc.reason == "unreachable":
+                        raise
+                    logger.info("robots.txt %s redirects to %s, refused (%s): all disallowed", robots_url, url, exc)
+                    return _Robots(allow_all=False)
+            async with self._client.stream(
+                "GET", url, follow_redirects=False, timeout=self.policy.timeout_s,
+                headers={"User-Agent": self.policy.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
+            ) as response:
+                status = response.status_code
+                location = response.headers.get("location", "").strip()
+                if status in _REDIRECT_CODES and location:
+                    url = urljoin(url, location)
+                    continue
+                if 200 <= status < 300:
+                    try:
+                        body, more = await _read_body(response, _ROBOTS_MAX_BYTES)
+                    except ContentCodingError as exc:
+                        logger.info("robots.txt at %s undecodable (%s): all disallowed", url, exc)
+                        return _Robots(allow_all=False)
+                    if more:
+                        logger.debug("robots.txt at %s: only its first %d bytes are read (RFC 9309 2.5)",
+                                     url, _ROBOTS_MAX_BYTES)
+                    return _Robots.parse(body)
+                if status >= 500 or status == 429:
+                    logger.info("robots.txt at %s: HTTP %d, all disallowed (RFC 9309 2.3.1.4)", url, status)
+                    return _Robots(allow_all=False)
+                logger.debug("robots.txt at %s: HTTP %d, all allowed (RFC 9309 2.3.1.3)", url, status)
+                return _Robots(allow_all=True)
+        logger.debug("robots.txt %s: more than %d redirects, all allowed", robots_url, _ROBOTS_MAX_REDIRECTS)
+        return _Robots(allow_all=True)
+
+    async def _check_robots(self, original: str, url: str, origin: str) -> None:
         if not self.policy.respect_robots:
             return
-        parser = await self._robots_for(url)
-        if parser is not None and not parser.can_fetch(self.policy.user_agent, url):
-            raise FetchError(original, "robots", f"robots.txt of {_origin(url)} disallows {url}")
+        robots = await self._robots_for(original, origin)
+        if not robots.allows(self.policy.user_agent, url):
+            why = "" if robots.rules is not None else " (it could not be read: RFC 9309 section 2.3.1.4)"
+            raise FetchError(original, "robots", f"robots.txt of {origin} disallows {url}{why}")
 
     # -- fetching ------------------------------------------------------------------------------
     async def fetch(self, url: str, *, raise_for_status: bool = True) -> FetchResult:
@@ -271,16 +390,17 @@ class Fetcher:
 
         Raises:
             FetchError: with reason ``invalid-url``, ``private-address``, ``robots``, ``redirects``,
-                ``too-large``, ``content-type``, ``status``, ``unreachable`` or ``timeout``.
+                ``too-large``, ``content-encoding``, ``content-type``, ``status``, ``unreachable`` or
+                ``timeout``.
         """
         current = url.strip()
         hops: list[str] = []
         while True:
-            host, port = self._check_url(url, current)
+            target = self._check_url(url, current)
             try:
                 async with asyncio.timeout(self.policy.timeout_s):
-                    await self._check_address(url, host, port)
-                    await self._check_robots(url, current)
+                    await self._check_address(url, target.host, target.port)
+                    await self._check_robots(url, current, target.origin)
                     result = await self._get(url, current)
             except TimeoutError as exc:
                 detail = f"{current} took longer than {self.policy.timeout_s} s"
@@ -317,7 +437,11 @@ class Fetcher:
                 url,
                 follow_redirects=False,
                 timeout=policy.timeout_s,
-                headers={"User-Agent": policy.user_agent, "Accept": "text/html,application/xhtml+xml"},
+                headers={
+                    "User-Agent": policy.user_agent,
+                    "Accept": "text/html,application/xhtml+xml",
+                    "Accept-Encoding": ACCEPT_ENCODING,
+                },
             ) as response:
                 status = response.status_code
                 if status in _REDIRECT_CODES and response.headers.get("location"):
@@ -334,15 +458,14 @@ class Fetcher:
                 if declared.isdigit() and int(declared) > policy.max_bytes:
                     detail = f"{url} declares {declared} bytes > {policy.max_bytes}"
                     raise FetchError(original, "too-large", detail)
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > policy.max_bytes:
-                        detail = f"{url} sent more than {policy.max_bytes} bytes"
-                        raise FetchError(original, "too-large", detail)
-                    chunks.append(chunk)
-                body = b"".join(chunks)
+                try:
+                    body, more = await _read_body(response, policy.max_bytes)
+                except ContentCodingError as exc:
+                    raise FetchError(original, "content-encoding", f"{url}: {exc}") from exc
+                if more:
+                    coding = response.headers.get("content-encoding", "")
+                    detail = f"{url} sent more than {policy.max_bytes} bytes" + (f" ({coding})" if coding else "")
+                    raise FetchError(original, "too-large", detail)
                 if not media_type and not body.lstrip()[:1] == b"<":
                     detail = f"{url} has no Content-Type and does not look like HTML"
                     raise FetchError(original, "content-type", detail)
@@ -351,8 +474,9 @@ class Fetcher:
             raise FetchError(original, "timeout", f"{url}: {type(exc).__name__}") from exc
         except (httpx.TransportError, OSError) as exc:  # connect, DNS, protocol and TLS errors
             raise FetchError(original, "unreachable", f"{url}: {type(exc).__name__}: {exc}") from exc
-        except httpx.InvalidURL as exc:
-            raise FetchError(original, "invalid-url", f"{url}: {exc}") from exc
+        except UnicodeError as exc:  # httpx reads a redirect's Location even when not following it
+            detail = f"{url} redirects to a host that is not valid IDNA: {exc}"
+            raise FetchError(original, "invalid-url", detail) from exc
 
 
 class LiveWeb:

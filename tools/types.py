@@ -51,8 +51,8 @@ class FetchError(RuntimeError):
     """A page could not be fetched (unreachable, timeout, refused by policy, too large, wrong type).
 
     ``url`` is the page asked for; ``reason`` a short machine-readable cause (``timeout``,
-    ``unreachable``, ``robots``, ``private-address``, ``too-large``, ``content-type``, ``status``,
-    ``redirects``, ``not-in-corpus``).
+    ``unreachable``, ``robots``, ``private-address``, ``too-large``, ``content-type``, ``content-encoding``,
+    ``status``, ``redirects``, ``invalid-url``, ``not-in-corpus``).
     """
 
     def __init__(self, url: str, reason: str, detail: str = "") -> None:
