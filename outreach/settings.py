@@ -24,8 +24,8 @@ class FetchSettings(BaseModel):
     max_bytes: int = Field(2_000_000, description="Largest page accepted, bytes.")
     max_redirects: int = Field(5, description="Redirects followed at most.")
     respect_robots: bool = Field(True, description="Obey robots.txt.")
-    allow_private: bool = Field(False, description="Allow addresses that are not global (private, loopback, link-local, "
-                                       "carrier-grade NAT, ...); for tests and intranets only.")
+    allow_private: bool = Field(False, description="Allow addresses that are not global (private, loopback, "
+                                       "link-local, carrier-grade NAT, ...); for tests and intranets only.")
 
 
 class PriceSetting(BaseModel):
