@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from miniatures.pricing import DEFAULT_PRICES, Price, lookup_by_spec, price_for
+from miniatures.redaction import redact
 from miniatures.specs import parse_backend_spec
 
 __all__ = [
@@ -155,7 +156,7 @@ def cost_figures(
         if hourly is not None:
             instance_cost += hourly * wall_s / 3600
         elif token_price == Price() and parse_backend_spec(spec).kind != "heuristic":
-            unpriced.append(f"{spec}: no token price and no instance price; counted as free "
+            unpriced.append(f"{redact(spec)}: no token price and no instance price; counted as free "
                             "(add it to [prices] or to the instance prices)")
     token_cost = float(sum(call_costs_usd))
     tokens_in = sum(t[0] for t in call_tokens)

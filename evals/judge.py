@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from agents.schemas import Offer, Profile, ProspectInfo
 from evals.abtest import wilson_interval
 from evals.rubric import RubricResult
+from miniatures.redaction import redact
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -273,7 +274,7 @@ async def judge_pairs(
                 first, calls_1 = await _verdict(judge, ref, cand)
                 second, calls_2 = await _verdict(judge, cand, ref)
             except Exception as exc:  # noqa: BLE001 - one undecidable pair never stops the evaluation
-                logger.warning("judge %s failed on %s: %s", judge.name, key, exc)
+                logger.warning("judge %s failed on %s: %s", judge.name, key, redact(str(exc)))
                 result.errors += 1
                 result.judge_calls += 2
                 return

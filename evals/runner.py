@@ -49,6 +49,7 @@ from evals.scoring import ExtractionScores, profile_values, score_profiles
 from graphs.models import ModelPool
 from graphs.runner import CampaignReport, RunEvent, add_prospects, run_campaign
 from miniatures.pricing import DEFAULT_PRICES, Price
+from miniatures.redaction import RedactingFilter, redact
 from miniatures.specs import BackendSpecError, parse_backend_spec
 from store.models import RunStatus, Trace
 from tools.types import Web
@@ -71,6 +72,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+logger.addFilter(RedactingFilter())  # a failed configuration's traceback may quote a backend's credentials
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -489,21 +491,22 @@ async def _run_config(
             reports.append(first)
             if first.total and not first.done and not first.no_facts:
                 reason = first.failures[0][1] if first.failures else "unknown error"
-                return reports, (f"all {first.failed} probe prospects failed (researcher {config.researcher}, "
-                                 f"writer {config.writer}); first reason: {reason}")
+                return reports, (f"all {first.failed} probe prospects failed (researcher {redact(config.researcher)}, "
+                                 f"writer {redact(config.writer)}); first reason: {reason}")
         reports.append(await run_campaign(engine, campaign, **kwargs))
     except BackendSpecError as exc:
         return reports, str(exc)
     except Exception as exc:  # noqa: BLE001 - one configuration's failure never stops the others
-        logger.warning("configuration %s failed: %s", config.name, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
-        return reports, f"{type(exc).__name__}: {exc}"
+        error = redact(f"{type(exc).__name__}: {exc}")
+        logger.warning("configuration %s failed: %s", config.name, error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        return reports, error
     return reports, None
 
 
 def _judge_for(spec: str, models: ModelPool) -> Judge:
     if spec == "rubric":
         return RubricJudge()
-    return LLMJudge(models.get(spec), spec)
+    return LLMJudge(models.get(spec), redact(spec))
 
 
 async def run_eval(
@@ -590,7 +593,8 @@ async def run_eval(
         ran = sum(r.total for r in reports)
         wall_s = sum(r.elapsed_s for r in reports) if ran else _store_span_s(rows)
         result = ConfigResult(
-            name=config.name, researcher=config.researcher, writer=config.writer, max_pages=config.max_pages,
+            name=config.name, researcher=redact(config.researcher), writer=redact(config.writer),
+            max_pages=config.max_pages,
             campaign=campaign, status="failed" if error else "ok", error=error, prospects=len(rows),
             done=sum(bool(r.run and r.run.status == RunStatus.DONE) for r in rows.values()),
             no_facts=sum(bool(r.run and r.run.status == RunStatus.NO_FACTS) for r in rows.values()),

@@ -65,6 +65,7 @@ from agents.attribution import CompanyMatcher
 from agents.grounding import NumberedSentences, check_fact
 from agents.parsing import OutputParseError, extract_json_object, parse_model_output
 from agents.schemas import ExtractionOutput
+from miniatures.redaction import redact
 from store import session_scope
 from store.exports import trace_to_openai_example
 from store.models import Campaign, Prospect, Review, Run, RunStatus, Trace
@@ -600,7 +601,8 @@ def _iter_candidates(
     campaign_names = {c.id: c.name for c in by_ids(session, Campaign, [r.campaign_id for r in runs.values()]).values()}
     for trace in sorted(last.values(), key=_id):
         run = runs[run_of[_id(trace)]]
-        if backends is not None and trace.backend not in backends:
+        # Stored specs are redacted (miniatures.redaction): compare in the same form.
+        if backends is not None and trace.backend not in {redact(b) for b in backends}:
             counts["wrong_backend"] += 1
             continue
         if campaigns is not None and campaign_names.get(run.campaign_id) not in campaigns:

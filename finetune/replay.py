@@ -49,6 +49,7 @@ from graphs.models import ModelPool
 from graphs.recorder import TraceRecorder
 from graphs.runner import CampaignReport, RunEvent, run_campaign
 from miniatures.pricing import DEFAULT_PRICES, Price, call_cost_usd
+from miniatures.redaction import redact
 from store import session_scope
 from store.models import Campaign, Prospect, Run, RunStatus, ToolCall, Trace
 from tools.snapshots import RecordedSearch, SnapshotWeb
@@ -231,7 +232,7 @@ def select_replay_runs(
             if agent is not None:
                 traced = traced.where(Trace.agent == agent)
             if backend is not None:
-                traced = traced.where(Trace.backend == backend)
+                traced = traced.where(Trace.backend == redact(backend))  # stored specs are redacted
             if ids is not None:
                 traced = traced.where(col(Trace.id).in_(ids))
             query = query.where(col(Run.id).in_(traced))

@@ -19,6 +19,7 @@ from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from langchain_core.outputs import LLMResult
 
 from miniatures.pricing import DEFAULT_PRICES, Price, call_cost_usd
+from miniatures.redaction import redact
 from store.models import ToolCall, Trace
 from tools.types import Document, SearchHit, Web
 
@@ -34,7 +35,8 @@ class TraceRecorder(BaseCallbackHandler):
     """Collects ``Trace`` rows (one per chat-model call) and ``ToolCall`` rows for one run.
 
     Args:
-        backends: backend spec per agent, e.g. ``{"researcher": "heuristic", "writer": "openai:gpt-4.1-mini"}``.
+        backends: backend spec per agent, e.g. ``{"researcher": "heuristic", "writer": "openai:gpt-4.1-mini"}``;
+            traces store them, and model errors, with credentials masked (``miniatures.redaction.redact``).
         prices: price table for ``Trace.cost_usd`` (US dollars per million tokens).
 
     Token counts come from ``AIMessage.usage_metadata`` as the backend reports them; latency is
@@ -45,7 +47,7 @@ class TraceRecorder(BaseCallbackHandler):
     raise_error = False
 
     def __init__(self, backends: Mapping[str, str], prices: Mapping[str, Price] = DEFAULT_PRICES) -> None:
-        self.backends = dict(backends)
+        self.backends = {agent: redact(spec) for agent, spec in backends.items()}
         self.prices = prices
         self.traces: list[Trace] = []
         self.tool_calls: list[ToolCall] = []
@@ -92,7 +94,7 @@ class TraceRecorder(BaseCallbackHandler):
         if trace is None or started is None:
             return
         trace.latency_ms = (time.perf_counter() - started) * 1000.0
-        trace.error = f"{type(error).__name__}: {error}"
+        trace.error = redact(f"{type(error).__name__}: {error}")
         self.traces.append(trace)
 
     def record_tool(self, tool: str, input: dict[str, Any], output: dict[str, Any], latency_ms: float,

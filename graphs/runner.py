@@ -27,6 +27,7 @@ from graphs.context import CampaignContext
 from graphs.models import ModelPool
 from graphs.recorder import RecordingWeb, TraceRecorder
 from miniatures.pricing import DEFAULT_PRICES, Price
+from miniatures.redaction import RedactingFilter, redact
 from store import session_scope
 from store.models import (
     Campaign,
@@ -44,6 +45,7 @@ from tools.types import Web
 __all__ = ["BeforePersist", "CampaignReport", "RunEvent", "add_prospects", "run_campaign"]
 
 logger = logging.getLogger(__name__)
+logger.addFilter(RedactingFilter())  # a failed run's traceback may quote a backend's credentials
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def _mark_running(engine: Engine, run_id: int, researcher: str, writer: str) -> 
     with session_scope(engine) as session:
         run = session.get(Run, run_id)
         assert run is not None
-        run.status, run.researcher, run.writer = RunStatus.RUNNING, researcher, writer
+        run.status, run.researcher, run.writer = RunStatus.RUNNING, redact(researcher), redact(writer)
         run.attempts += 1
         run.started_at, run.finished_at, run.error = utcnow(), None, None
 
@@ -277,8 +279,10 @@ async def run_campaign(
             except TimeoutError:
                 saved = {**saved, "status": RunStatus.FAILED, "error": f"timed out after {prospect_timeout_s:g} s"}
             except Exception as exc:  # noqa: BLE001 - one prospect's failure never stops the campaign
-                logger.warning("run for %s failed: %s", info.email, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
-                saved = {**saved, "status": RunStatus.FAILED, "error": f"{type(exc).__name__}: {exc}"}
+                error = redact(f"{type(exc).__name__}: {exc}")
+                logger.warning("run for %s failed: %s", info.email, error, exc_info=logger.isEnabledFor(logging.DEBUG))
+                saved = {**saved, "status": RunStatus.FAILED, "error": error}
+            saved["error"] = redact(saved.get("error"))  # an upstream error may echo a backend's key
             _persist(engine, run.id, saved, recorder, before_persist)
             status = saved.get("status", RunStatus.FAILED)
             if status == RunStatus.DONE:

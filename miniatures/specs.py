@@ -7,11 +7,17 @@ Grammar::
     ollama:<model>[@<base_url>]
     miniature:<name>[@<version>]     a registered miniature run in-process
     vllm:<adapter>@<base_url>
+
+A base URL may carry credentials: ``http://user:KEY@host/v1`` (sent as HTTP Basic credentials) or
+query parameters such as ``?api_key=KEY`` (sent with every request). Specs are stored, printed and
+logged only through ``miniatures.redaction.redact``, which masks them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from miniatures.redaction import redact
 
 __all__ = ["BACKEND_KINDS", "BackendSpec", "BackendSpecError", "parse_backend_spec"]
 
@@ -24,7 +30,8 @@ class BackendSpecError(ValueError):
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """A parsed backend spec. ``raw`` is the original string (stored on traces as ``backend``)."""
+    """A parsed backend spec. ``raw`` is the original string, credentials included: store and show
+    ``redact(raw)`` (as traces' ``backend`` and runs' ``researcher``/``writer`` are)."""
 
     kind: str
     model: str = ""
@@ -39,6 +46,11 @@ _FORMS = (
 )
 
 
+def _shown(spec: str) -> str:
+    """``spec`` as error messages quote it: credentials masked."""
+    return repr(redact(spec))
+
+
 def parse_backend_spec(spec: str) -> BackendSpec:
     """Parse ``spec`` into a ``BackendSpec``.
 
@@ -51,17 +63,17 @@ def parse_backend_spec(spec: str) -> BackendSpec:
         return BackendSpec(kind="heuristic", raw=raw)
     kind, sep, rest = raw.partition(":")
     if not sep or kind not in BACKEND_KINDS or kind == "heuristic":
-        raise BackendSpecError(f"unknown backend spec {spec!r}; use one of: {_FORMS}")
+        raise BackendSpecError(f"unknown backend spec {_shown(spec)}; use one of: {_FORMS}")
     model, at, tail = rest.partition("@")
     if not model:
-        raise BackendSpecError(f"backend spec {spec!r} names no model; use one of: {_FORMS}")
+        raise BackendSpecError(f"backend spec {_shown(spec)} names no model; use one of: {_FORMS}")
     if kind == "miniature":
         version = None
         if at:
             if not tail.isdigit() or int(tail) < 1:
-                raise BackendSpecError(f"miniature version in {spec!r} must be a positive integer")
+                raise BackendSpecError(f"miniature version in {_shown(spec)} must be a positive integer")
             version = int(tail)
         return BackendSpec(kind=kind, model=model, version=version, raw=raw)
     if kind == "vllm" and not tail:
-        raise BackendSpecError(f"backend spec {spec!r} needs a base URL: vllm:<adapter>@http://host:8000/v1")
+        raise BackendSpecError(f"backend spec {_shown(spec)} needs a base URL: vllm:<adapter>@http://host:8000/v1")
     return BackendSpec(kind=kind, model=model, base_url=tail or None, raw=raw)
