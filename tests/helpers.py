@@ -1,9 +1,10 @@
-"""Test helpers: a small demo world in a corpus, and scripted chat models."""
+"""Test helpers: a small demo world in a corpus, scripted chat models, ids of stored rows."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
@@ -37,6 +38,22 @@ def good_draft_json(offer) -> str:  # type: ignore[no-untyped-def]
     """A valid writer answer for ``offer`` (uses the location fact)."""
     body = GOOD_DRAFT["body"].replace("{cta}", offer.call_to_action).replace("{opt_out}", offer.opt_out_line)
     return json.dumps({"subject": GOOD_DRAFT["subject"], "body": body})
+
+
+class StoredRow(Protocol):
+    """A store row (``store.models``): its primary key is None until it is inserted."""
+
+    id: int | None
+
+
+def stored_id(row: StoredRow) -> int:
+    """The primary key of a row read back from the store.
+
+    Raises:
+        AssertionError: the row was never inserted (its id is None).
+    """
+    assert row.id is not None, f"{type(row).__name__} row has no id: it was not read back from the store"
+    return row.id
 
 
 def scripted(*responses: str) -> FakeListChatModel:

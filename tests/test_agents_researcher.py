@@ -226,7 +226,7 @@ async def test_real_directory_search_no_longer_returns_other_companies_pages(rea
                 third_party += 1
                 assert matcher.names(f"{doc.title}\n{doc.text}"), (prospect.company, doc.url)
         domain_hits = await web.search(queries[1])
-        assert all(matcher.names(f"{h.url} {h.title} {corpus.get(h.url).text}")  # type: ignore[union-attr]
+        assert all((page := corpus.get(h.url)) is not None and matcher.names(f"{h.url} {h.title} {page.text}")
                    for h in domain_hits), prospect.company
     assert own_found / len(prospects) >= 0.99  # measured: all of them
     assert third_party < 0.1 * len(prospects)  # measured 18 of 413: pages naming the prospect (customers, investors)

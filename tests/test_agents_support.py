@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -32,7 +33,7 @@ NAMESAKE = "Acme Freightco was founded in 1999 and is headquartered in Denver, C
 class FakeWeb:
     """In-memory ``tools.types.Web``: search matches query words against page text; some URLs fail."""
 
-    def __init__(self, pages: dict[str, str], *, broken: set[str] = frozenset(),
+    def __init__(self, pages: dict[str, str], *, broken: Iterable[str] = (),
                  search_fails: bool = False) -> None:
         self.pages = pages
         self.broken = set(broken)

@@ -52,7 +52,7 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> BaseModelInfo:
 
 def test_bootstrap_writes_a_loadable_model_that_generates(tiny_base: BaseModelInfo) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding
 
     path = tiny_base.path
     for name in ("config.json", "model.safetensors", "tokenizer.json", "bootstrap.json"):
@@ -69,11 +69,14 @@ def test_bootstrap_writes_a_loadable_model_that_generates(tiny_base: BaseModelIn
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert model.config.tie_word_embeddings
-    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embed, torch.nn.Embedding) and isinstance(lm_head, torch.nn.Linear)
+    assert embed.weight.data_ptr() == lm_head.weight.data_ptr()
     enc = tok.apply_chat_template(
         [{"role": "user", "content": "Acme analytics"}], add_generation_prompt=True, return_tensors="pt",
         return_dict=True,
     )
+    assert isinstance(enc, BatchEncoding)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > enc["input_ids"].shape[1]
@@ -81,7 +84,7 @@ def test_bootstrap_writes_a_loadable_model_that_generates(tiny_base: BaseModelIn
 
 
 def test_chat_template_masks_assistant_answers_with_end_of_turn(tiny_base: BaseModelInfo) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, BatchEncoding
 
     tok = AutoTokenizer.from_pretrained(tiny_base.path)
     assert tok.chat_template == CHATML_TEMPLATE
@@ -93,12 +96,13 @@ def test_chat_template_masks_assistant_answers_with_end_of_turn(tiny_base: BaseM
         {"role": "assistant", "content": "Logistics platform."},
     ]
     text = tok.apply_chat_template(messages, tokenize=False)
-    assert text == (
+    assert isinstance(text, str) and text == (
         "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName the city.<|im_end|>\n"
         "<|im_start|>assistant\nAustin.<|im_end|>\n<|im_start|>user\nAnd the product?<|im_end|>\n"
         "<|im_start|>assistant\nLogistics platform.<|im_end|>\n"
     )
     out = tok.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)
+    assert isinstance(out, BatchEncoding)
     ids, mask = out["input_ids"], out["assistant_masks"]
     assert len(ids) == len(mask)
     # contiguous masked spans, decoded: exactly the two answers, each with its end-of-turn token
@@ -113,6 +117,7 @@ def test_chat_template_masks_assistant_answers_with_end_of_turn(tiny_base: BaseM
     assert "You are terse." in unmasked and "Name the city." in unmasked and "And the product?" in unmasked
     assert "Austin" not in unmasked and "Logistics platform" not in unmasked
     prompt = tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert isinstance(prompt, str)
     assert prompt.endswith("<|im_start|>user\nName the city.<|im_end|>\n<|im_start|>assistant\n")
 
 

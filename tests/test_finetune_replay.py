@@ -24,7 +24,7 @@ from finetune.review import apply_review, review_queue
 from graphs.models import ModelPool
 from graphs.runner import add_prospects, run_campaign
 from store.models import Campaign, Run, ToolCall, Trace, WebSnapshot
-from tests.helpers import scripted, small_world
+from tests.helpers import scripted, small_world, stored_id
 from tools import CorpusWeb, SnapshotStore, url_for_html_file
 
 
@@ -39,6 +39,12 @@ def _runs(engine: Engine, campaign: str) -> list[Run]:
     with Session(engine) as s:
         return list(s.exec(select(Run).join(Campaign, col(Campaign.id) == col(Run.campaign_id))
                            .where(Campaign.name == campaign).order_by(col(Run.id))).all())
+
+
+def _source_of(trace: Trace, originals: dict[int, Trace]) -> Trace:
+    """The trace of ``originals`` that ``trace`` replays; AssertionError when it replays none."""
+    assert trace.replay_of_id is not None, f"trace {trace.id} is not a replay"
+    return originals[trace.replay_of_id]
 
 
 @pytest.fixture
@@ -57,11 +63,11 @@ def test_replaying_both_agents_sees_the_same_inputs_and_links_every_trace(source
     assert report.campaign == replay_campaign_name("src", "heuristic", "heuristic")
     assert report.result is not None and (report.result.done, report.result.failed) == (4, 0)
     assert not report.missing and report.recorded_answers == 0
-    originals = {t.id: t for t in _traces(engine, "src")}
+    originals = {stored_id(t): t for t in _traces(engine, "src")}
     replayed = _traces(engine, report.campaign)
     assert len(replayed) == len(originals) == 8
     for trace in replayed:
-        source_trace = originals[trace.replay_of_id]  # type: ignore[index]
+        source_trace = _source_of(trace, originals)
         assert (trace.agent, trace.step, trace.backend) == (source_trace.agent, source_trace.step, "heuristic")
         assert trace.messages == source_trace.messages  # same pages, same prompt: nothing came from a network
         assert trace.output == source_trace.output  # the deterministic teacher answers the same
@@ -81,9 +87,9 @@ def test_an_agent_without_a_spec_keeps_its_recorded_answers(source) -> None:  # 
     assert report.recorded_answers == 4  # the four researcher calls were answered from the records
     traces = _traces(engine, "w")
     assert {t.agent for t in traces} == {"writer"} and all(t.backend == "openai:scripted" for t in traces)
-    originals = {t.id: t for t in _traces(engine, "src") if t.agent == "writer"}
+    originals = {stored_id(t): t for t in _traces(engine, "src") if t.agent == "writer"}
     firsts = [t for t in traces if t.replay_of_id in originals]
-    assert len(firsts) == 4 and all(t.messages == originals[t.replay_of_id].messages for t in firsts)  # type: ignore[index]
+    assert len(firsts) == 4 and all(t.messages == _source_of(t, originals).messages for t in firsts)
     # The scripted writer's emails fail validation twice: those runs are failed, with their reasons kept.
     assert {r.status for r in _runs(engine, "w")} == {"failed"}
     assert {r.researcher for r in _runs(engine, "w")} == {"heuristic"}  # the kept agent's original backend
@@ -146,7 +152,7 @@ def test_research_that_finds_nothing_skips_the_writer_and_a_better_one_finds_fac
 def test_replayed_traces_are_reviewed_and_feed_datasets(source) -> None:  # type: ignore[no-untyped-def]
     engine, corpus, _world = source
     asyncio.run(replay(engine, "src", researcher="heuristic", writer="heuristic", pages=CorpusWeb(corpus), name="d"))
-    replayed = [t.id for t in _traces(engine, "d") if t.agent == "writer"]
+    replayed = [stored_id(t) for t in _traces(engine, "d") if t.agent == "writer"]
     queue = review_queue(engine, campaign="d", agent="writer")
     assert sorted(item.trace_id for item in queue) == sorted(replayed) and len(replayed) == 4
     apply_review(engine, replayed[0], "reject")
@@ -166,7 +172,7 @@ def test_missing_snapshots_are_reported_and_the_rest_replayed(source) -> None:  
                                                                                   ToolCall.tool == "fetch"))}
                    for r in runs}
         home = next(iter(sorted(fetched[runs[0].id])))  # one page of the first run, gone from the store
-        s.exec(delete(WebSnapshot).where(WebSnapshot.url == home))  # type: ignore[call-overload]
+        s.exec(delete(WebSnapshot).where(col(WebSnapshot.url) == home))
         s.commit()
     expected = [r.id for r in runs if home in fetched[r.id]]
     assert runs[0].id in expected and len(expected) < len(runs)
@@ -175,9 +181,9 @@ def test_missing_snapshots_are_reported_and_the_rest_replayed(source) -> None:  
     assert all(m.urls == [home] and len(m.trace_ids) == 2 for m in report.missing)
     assert report.result is not None and (report.result.done, report.result.failed) == (len(runs) - len(expected), 0)
     replayed = _traces(engine, "s")
-    originals = {t.id: t for t in _traces(engine, "src")}
+    originals = {stored_id(t): t for t in _traces(engine, "src")}
     assert len(replayed) == 2 * report.result.done
-    assert all(t.messages == originals[t.replay_of_id].messages for t in replayed)  # type: ignore[index]
+    assert all(t.messages == _source_of(t, originals).messages for t in replayed)
 
 
 def test_bad_requests_are_refused_clearly(source) -> None:  # type: ignore[no-untyped-def]
@@ -193,10 +199,10 @@ def test_bad_requests_are_refused_clearly(source) -> None:  # type: ignore[no-un
 
 def test_select_replay_runs_filters_by_trace(source) -> None:  # type: ignore[no-untyped-def]
     engine, corpus, _world = source
-    runs = [r.id for r in _runs(engine, "src")]
+    runs = [stored_id(r) for r in _runs(engine, "src")]
     assert select_replay_runs(engine, campaign="src") == {"src": runs}
     writer = next(t for t in _traces(engine, "src") if t.agent == "writer")
-    assert select_replay_runs(engine, agent="writer", trace_ids=[writer.id]) == {"src": [writer.run_id]}
+    assert select_replay_runs(engine, agent="writer", trace_ids=[stored_id(writer)]) == {"src": [writer.run_id]}
     assert select_replay_runs(engine, backend="openai:gpt-4.1") == {}
     assert select_replay_runs(engine, campaign="src", failed_only=True) == {}
     assert select_replay_runs(engine, campaign="src", no_facts_only=True) == {}

@@ -82,6 +82,7 @@ class _Spy:
         class SpySFTTrainer(trl.SFTTrainer):  # type: ignore[misc]
             def train(self, *args: Any, **kwargs: Any) -> Any:
                 spy.trainer = self
+                assert self.model is not None
                 spy.before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 return super().train(*args, **kwargs)
 

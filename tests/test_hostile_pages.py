@@ -116,7 +116,8 @@ class ObeyingModel(BaseChatModel):
 
 def _world(tmp_path: Any) -> tuple[Corpus, list[tuple[int, ProspectInfo]], dict[str, tuple[str, str]]]:
     corpus = Corpus(tmp_path / "corpus.sqlite")
-    prospects, cases = [], {}
+    prospects: list[tuple[int, ProspectInfo]] = []
+    cases: dict[str, tuple[str, str]] = {}
     for i, (tactic, instruction) in enumerate(TACTICS.items()):
         for j, place in enumerate(PLACES):
             host = f"acme-{tactic.replace('_', '-')}-{place}.example"

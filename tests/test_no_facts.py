@@ -101,7 +101,8 @@ def test_no_fact_prospect_ends_no_facts_with_no_email(sqlite_engine: Engine, fak
     assert summary.dropped_facts == 4
     assert summary.drop_reasons == {"ungrounded": 1, "misattributed": 2, "bad_value": 1}
     rows, _ = collect_rows(sqlite_engine, "c")
-    assert rows[ZYX.email].profile is not None and rows[ZYX.email].profile.drop_reasons["misattributed"] == 2
+    zyx = rows[ZYX.email].profile
+    assert zyx is not None and zyx.drop_reasons["misattributed"] == 2
 
 
 def test_no_facts_runs_are_finished_on_resume_and_rerun_only_when_asked(

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from langchain_core.messages import convert_to_messages
+from langchain_core.messages.ai import UsageMetadata
 from sqlmodel import Session, select
 
 from agents import HeuristicChatModel
@@ -35,13 +36,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.requests.append(body)
         answer = self.model.invoke(convert_to_messages(body["messages"]))
-        usage = answer.usage_metadata or {}
+        usage = answer.usage_metadata or UsageMetadata(input_tokens=0, output_tokens=0, total_tokens=0)
         payload = {
             "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": answer.text}}],
-            "usage": {"prompt_tokens": usage.get("input_tokens", 0), "completion_tokens": usage.get("output_tokens", 0),
-                      "total_tokens": usage.get("total_tokens", 0)},
+            "usage": {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
+                      "total_tokens": usage["total_tokens"]},
         }
         data = json.dumps(payload).encode()
         self.send_response(200)
