@@ -34,10 +34,31 @@ in-process ``miniature:<name>`` backend does, so that a campaign against the ser
 as the in-process backend (vLLM does no such repair).
 
 Errors are OpenAI-style JSON ``{"error": {"message", "type", "param", "code"}}``: 400 invalid body (bad JSON,
-a missing or ill-typed field, unsupported options such as ``n > 1`` or ``tools``) or a prompt longer than
-``max_prompt_tokens`` or the model's context (``code: "context_length_exceeded"``, as OpenAI), 401 missing or
-wrong API key (``Authorization: Bearer <key>``), 404 unknown model (``code: "model_not_found"``) or route,
-413 a request body over ``max_body_bytes``.
+JSON nested deeper than Python's recursion limit, a missing or ill-typed field, unsupported options such as
+``n > 1`` or ``tools``), a ``max_tokens`` (or ``max_completion_tokens``) over ``max_tokens_cap`` (``param``
+names the field; refused, not clamped, as OpenAI refuses a ``max_tokens`` over a model's limit, so a client never
+mistakes a cut answer for the model's own end) or a prompt longer than ``max_prompt_tokens`` or the model's
+context (``code: "context_length_exceeded"``, as OpenAI), 400 a ``Host`` header this server does not answer for
+(``code: "host_not_allowed"``), 401 missing or wrong API key (``Authorization: Bearer <key>``), 404 unknown
+model (``code: "model_not_found"``) or route, 413 a request body over ``max_body_bytes``, 415 a body that is not
+``Content-Type: application/json``, 500 (``type: "server_error"``) a bug.
+
+Guards, so that a keyless server on loopback cannot be driven from a web page the user visits:
+
+- the ``Host`` header must be ``host[:port]`` (RFC 9110 section 7.2 over RFC 3986 section 3.2.2: no userinfo,
+  IPv6 in brackets) naming a loopback name (``localhost``, ``127.0.0.1``, ``::1``), the address the connection
+  arrived at, or one of ``allowed_hosts`` (``"*"``: any): a DNS-rebinding page's own host name is refused;
+- ``POST`` bodies must be ``application/json``: a cross-site "simple" POST (``text/plain``, a form) is refused
+  with 415 before anything runs, and a browser sends ``application/json`` cross-site only after a CORS
+  preflight, which this server never grants;
+- no OpenAPI schema or docs pages are served (``/openapi.json``, ``/docs`` are 404).
+
+JSON parsing, validation and the count of the prompt's tokens (chat template and tokenizer) run in a worker thread
+(``asyncio.to_thread``), so a multi-megabyte prompt does not stall ``/health`` or other requests; only a prompt
+that fits the limit reaches the engine (which tokenises it again, on the loop, in time bounded by the context). A
+long request holds the requests batched with or queued behind it for as long as it generates (the engine decodes
+a batch to its longest request), so ``max_tokens_cap`` bounds that wait. A client that disconnects, while its body
+is uploading, while it waits for its answer or during its stream, is logged as one info line, without a traceback.
 
 The server binds to 127.0.0.1 by default and refuses to start on any other address without an API key.
 
@@ -56,7 +77,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,7 +96,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_HOST",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_TOKENS_CAP",
     "DEFAULT_PORT",
+    "LOOPBACK_NAMES",
     "InsecureBindError",
     "RunningServer",
     "ChatCompletionRequest",
@@ -84,6 +108,7 @@ __all__ = [
     "create_app",
     "is_loopback",
     "load_served_models",
+    "parse_host",
     "run_server",
     "select_records",
     "serve_in_thread",
@@ -97,13 +122,53 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 #: Default cap on a request body, bytes.
 DEFAULT_MAX_BODY_BYTES = 4_000_000
+#: Default cap on a request's ``max_tokens``: the default ``max_new_tokens`` of served engines, the longest an
+#: agent's answer is configured for.
+DEFAULT_MAX_TOKENS_CAP = 512
+#: Host names a loopback server always answers for.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 _ROLES = {"system", "user", "assistant", "developer"}
 _WORDS = re.compile(r"\s*\S+\s*|\s+")
+# RFC 9110 section 7.2: Host = uri-host [ ":" port ]; RFC 3986 section 3.2.2: host = IP-literal / IPv4address /
+# reg-name (IPv4address is a reg-name too), reg-name = *( unreserved / pct-encoded / sub-delims ), port = *DIGIT.
+_HOST = re.compile(r"(?:\[(?P<literal>[0-9A-Fa-f:.]+)\]|(?P<name>(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+))"
+                   r"(?::(?P<port>[0-9]*))?")
 
 
 class InsecureBindError(ValueError):
     """The server was asked to listen on a non-loopback address without an API key."""
+
+
+def parse_host(value: str) -> tuple[str, int | None]:
+    """Parse an HTTP ``Host`` header strictly: ``host[:port]`` (RFC 9110 section 7.2, RFC 3986 section 3.2.2).
+
+    A userinfo part (``evil.example@127.0.0.1``), a path, spaces, an IPv6 address without brackets, an IPvFuture
+    literal or a port over 65535 make it invalid; a URL parser would instead read the host after the ``@``.
+
+    Args:
+        value: the header's value, e.g. ``"127.0.0.1:8000"``, ``"[::1]:8000"``, ``"localhost"``.
+
+    Returns:
+        ``(host, port)``: the host lower-cased (an IPv6 address without its brackets), and the port, or None when
+        the header gives none.
+
+    Raises:
+        ValueError: ``value`` is not ``host[:port]``.
+    """
+    match = _HOST.fullmatch(value)
+    if match is None:
+        raise ValueError(f"Host header {value!r} is not host[:port]")
+    host = match["name"] or match["literal"]
+    if match["literal"] is not None:
+        try:
+            host = str(ipaddress.IPv6Address(match["literal"]))
+        except ValueError as exc:
+            raise ValueError(f"Host header {value!r} has no IPv6 address in its brackets") from exc
+    port = int(match["port"]) if match["port"] else None
+    if port is not None and port > 65535:
+        raise ValueError(f"Host header {value!r} has a port over 65535")
+    return host.lower(), port
 
 
 # ---------------------------------------------------------------------- what is served
@@ -325,7 +390,7 @@ def _chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
     return chat
 
 
-def _check_options(request: ChatCompletionRequest) -> None:
+def _check_options(request: ChatCompletionRequest, max_tokens_cap: int | None) -> None:
     if request.temperature:
         raise _APIError(400, f"temperature {request.temperature} asks for sampling, but miniatures are served with "
                              "greedy decoding only; send temperature 0 (or leave it out)", param="temperature")
@@ -339,6 +404,14 @@ def _check_options(request: ChatCompletionRequest) -> None:
     stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     if len(stops) > 4:
         raise _APIError(400, f"stop has {len(stops)} strings; give at most 4", param="stop")
+    if max_tokens_cap is None:
+        return
+    for name in ("max_tokens", "max_completion_tokens"):
+        asked = getattr(request, name)
+        if asked is not None and asked > max_tokens_cap:
+            raise _APIError(400, f"{name} is too large: {asked}. This server makes at most {max_tokens_cap} "
+                                 f"completion tokens per request (its --max-tokens-cap); ask for {max_tokens_cap} "
+                                 "or fewer", param=name, code="invalid_value")
 
 
 def _cut_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
@@ -352,15 +425,85 @@ def _usage(generation: Generation) -> dict[str, int]:
             "total_tokens": generation.input_tokens + generation.output_tokens}
 
 
+def _parse_body(raw: bytes) -> ChatCompletionRequest:
+    """A request body -> ``ChatCompletionRequest`` (blocking: run it off the event loop).
+
+    Raises:
+        _APIError: 400 for bytes that are not JSON, JSON nested too deeply to parse, or an invalid request.
+    """
+    try:
+        payload = json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _APIError(400, f"request body is not valid JSON ({exc}); send a JSON object",
+                        code="invalid_json") from exc
+    except RecursionError as exc:
+        raise _APIError(400, "request body is JSON nested too deeply to parse; send a chat-completions object "
+                             "(messages are a flat list)", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise _APIError(400, "request body must be a JSON object with 'model' and 'messages'", code="invalid_value")
+    try:
+        return ChatCompletionRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+    except RecursionError as exc:
+        raise _APIError(400, "request body is nested too deeply to validate; send a chat-completions object",
+                        code="invalid_value") from exc
+
+
+def _host_refusal(scope: dict[str, Any], allowed_hosts: frozenset[str]) -> str | None:
+    """Why this request's ``Host`` header is refused, or None when the server answers for it.
+
+    Accepted: a loopback name, the address the connection arrived at (``scope["server"]``), a name in
+    ``allowed_hosts``, anything when ``allowed_hosts`` holds ``"*"``; always exactly one header, ``host[:port]``.
+    """
+    values = [value.decode("latin-1") for key, value in scope.get("headers", ()) if key == b"host"]
+    server = scope.get("server") or ("127.0.0.1", DEFAULT_PORT)
+    own = f"{server[0]}:{server[1]}" if ":" not in str(server[0]) else f"[{server[0]}]:{server[1]}"
+    if len(values) != 1:
+        return f"a request needs exactly one Host header, this one has {len(values)}; send Host: {own}"
+    try:
+        host, _port = parse_host(values[0])
+    except ValueError as exc:
+        return f"{exc}; send Host: {own}"
+    if "*" in allowed_hosts or host in allowed_hosts or host in LOOPBACK_NAMES or host == str(server[0]).lower():
+        return None
+    return (f"this server does not answer for host {host!r} (a page on another site may be trying to reach it); "
+            f"connect to http://{own}, or start the server with --allowed-host {host}")
+
+
+class _HostGuard:
+    """ASGI middleware that answers 400 (OpenAI-style) to a ``Host`` header the server does not answer for."""
+
+    def __init__(self, app: Any, allowed_hosts: frozenset[str], stats: dict[str, int]) -> None:
+        from starlette.responses import JSONResponse
+
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+        self.stats = stats
+        self._response = JSONResponse
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        refusal = _host_refusal(scope, self.allowed_hosts) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        self.stats["errors"] += 1
+        logger.warning("refused a request: %s", refusal)
+        error = _APIError(400, refusal, code="host_not_allowed")
+        await self._response(error.body(), status_code=400)(scope, receive, send)
+
+
 def create_app(
     models: Sequence[ServedModel],
     *,
     api_key: str | None = None,
     max_prompt_tokens: int | None = None,
+    max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_batch_size: int | None = None,
     batch_window_ms: float | None = None,
     repair_json_output: bool = True,
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
     """Build the FastAPI app that serves ``models`` over the OpenAI chat-completions API.
 
@@ -369,32 +512,41 @@ def create_app(
         api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <api_key>`` (else 401).
         max_prompt_tokens: longest accepted prompt, in tokens of the chat-templated prompt; ``None``: the
             model's context length only. Longer prompts get a 400 ``context_length_exceeded``.
+        max_tokens_cap: most completion tokens one request may ask for (``max_tokens`` or
+            ``max_completion_tokens``; more gets a 400 ``param: "max_tokens"``); it bounds how long one request
+            holds the others. ``None``: no cap but the model's context (only for trusted clients).
         max_body_bytes: largest accepted request body, bytes (413 above it).
         max_batch_size: when given, set on every engine: most requests in one ``generate`` call.
         batch_window_ms: when given, set on every engine: how long the batcher waits for more requests, ms.
         repair_json_output: pass answers through ``repair_json`` as the in-process backend does.
+        allowed_hosts: host names accepted in the ``Host`` header besides the loopback names and the address a
+            connection arrives at (e.g. the machine's DNS name for a server bound to ``0.0.0.0``); ``"*"``
+            accepts any.
 
     Returns:
         A ``fastapi.FastAPI`` app; ``app.state.api_key`` holds the key (``run_server`` reads it).
 
     Raises:
-        ValueError: no models, duplicate ids, or a bad size.
+        ValueError: no models, duplicate ids, a bad size, a malformed allowed host, or an engine whose default
+            ``max_new_tokens`` is over ``max_tokens_cap``.
     """
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     if not models:
         raise ValueError("no miniatures to serve; register one with `outreach finetune train`")
-    if max_prompt_tokens is not None and max_prompt_tokens < 1:
-        raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
-    if max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
-    if max_batch_size is not None and max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    for name, value in (("max_prompt_tokens", max_prompt_tokens), ("max_tokens_cap", max_tokens_cap),
+                        ("max_body_bytes", max_body_bytes), ("max_batch_size", max_batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     if batch_window_ms is not None and batch_window_ms < 0:
         raise ValueError(f"batch_window_ms must be >= 0, got {batch_window_ms}")
+    try:
+        hosts = frozenset(name if name == "*" else parse_host(name.strip())[0] for name in allowed_hosts)
+    except ValueError as exc:
+        raise ValueError(f"an allowed host is malformed: {exc}; give a host name or address (--allowed-host)") from exc
     by_id: dict[str, ServedModel] = {}
     for model in models:
         if model.id in by_id:
@@ -405,15 +557,19 @@ def create_app(
         if model.name not in aliases or model.version > aliases[model.name].version:
             aliases[model.name] = model
     for engine in {id(m.engine): m.engine for m in models}.values():
+        if max_tokens_cap is not None and engine.max_new_tokens > max_tokens_cap:
+            raise ValueError(f"the default of {engine.max_new_tokens} new tokens (--max-new-tokens) is over the cap "
+                             f"of {max_tokens_cap} (--max-tokens-cap); lower the one or raise the other")
         if max_batch_size is not None:
             engine.max_batch_size = max_batch_size
         if batch_window_ms is not None:
             engine.batch_window_ms = batch_window_ms
 
-    app = FastAPI(title="outreach miniatures (OpenAI-compatible)", docs_url=None, redoc_url=None)
+    app = FastAPI(title="outreach miniatures (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api_key = api_key
     app.state.models = by_id
     app.state.stats = {"requests": 0, "errors": 0, "disconnects": 0}
+    app.add_middleware(_HostGuard, allowed_hosts=hosts, stats=app.state.stats)
 
     def resolve(name: str) -> ServedModel:
         if name in by_id:
@@ -436,15 +592,16 @@ def create_app(
     async def _on_api_error(request: Request, exc: _APIError) -> JSONResponse:
         return error_response(exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_APIError(400, f"invalid request: {exc.errors()}", code="invalid_value"))
-
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(_APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                         code=code))
+
+    @app.exception_handler(Exception)
+    async def _on_bug(request: Request, exc: Exception) -> JSONResponse:  # logged with its traceback by Starlette
+        return error_response(_APIError(500, f"the server failed on this request ({type(exc).__name__}); see the "
+                                             "server's log", type_="server_error"))
 
     def authenticate(request: Request) -> None:
         if not api_key:
@@ -456,6 +613,11 @@ def create_app(
                        else "incorrect API key provided")
             raise _APIError(401, message, code="invalid_api_key")
 
+    def gone(when: str) -> Response:
+        app.state.stats["disconnects"] += 1
+        logger.info("a client went away %s; its request was dropped", when)
+        return Response(status_code=499)  # nginx's "client closed request"; uvicorn sends nothing to a closed peer
+
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
@@ -466,6 +628,10 @@ def create_app(
         return JSONResponse({"object": "list", "data": data})
 
     async def read_body(request: Request) -> ChatCompletionRequest:
+        content_type = request.headers.get("content-type", "")
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            raise _APIError(415, f"Content-Type {content_type or '(none)'!r} is not accepted; send the body as JSON "
+                                 "with 'Content-Type: application/json'", code="unsupported_media_type")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
             raise _APIError(413, f"request body of {declared} bytes is over the limit of {max_body_bytes} bytes; "
@@ -478,21 +644,11 @@ def create_app(
                 raise _APIError(413, f"request body is over the limit of {max_body_bytes} bytes; send a shorter "
                                      "prompt", code="request_too_large")
             chunks.append(chunk)
-        try:
-            payload = json.loads(b"".join(chunks) or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _APIError(400, f"request body is not valid JSON ({exc}); send a JSON object",
-                            code="invalid_json") from exc
-        if not isinstance(payload, dict):
-            raise _APIError(400, "request body must be a JSON object with 'model' and 'messages'",
-                            code="invalid_value")
-        try:
-            return ChatCompletionRequest.model_validate(payload)
-        except ValidationError as exc:
-            raise _validation_error(exc) from exc
+        return await asyncio.to_thread(_parse_body, b"".join(chunks))
 
     def prepare(body: ChatCompletionRequest) -> tuple[ServedModel, list[dict[str, str]], int | None]:
-        _check_options(body)
+        """Check the request and count its prompt's tokens (blocking: the chat template and the tokenizer)."""
+        _check_options(body, max_tokens_cap)
         model = resolve(body.model)
         chat = _chat_messages(body)
         n_prompt = len(model.engine.prompt_ids(chat))
@@ -522,12 +678,17 @@ def create_app(
     async def chat_completions(request: Request) -> Any:
         app.state.stats["requests"] += 1
         authenticate(request)
-        body = await read_body(request)
-        model, chat, max_new = prepare(body)
+        try:
+            body = await read_body(request)
+        except ClientDisconnect:
+            return gone("while sending its request")
+        model, chat, max_new = await asyncio.to_thread(prepare, body)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if not body.stream:
-            generation = await _unless_disconnected(request, generate(model, chat, max_new), app)
+            generation = await _unless_disconnected(request, generate(model, chat, max_new))
+            if generation is None:
+                return gone("before its answer")
             text, finish = finish_text(generation, body.stop)
             return JSONResponse({
                 "id": completion_id, "object": "chat.completion", "created": created, "model": model.id,
@@ -557,7 +718,7 @@ def create_app(
                 return
             except asyncio.CancelledError:
                 app.state.stats["disconnects"] += 1
-                logger.info("client went away during %s; its request was dropped", completion_id)
+                logger.info("a client went away during its stream %s; its request was dropped", completion_id)
                 raise
             text, finish = finish_text(generation, body.stop)
             for piece in _WORDS.findall(text):
@@ -580,8 +741,9 @@ def create_app(
     return app
 
 
-async def _unless_disconnected(request: Any, work: Any, app: Any) -> Generation:
-    """Await ``work``; when the client disconnects first, cancel it (its queued request never reaches the model)."""
+async def _unless_disconnected(request: Any, work: Coroutine[Any, Any, Generation]) -> Generation | None:
+    """Await ``work``; None when the client disconnects first (``work`` is cancelled: its queued request never
+    reaches the model)."""
     task: asyncio.Task[Generation] = asyncio.ensure_future(work)
 
     async def wait_for_disconnect() -> None:
@@ -593,12 +755,7 @@ async def _unless_disconnected(request: Any, work: Any, app: Any) -> Generation:
     watcher = asyncio.ensure_future(wait_for_disconnect())
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:
-            task.cancel()
-            app.state.stats["disconnects"] += 1
-            logger.info("client went away before its answer; request dropped")
-            raise asyncio.CancelledError
-        return task.result()
+        return task.result() if task in done else None
     finally:
         watcher.cancel()
         if not task.done():
@@ -671,12 +828,14 @@ class RunningServer:
         port: the bound port (the free one picked when 0 was asked for).
         server: the ``uvicorn.Server``.
         thread: the thread running it.
+        app: the ASGI app it serves.
     """
 
     host: str
     port: int
     server: Any
     thread: threading.Thread
+    app: Any = None
 
     @property
     def base_url(self) -> str:
@@ -711,7 +870,7 @@ def serve_in_thread(app: FastAPI, *, host: str = DEFAULT_HOST, port: int = 0, lo
     server = _uvicorn_server(app, host, sock.getsockname()[1], log_level)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="miniature-server")
     thread.start()
-    running = RunningServer(host=host, port=sock.getsockname()[1], server=server, thread=thread)
+    running = RunningServer(host=host, port=sock.getsockname()[1], server=server, thread=thread, app=app)
     deadline = time.monotonic() + start_timeout_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:

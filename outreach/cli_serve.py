@@ -43,6 +43,12 @@ def serve_command(
     max_new_tokens: Annotated[int, typer.Option(help="local: tokens made when a request sets no max_tokens.")] = 512,
     max_prompt_tokens: Annotated[int | None, typer.Option(
         help="local: longest accepted prompt in tokens (default: the model's context).")] = None,
+    max_tokens_cap: Annotated[int | None, typer.Option(
+        min=1, help="local: most completion tokens one request may ask for (more: 400); bounds how long one "
+                    "request holds the others. Default: 512, or --max-new-tokens when larger.")] = None,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        "--allowed-host", help="local: a Host name to answer for besides loopback names and the bound address "
+                               "(repeatable; '*' for any). Others get 400, which stops DNS rebinding.")] = None,
     device: Annotated[str | None, typer.Option(help="local: cuda, cpu... (default: CUDA when present).")] = None,
     threads: Annotated[int | None, typer.Option(help="local: torch CPU threads.")] = None,
     repair_json: Annotated[bool, typer.Option(
@@ -72,7 +78,8 @@ def serve_command(
         return
     _serve_local(store_engine, miniatures or [], host=host, port=port, api_key=api_key, batch_size=batch_size,
                  batch_window_ms=batch_window_ms, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                 device=device, threads=threads, repair_json=repair_json)
+                 max_tokens_cap=max_tokens_cap, allowed_hosts=allowed_host or [], device=device, threads=threads,
+                 repair_json=repair_json)
 
 
 def _serve_vllm(store_engine: Engine, selectors: list[str], *, host: str, port: int, api_key: str | None,
@@ -108,16 +115,20 @@ def _serve_vllm(store_engine: Engine, selectors: list[str], *, host: str, port: 
 
 def _serve_local(store_engine: Engine, selectors: list[str], *, host: str, port: int, api_key: str | None,
                  batch_size: int, batch_window_ms: float, max_new_tokens: int, max_prompt_tokens: int | None,
-                 device: str | None, threads: int | None, repair_json: bool) -> None:
+                 max_tokens_cap: int | None, allowed_hosts: list[str], device: str | None, threads: int | None,
+                 repair_json: bool) -> None:
     from miniatures.local import AdapterPathError
     from miniatures.registry import MiniatureNotFoundError
-    from miniatures.server import create_app, load_served_models, run_server
+    from miniatures.server import DEFAULT_MAX_TOKENS_CAP, create_app, load_served_models, run_server
 
+    if max_tokens_cap is None:
+        max_tokens_cap = max(DEFAULT_MAX_TOKENS_CAP, max_new_tokens)
     try:
         models = load_served_models(store_engine, selectors, device=device, max_new_tokens=max_new_tokens,
                                     num_threads=threads)
-        app = create_app(models, api_key=api_key, max_prompt_tokens=max_prompt_tokens, max_batch_size=batch_size,
-                         batch_window_ms=batch_window_ms, repair_json_output=repair_json)
+        app = create_app(models, api_key=api_key, max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap,
+                         max_batch_size=batch_size, batch_window_ms=batch_window_ms, repair_json_output=repair_json,
+                         allowed_hosts=allowed_hosts)
     except (MiniatureNotFoundError, AdapterPathError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
         raise typer.Exit(2) from exc

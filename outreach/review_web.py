@@ -13,8 +13,9 @@ Security (page text is hostile input: research reads the open web):
 * **Binding**: 127.0.0.1 by default; any other address refuses to start without a token
   (``miniatures.server.check_bind``). With a token every request must carry it: ``?token=`` once (which
   sets an HttpOnly, SameSite=Strict cookie and redirects to the same page without it), the cookie, or
-  ``Authorization: Bearer <token>``; otherwise 401. ``allowed_hosts`` refuses other ``Host`` headers (400),
-  which stops DNS rebinding against a loopback server.
+  ``Authorization: Bearer <token>``; otherwise 401. A ``Host`` header that is not ``host[:port]``
+  (``miniatures.server.parse_host``: no userinfo such as ``evil.example@127.0.0.1``) is refused (400), and
+  ``allowed_hosts`` refuses other host names (400), which stops DNS rebinding against a loopback server.
 * **Escaping**: Jinja2 with autoescape on; nothing from the store is marked safe; links are made only of
   ``http``/``https`` URLs and carry ``rel="noopener noreferrer nofollow"``.
 * **CSRF**: every form carries ``HMAC-SHA256(app secret, per-browser cookie)``; a POST without it, with a
@@ -56,6 +57,7 @@ from finetune.review import (
     queue_trace_ids,
     review_counts,
 )
+from miniatures.server import LOOPBACK_NAMES, parse_host
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -92,15 +94,21 @@ def safe_url(url: str | None) -> str | None:
 
 def loopback_hosts(host: str) -> list[str]:
     """Host names a browser may use for a server bound to loopback ``host`` (``localhost``, 127.0.0.1, ::1)."""
-    return sorted({host.strip("[]").lower(), "localhost", "127.0.0.1", "::1"})
+    return sorted({host.strip("[]").lower(), *LOOPBACK_NAMES})
 
 
 def _csrf_token(secret: bytes, nonce: str) -> str:
     return hmac.new(secret, nonce.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def _host_name(request: Request) -> str:
-    return (urlsplit("//" + request.headers.get("host", "")).hostname or "").lower()
+def _host_name(request: Request) -> str | None:
+    """The request's host name (lower case, IPv6 without brackets), or None unless exactly one ``Host`` header
+    holds ``host[:port]``."""
+    values = request.headers.getlist("host")
+    try:
+        return parse_host(values[0])[0] if len(values) == 1 else None
+    except ValueError:
+        return None
 
 
 def _own_origin(request: Request) -> str:
@@ -140,7 +148,7 @@ def create_review_app(
         token: when set, every request must carry it (query once, cookie, or bearer header), else 401.
         reviewer: the name written on each review.
         allowed_hosts: host names accepted in the ``Host`` header (``loopback_hosts(host)`` for a loopback
-            server); None accepts any (a token, or the test client).
+            server); None accepts any well-formed one (a token, or the test client).
 
     Returns:
         The FastAPI app (``app.state.api_key`` is the token, so ``check_bind`` and ``serve_in_thread`` apply
@@ -189,7 +197,8 @@ def create_review_app(
     @app.middleware("http")
     async def security(request: Request, call_next: Any) -> Response:
         request.state.nonce = secrets.token_urlsafe(16)
-        if hosts is not None and _host_name(request) not in hosts:
+        name = _host_name(request)
+        if name is None or (hosts is not None and name not in hosts):
             return _headers(_message_page(request, 400, "Unknown host",
                                           "This review server does not answer for that host name; open it at the "
                                           "address `outreach review --web` printed."), request.state.nonce)

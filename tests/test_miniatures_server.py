@@ -4,17 +4,23 @@ Two tiny LoRA miniatures (random Llama + ChatML tokenizer trained here, no downl
 store and served; the tests check the API's shapes and errors, that the ``openai:<name>@<server>`` backend
 gives the same text as the in-process ``miniature:<name>`` backend (greedy), that a campaign gives the same
 trace outputs through both, batching, API keys and bind checks, disconnects, a 1,000-request load and the
-``outreach serve`` command.
+``outreach serve`` command; and the guards, each fed its bad input over loopback: the ``max_tokens`` cap, a
+3.9 MB prompt tokenised off the event loop, deeply nested JSON, Host headers (DNS rebinding), non-JSON bodies
+(cross-site simple POSTs), no OpenAPI schema, and clients that hang up without a traceback in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ from miniatures.server import (  # noqa: E402
     create_app,
     is_loopback,
     load_served_models,
+    parse_host,
     serve_in_thread,
 )
 from store import open_store  # noqa: E402
@@ -83,7 +90,6 @@ def server(served: list[ServedModel]) -> Iterator[Any]:
     app = create_app(served, max_prompt_tokens=3000, max_body_bytes=200_000, max_batch_size=16,
                      batch_window_ms=10.0)
     with serve_in_thread(app) as running:
-        running.app = app
         yield running
 
 
@@ -171,6 +177,9 @@ def test_stop_and_max_tokens(server: Any) -> None:
         ({"model": "writer-x", "messages": [{"role": "tool", "content": "x"}]}, 400, None, "messages.0.role"),
         ({"model": "writer-x", "messages": PROMPTS[0], "temperature": 0.7}, 400, None, "temperature"),
         ({"model": "writer-x", "messages": PROMPTS[0], "n": 2}, 400, None, "n"),
+        ({"model": "writer-x", "messages": PROMPTS[0], "max_tokens": 10**9}, 400, "invalid_value", "max_tokens"),
+        ({"model": "writer-x", "messages": PROMPTS[0], "max_completion_tokens": 513}, 400, "invalid_value",
+         "max_completion_tokens"),
         ({"model": "writer-x", "messages": [{"role": "user", "content": "freight " * 4000}]}, 400,
          "context_length_exceeded", "messages"),
         ({"model": "writer-x", "messages": [{"role": "user", "content": "x" * 300_000}]}, 413, "request_too_large",
@@ -201,8 +210,8 @@ def test_malformed_json_and_unknown_routes(server: Any) -> None:
 async def test_concurrent_requests_are_batched(server: Any, served: list[ServedModel]) -> None:
     engine = served[0].engine
     calls = engine.generate_calls
-    bodies = [{"model": ["writer-x", "writer-x@1", "researcher-x"][i % 3], "messages": PROMPTS[i % 4],
-               "max_tokens": 6} for i in range(12)]
+    bodies: list[dict[str, Any]] = [{"model": ["writer-x", "writer-x@1", "researcher-x"][i % 3],
+                                     "messages": PROMPTS[i % 4], "max_tokens": 6} for i in range(12)]
     async with httpx.AsyncClient(base_url=server.base_url, trust_env=False, timeout=60) as client:
         answers = await asyncio.gather(*(client.post("/chat/completions", json=b) for b in bodies))
     assert all(a.status_code == 200 for a in answers)
@@ -264,11 +273,224 @@ async def test_a_client_that_goes_away_does_not_stall_others(server: Any) -> Non
     assert state["disconnects"] >= before + 2
 
 
+# ---------------------------------------------------------------------- guards, fed their bad input on loopback
+
+
+def _raw(port: int, request: bytes) -> tuple[int, bytes]:
+    """Send ``request`` byte for byte to 127.0.0.1:``port`` (it should ask ``Connection: close``); (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def _get_health(port: int, host: str) -> tuple[int, bytes]:
+    return _raw(port, f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode("latin-1"))
+
+
+def test_max_tokens_over_the_cap_is_refused_before_anything_runs(served: list[ServedModel]) -> None:
+    with pytest.raises(ValueError, match="--max-tokens-cap"):
+        create_app(served, max_tokens_cap=23)  # the engines make 24 tokens when a request sets no max_tokens
+    body = {"model": "writer-x", "messages": PROMPTS[0]}
+    engine = served[0].engine
+    with serve_in_thread(create_app(served, max_tokens_cap=24)) as running, _client(running) as client:
+        at_cap = client.post("/chat/completions", json={**body, "max_tokens": 24})
+        served_before = engine.requests_served
+        over = [client.post("/chat/completions", json={**body, **extra}) for extra in (
+            {"max_tokens": 10**9}, {"max_completion_tokens": 25}, {"max_tokens": 25, "stream": True})]
+    assert at_cap.status_code == 200 and at_cap.json()["usage"]["completion_tokens"] <= 24
+    assert [r.status_code for r in over] == [400, 400, 400]  # the stream is refused before it starts, as JSON
+    errors = [r.json()["error"] for r in over]
+    assert [e["param"] for e in errors] == ["max_tokens", "max_completion_tokens", "max_tokens"]
+    assert all(e["code"] == "invalid_value" and "at most 24" in e["message"] for e in errors)
+    assert engine.requests_served == served_before  # nothing reached the model
+
+
+def test_a_huge_prompt_is_tokenised_off_the_event_loop(served: list[ServedModel],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3.9 MB prompt (under the default 4 MB body limit) is counted in a worker thread: /health answers while it
+    is being tokenised, then the request gets its 400. The tokenizer is replaced by one that waits for /health to
+    have answered (so the test shows where it runs without paying the real ~4 s, which
+    ``benchmarks/serve_speed.py`` measures); on the event loop it would wait in vain."""
+    engine = served[0].engine
+    prompt = "freight " * 490_000
+    seen: dict[str, Any] = {}
+    entered, health_answered = threading.Event(), threading.Event()
+
+    def waiting_prompt_ids(messages: list[dict[str, str]]) -> list[int]:
+        seen.update(thread=threading.current_thread().name, chars=sum(len(m["content"]) for m in messages))
+        entered.set()
+        seen["health_first"] = health_answered.wait(10)
+        return [0] * 3001
+
+    monkeypatch.setattr(engine, "prompt_ids", waiting_prompt_ids)
+    body = json.dumps({"model": "writer-x", "messages": [{"role": "user", "content": prompt}]}).encode()
+    assert 3_900_000 < len(body) < 4_000_000
+    with serve_in_thread(create_app(served, max_prompt_tokens=3000)) as running, _client(running) as client, \
+            ThreadPoolExecutor(1) as pool:
+        huge = pool.submit(client.post, "/chat/completions", content=body,
+                           headers={"content-type": "application/json"})
+        assert entered.wait(30)
+        health = _get_health(running.port, f"127.0.0.1:{running.port}")
+        health_answered.set()
+        answer = huge.result(60)
+        too_big = client.post("/chat/completions", content=body + b" " * 100_001,
+                              headers={"content-type": "application/json"})
+    assert health[0] == 200 and seen["health_first"]
+    assert seen["thread"] != running.thread.name and seen["chars"] == len(prompt)
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "context_length_exceeded"
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_chunked_body_over_the_limit_gets_413(server: Any) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "writer-x", "messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"x" * 10_000  # 300 KB, no Content-Length: counted as it streams in
+        yield b'"}]}'
+
+    with _client(server) as client:
+        response = client.post("/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "writer-x", "messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    b'{"model": "writer-x", "messages": [{"role": "user", "content": ' + b"[" * 5000 + b"]" * 5000 + b"}]}",
+    b'{"model": "writer-x", "messages": [{"role": "user", "content": "x"}], "user": ' + b'{"a": ' * 5000
+    + b"1" + b"}" * 5000 + b"}",
+    b'{"model": "writer-x", "messages": [{"role": "user", "content": ' + b"[" * 900 + b"]" * 900 + b"}]}",
+], ids=["messages-50k-deep", "content-5k-deep", "extra-5k-deep", "content-900-deep"])
+def test_deeply_nested_json_gets_an_openai_400(server: Any, body: bytes) -> None:
+    with _client(server) as client:
+        response = client.post("/chat/completions", content=body, headers={"content-type": "application/json"})
+        after = client.post("/chat/completions", json={"model": "writer-x", "messages": PROMPTS[2], "max_tokens": 2})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert after.status_code == 200  # the same connection goes on serving
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain;charset=UTF-8",
+                                          "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                                          "application/jsonp"])
+def test_only_json_bodies_are_accepted(server: Any, served: list[ServedModel], content_type: str | None) -> None:
+    """A cross-site page can POST text/plain, a form or a typeless blob without a CORS preflight: all refused."""
+    engine = served[0].engine
+    before = engine.requests_served
+    headers = {"content-type": content_type} if content_type else {}
+    body = json.dumps({"model": "writer-x", "messages": PROMPTS[2], "max_tokens": 2}).encode()
+    with _client(server) as client:
+        refused = client.post("/chat/completions", content=body, headers=headers)
+        served_before = engine.requests_served
+        accepted = client.post("/chat/completions", content=body,
+                               headers={"content-type": "application/json; charset=utf-8"})
+    assert served_before == before  # the refused body never reached the model
+    assert refused.status_code == 415 and refused.json()["error"]["code"] == "unsupported_media_type"
+    assert accepted.status_code == 200
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    ("127.0.0.1:8000", ("127.0.0.1", 8000)), ("LocalHost", ("localhost", None)), ("[::1]:80", ("::1", 80)),
+    ("[0:0:0:0:0:0:0:1]", ("::1", None)), ("models.lan:", ("models.lan", None)),
+    ("evil.example@127.0.0.1:8000", None), ("user:pw@localhost", None), ("127.0.0.1:8000@evil.example", None),
+    ("", None), (" localhost", None), ("local host", None), ("::1", None), ("[::1", None), ("[v1.x]", None),
+    ("[fe80::1%eth0]:80", None), ("localhost:99999", None), ("localhost:8a", None), ("localhost/x", None),
+    ("localhost?x", None), ("a,b", ("a,b", None)),  # a sub-delim is allowed in a reg-name; it names no one we serve
+])
+def test_parse_host_follows_the_host_port_grammar(value: str, parsed: tuple[str, int | None] | None) -> None:
+    if parsed is None:
+        with pytest.raises(ValueError, match="Host header"):
+            parse_host(value)
+    else:
+        assert parse_host(value) == parsed
+
+
+def test_host_headers_the_server_does_not_answer_for_are_refused(server: Any, served: list[ServedModel]) -> None:
+    """DNS rebinding: a page at evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example."""
+    port = server.port
+    for host in ("evil.example", f"evil.example:{port}", f"evil.example@127.0.0.1:{port}",
+                 f"127.0.0.1:{port}@evil.example", f"localhost:{port}/x", "127.0.0.1:99999", "", f"[::1:{port}",
+                 "127.1", "localhost."):
+        status, body = _get_health(port, host)
+        assert status == 400, host
+        assert json.loads(body)["error"]["code"] == "host_not_allowed"
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "127.0.0.1"):
+        assert _get_health(port, host)[0] == 200, host
+    engine = served[0].engine
+    before = engine.requests_served
+    payload = json.dumps({"model": "writer-x", "messages": PROMPTS[2], "max_tokens": 2})
+    status, answer = _raw(port, (f"POST /v1/chat/completions HTTP/1.1\r\nHost: evil.example:{port}\r\nContent-Type: "
+                                 f"application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+                                 f"{payload}").encode())
+    assert status == 400 and b"--allowed-host evil.example" in answer
+    assert engine.requests_served == before
+    two = _raw(port, f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nHost: evil.example\r\n"
+                     "Connection: close\r\n\r\n".encode())
+    assert two[0] == 400
+
+
+def test_allowed_hosts_add_names(served: list[ServedModel]) -> None:
+    with serve_in_thread(create_app(served, allowed_hosts=["models.lan", "[::2]:8000"])) as running:
+        assert _get_health(running.port, f"models.lan:{running.port}")[0] == 200
+        assert _get_health(running.port, "[::2]")[0] == 200
+        assert _get_health(running.port, "other.lan")[0] == 400
+    with serve_in_thread(create_app(served, allowed_hosts=["*"])) as running:
+        assert _get_health(running.port, "other.lan")[0] == 200
+        assert _get_health(running.port, "other.lan@127.0.0.1")[0] == 400  # still host[:port]
+    with pytest.raises(ValueError, match="allowed host"):
+        create_app(served, allowed_hosts=["evil.example@127.0.0.1"])
+
+
+@pytest.mark.parametrize("api_key", [None, "s3cret"])
+def test_no_openapi_schema_or_docs_are_served(served: list[ServedModel], api_key: str | None) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with serve_in_thread(create_app(served, api_key=api_key)) as running, \
+            httpx.Client(base_url=f"http://127.0.0.1:{running.port}", trust_env=False, headers=headers) as client:
+        for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect", "/v1/openapi.json"):
+            response = client.get(path)
+            assert response.status_code == 404, path
+            assert response.json()["error"]["code"] == "not_found"
+
+
+def test_clients_that_hang_up_leave_no_traceback_in_the_log(served: list[ServedModel],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Hanging up while the body uploads, while waiting for the answer, and during a stream: one info line each."""
+    app = create_app(served)
+    stats = app.state.stats
+    long = {"model": "writer-x", "messages": PROMPTS[0], "max_tokens": 400}
+    uvicorn_log = logging.getLogger("uvicorn")  # uvicorn's loggers do not propagate to the root logger
+    caplog.set_level(logging.INFO)
+    with serve_in_thread(app) as running:
+        uvicorn_log.addHandler(caplog.handler)
+        try:
+            with socket.create_connection(("127.0.0.1", running.port)) as sock:
+                sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\nContent-Type: "
+                             'application/json\r\nContent-Length: 1000\r\n\r\n{"model": '.encode())
+            with _client(running) as client:
+                with pytest.raises(httpx.ReadTimeout):
+                    client.post("/chat/completions", json=long, timeout=0.05)
+                with client.stream("POST", "/chat/completions", json={**long, "stream": True}) as response:
+                    assert next(response.iter_lines()).startswith("data: ")
+            deadline = time.monotonic() + 30
+            while stats["disconnects"] < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+    assert stats["disconnects"] == 3
+    assert [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
+    gone = [r.getMessage() for r in caplog.records if r.name == "miniatures.server" and "went away" in r.getMessage()]
+    assert len(gone) == 3 and any("while sending" in m for m in gone) and any("stream" in m for m in gone)
+
+
 def test_campaign_through_the_server_matches_in_process(server: Any, served: list[ServedModel], tmp_path: Path,
                                                         sqlite_engine: Engine) -> None:
     """run_campaign with writer=miniature:writer-x vs writer=openai:writer-x@server: same trace outputs."""
     from langchain_openai import ChatOpenAI
-    from sqlmodel import Session, select
+    from sqlmodel import Session, col, select
 
     from graphs.models import ModelPool
     from graphs.runner import add_prospects, run_campaign
@@ -292,7 +514,7 @@ def test_campaign_through_the_server_matches_in_process(server: Any, served: lis
         add_prospects(sqlite_engine, campaign, offer, prospects)
         asyncio.run(run_campaign(sqlite_engine, campaign, web=CorpusWeb(corpus), writer=spec, models=pool))
         with Session(sqlite_engine) as session:
-            traces = session.exec(select(Trace).where(Trace.backend == spec).order_by(Trace.id)).all()
+            traces = session.exec(select(Trace).where(Trace.backend == spec).order_by(col(Trace.id))).all()
         outputs[campaign] = sorted((t.messages[-1]["content"], t.output, t.input_tokens, t.output_tokens)
                                    for t in traces)
     assert outputs["local"] and len(outputs["local"]) >= len(prospects)
@@ -357,14 +579,24 @@ def test_serve_command_local_builds_the_app_and_runs_it(cli: typer.Typer, store:
     monkeypatch.setattr(server_module, "run_server", fake_run)
     threads = torch.get_num_threads()
     result = CliRunner().invoke(cli, ["writer-x", "--store", _store_url(store), "--port", "8123", "--batch-size", "4",
-                                      "--batch-window-ms", "3", "--device", "cpu", "--threads", "1"])
+                                      "--batch-window-ms", "3", "--device", "cpu", "--threads", "1",
+                                      "--max-new-tokens", "16", "--max-tokens-cap", "64", "--allowed-host",
+                                      "models.lan", "--allowed-host", "[::2]"])
+    too_low = CliRunner().invoke(cli, ["writer-x", "--store", _store_url(store), "--device", "cpu", "--threads", "1",
+                                       "--max-tokens-cap", "8"])  # under the default --max-new-tokens 512
     torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     assert (started["host"], started["port"]) == ("127.0.0.1", 8123)
-    assert set(started["app"].state.models) == {"writer-x@2"}
-    engine = started["app"].state.models["writer-x@2"].engine
-    assert (engine.max_batch_size, engine.batch_window_ms) == (4, 3.0)
+    app = started["app"]
+    assert set(app.state.models) == {"writer-x@2"}
+    engine = app.state.models["writer-x@2"].engine
+    assert (engine.max_batch_size, engine.batch_window_ms, engine.max_new_tokens) == (4, 3.0, 16)
+    assert [m.kwargs["allowed_hosts"] for m in app.user_middleware] == [frozenset({"models.lan", "::2"})]
+    with serve_in_thread(app) as running, _client(running) as client:
+        over = client.post("/chat/completions", json={"model": "writer-x", "messages": PROMPTS[2], "max_tokens": 65})
+    assert over.status_code == 400 and "at most 64" in over.json()["error"]["message"]
     engine.close()
+    assert too_low.exit_code == 2 and "--max-tokens-cap" in too_low.output and "512" in too_low.output
 
 
 def test_serve_command_refuses_public_bind_and_unknown_miniatures(cli: typer.Typer, store: Engine) -> None:

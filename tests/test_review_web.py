@@ -8,6 +8,7 @@ import json
 import re
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
@@ -185,10 +186,35 @@ def test_binding_beyond_loopback_needs_a_token(store: Engine) -> None:
     assert client.get("/", headers={"Host": "localhost:8765"}).status_code == 200
 
 
+def test_host_headers_are_parsed_strictly(store: Engine) -> None:
+    """Host is host[:port] (RFC 9110 / RFC 3986): a URL parser would read 127.0.0.1 out of
+    evil.example@127.0.0.1:P, so a DNS-rebinding page could pass as loopback. Refused, token or not."""
+    loopback = create_review_app(store, allowed_hosts=loopback_hosts("127.0.0.1"))
+    with_token = create_review_app(store, token="s3cret")  # allowed_hosts None: any well-formed host
+    for app in (loopback, with_token):
+        with serve_in_thread(app, host="127.0.0.1") as server, \
+                httpx.Client(base_url=f"http://127.0.0.1:{server.port}", trust_env=False,
+                             headers={"Authorization": "Bearer s3cret"}) as client:
+            port = server.port
+            for host in (f"evil.example@127.0.0.1:{port}", f"user:pw@localhost:{port}",
+                         f"127.0.0.1:{port}@evil.example", f"[::1:{port}", f"127.0.0.1:{port}/x", "127.0.0.1:99999",
+                         f"local host:{port}"):
+                refused = client.get("/", headers={"Host": host})
+                assert refused.status_code == 400 and "Unknown host" in refused.text, host
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST"):
+                assert client.get("/", headers={"Host": host}).status_code == 200, host
+            rebound = client.get("/", headers={"Host": f"evil.example:{port}"})
+            assert rebound.status_code == (400 if app is loopback else 200)
+    assert _reviews(store) == []
+
+
 # --------------------------------------------------------------------------- headless Chromium
 
 
 def test_keyboard_review_in_headless_chromium(store: Engine) -> None:
+    """Every step waits for a condition (WebDriverWait) on elements found afresh, never for a time: a key that
+    submits a form navigates, and an element found on the old page goes stale under the new one."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -197,26 +223,34 @@ def test_keyboard_review_in_headless_chromium(store: Engine) -> None:
     queue = _queue(store)  # failed first: bad profile, bad email, then c's profile (planted), c's email (planted)
     app = create_review_app(store, reviewer="browser", allowed_hosts=loopback_hosts("127.0.0.1"))
     with serve_in_thread(app, host="127.0.0.1") as server, headless_chromium() as driver:
-        def shown() -> int:
-            return int(driver.find_element(By.ID, "item").get_attribute("data-trace") or 0)
+        def until(condition: Any) -> Any:
+            """Wait for ``condition(driver)`` to be truthy, re-trying while the page is being replaced."""
+            return WebDriverWait(driver, 20, ignored_exceptions=(NoSuchElementException,
+                                                                 StaleElementReferenceException)).until(condition)
 
         def press(keys: str) -> None:
             ActionChains(driver).send_keys(keys).perform()
 
         def wait_for(trace_id: int) -> None:
-            WebDriverWait(driver, 10).until(lambda _d: shown() == trace_id)
+            """Wait until the page showing ``trace_id`` has loaded (its keyboard script is in place)."""
+            until(lambda d: d.execute_script("return document.readyState") == "complete"
+                  and d.find_element(By.ID, "item").get_attribute("data-trace") == str(trace_id))
+
+        def help_shown(shown: bool) -> None:
+            until(lambda d: d.find_element(By.ID, "help").is_displayed() == shown)
 
         driver.get(f"http://127.0.0.1:{server.port}/")
-        assert shown() == queue[0].trace_id
+        wait_for(queue[0].trace_id)
         press("?")
-        assert driver.find_element(By.ID, "help").is_displayed()
+        help_shown(True)
         press("?")
+        help_shown(False)
         press("a")  # approve the failed profile
         wait_for(queue[1].trace_id)
 
         press("e")  # edit the failed email inline, save with Ctrl+Enter
-        editor = driver.find_element(By.ID, "edit-text")
-        assert editor.is_displayed() and driver.switch_to.active_element == editor
+        editor = until(lambda d: (e := d.find_element(By.ID, "edit-text")).is_displayed()
+                       and d.switch_to.active_element == e and e)
         assert (editor.get_attribute("value") or "").startswith("Subject: Hi")
         editor.clear()
         editor.send_keys("Subject: A note for {{first_name}}\n\nHello {{first_name}}, edited in the browser.")
