@@ -7,10 +7,10 @@ then LoRA or full fine-tuning of a small model that replaces the teacher for one
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
@@ -19,6 +19,9 @@ from finetune.config import TrainConfig
 from finetune.datasets import DatasetManifest, build_sft_dataset, save_dataset
 from miniatures.registry import get_miniature, register_miniature
 from store.models import Campaign, MiniatureRecord, Run, Trace
+
+if TYPE_CHECKING:
+    from finetune.train import TrainProgress
 
 __all__ = ["DistillResult", "dataset_provenance", "distill"]
 
@@ -83,6 +86,7 @@ def distill(
     parent: tuple[str, int] | None = None,
     train_overrides: dict[str, Any] | None = None,
     config_file: Path | None = None,
+    on_progress: Callable[[TrainProgress], None] | None = None,
 ) -> DistillResult:
     """Build ``agent``'s dataset from the store, train a miniature on it and register it as ``name``.
 
@@ -102,6 +106,7 @@ def distill(
             training starts from ``base_model`` as always.
         train_overrides: ``TrainConfig`` fields to override (e.g. ``{"num_train_epochs": 2}``).
         config_file: a TOML/JSON ``TrainConfig`` file to start from.
+        on_progress: called with each ``finetune.train.TrainProgress`` of the training run (a progress bar).
 
     Raises:
         ValueError: the filters leave no training example (the message names the filters).
@@ -125,7 +130,7 @@ def distill(
     from finetune.train import main as train_main
 
     logger.info("training %s (%s, %s) on %d examples", name, agent, method, len(dataset.train))
-    result = train_main(config)
+    result = train_main(config, on_progress=on_progress)
     record = register_miniature(
         engine, name=name, agent=agent, base_model=base_model, adapter_path=str(result.output_path), method=method,
         training_config={**config.to_dict(), "dataset": dataset_provenance(engine, dataset.manifest, dataset_dir)},

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from finetune.config import TrainConfig
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["TrainResult", "linear_module_names", "load_chat_jsonl", "main"]
+__all__ = ["TrainProgress", "TrainResult", "linear_module_names", "load_chat_jsonl", "main", "progress_callback"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,64 @@ class TrainResult:
     loss_png: Path | None
     trainable_params: int
     train_tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where a training run stands, handed to ``main``'s ``on_progress`` after every optimizer step and log.
+
+    Attributes:
+        step: optimizer steps done.
+        total_steps: optimizer steps planned (``TrainerState.max_steps``).
+        epoch: epochs done (fractional).
+        loss: the latest logged training loss (every ``logging_steps``), None before the first.
+        eval_loss: the latest eval loss (every ``eval_steps``), None before the first or without eval rows.
+    """
+
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None = None
+    eval_loss: float | None = None
+
+
+def progress_callback(on_progress: Callable[[TrainProgress], None] | None) -> Any:
+    """A ``transformers.TrainerCallback`` that logs each of the Trainer's log records (``logger.info``) and hands
+    a ``TrainProgress`` to ``on_progress`` (when given) at the start, after every optimizer step and every log.
+
+    It replaces the Trainer's own printing (``PrinterCallback`` prints each log dict on standard output), so a
+    caller draws its own progress bar (the CLI's is a rich bar with the loss).
+    """
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.loss: float | None = None
+            self.eval_loss: float | None = None
+
+        def _emit(self, state: Any) -> None:
+            if on_progress is not None:
+                on_progress(TrainProgress(step=int(state.global_step), total_steps=int(state.max_steps),
+                                          epoch=float(state.epoch or 0.0), loss=self.loss, eval_loss=self.eval_loss))
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._emit(state)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._emit(state)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+            logs = logs or {}
+            if "loss" in logs:
+                self.loss = float(logs["loss"])
+            if "eval_loss" in logs:
+                self.eval_loss = float(logs["eval_loss"])
+            logger.info("step %d/%d: %s", state.global_step, state.max_steps,
+                        ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()))
+            self._emit(state)
+
+    return _Progress()
 
 
 def load_chat_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -167,20 +226,23 @@ def _sentence_rows(rows: list[dict[str, Any]], config: TrainConfig) -> list[dict
     return [r for row in rows for r in sentence_rows(row, negative_fraction=config.negative_fraction, rng=rng)]
 
 
-def main(config: TrainConfig) -> TrainResult:
+def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | None = None) -> TrainResult:
     """Fine-tune ``config.base_model`` on the chat dataset in ``config.dataset_dir``.
 
     Loads the base with ``finetune.base.load_base`` (CUDA when available: bf16 weights for LoRA, float32
     master weights with bf16 autocast for full fine-tuning; CPU: float32), the JSONL splits with
     ``datasets`` (turned into one row per sentence for ``answer_format="sentence-tags"``, see
     ``miniatures.formats``), and trains with TRL ``SFTTrainer`` (assistant-only loss, sequences up to
-    ``max_length``, the Trainer's tqdm progress bar, checkpoints every ``save_steps``, eval loss every
-    ``eval_steps`` when ``eval.jsonl`` has rows). LoRA (Hu et al. 2021, arXiv 2106.09685) via
+    ``max_length``, checkpoints every ``save_steps``, eval loss every ``eval_steps`` when ``eval.jsonl`` has
+    rows). Nothing is printed: the Trainer's tqdm bar and log printing are off, its log records go to
+    ``logger.info`` and ``TrainProgress`` updates to ``on_progress``. LoRA (Hu et al. 2021, arXiv 2106.09685) via
     ``peft.LoraConfig(task_type="CAUSAL_LM")`` on the configured modules that exist in the model; or every
     weight for ``method="full"``.
 
     Args:
         config: the run's settings.
+        on_progress: called with a ``TrainProgress`` at the start, after every optimizer step and every log
+            (see ``progress_callback``), e.g. to draw a progress bar.
 
     Returns:
         ``TrainResult``; the artefacts are in ``config.output_dir`` (see the module docstring).
@@ -222,7 +284,7 @@ def main(config: TrainConfig) -> TrainResult:
 
     import torch
     from datasets import Dataset
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from finetune.base import load_base, pick_device
@@ -288,7 +350,7 @@ def main(config: TrainConfig) -> TrainResult:
         fp16=bool(on_cuda and not bf16),
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=on_cuda,
-        disable_tqdm=False,
+        disable_tqdm=True,
     )
     trainer = SFTTrainer(
         model=model,
@@ -297,7 +359,9 @@ def main(config: TrainConfig) -> TrainResult:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=[progress_callback(on_progress)],
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict on standard output
     trained_model: Any = trainer.model
     trainable = int(sum(p.numel() for p in trained_model.parameters() if p.requires_grad))
     logger.info(

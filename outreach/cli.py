@@ -14,7 +14,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from outreach.cli_common import ConfigOpt, CorpusOpt, StoreOpt, err, open_engine, settings_or_exit
+from outreach.cli_common import (
+    ConfigOpt,
+    CorpusOpt,
+    StoreOpt,
+    describe_backend,
+    err,
+    open_engine,
+    probe_backends,
+    quiet_library_bars,
+    require_extras,
+    settings_or_exit,
+    store_label,
+)
 from outreach.settings import Settings
 
 app = typer.Typer(
@@ -68,7 +80,7 @@ def world_generate(
 
 @corpus_app.command("import")
 def corpus_import(
-    path: Annotated[Path, typer.Argument(help="An HTML file or folder (<root>/<host>/<path>.html), a .csv or a .warc[.gz].")],
+    path: Annotated[Path, typer.Argument(help="An HTML file or folder (`<root>/<host>/<path>.html`), a .csv or a .warc[.gz].")],
     url: Annotated[str | None, typer.Option(help="Address of a single HTML file.")] = None,
     name_column: Annotated[str, typer.Option(help="CSV: column with the page title.")] = "name",
     url_column: Annotated[str, typer.Option(help="CSV: column with the website.")] = "website",
@@ -148,7 +160,8 @@ def _progress_run(coro_factory, total: int):  # type: ignore[no-untyped-def]
         return asyncio.run(coro_factory(on_event))
 
 
-def _print_report(report, engine, campaign: str) -> None:  # type: ignore[no-untyped-def]
+def _print_report(report, engine, campaign: str):  # type: ignore[no-untyped-def]
+    """Print the campaign's figures table and its failures; return its ``evals.campaigns`` summary."""
     from evals.campaigns import campaign_summary
 
     summary = campaign_summary(engine, campaign)
@@ -182,13 +195,32 @@ def _print_report(report, engine, campaign: str) -> None:  # type: ignore[no-unt
         err.print(f"no verified fact for {email}: {note}", markup=False)
     if len(report.without_facts) > 5:
         err.print(f"... and {len(report.without_facts) - 5} more prospects without a verified fact (no_facts)")
+    return summary
+
+
+def _exit_if_all_failed(report, researcher: str, writer: str) -> None:  # type: ignore[no-untyped-def]
+    """Exit with status 1 when every prospect run now failed (a backend that went away, a broken model),
+    naming both backends and their endpoints; a campaign where only some failed exits 0 (errors are isolated)."""
+    if not report.total or report.failed < report.total:
+        return
+    from rich.markup import escape
+
+    from miniatures.redaction import redact
+
+    example = f" (e.g. {report.failures[0][0]}: {redact(report.failures[0][1])})" if report.failures else ""
+    err.print(f"[red]{escape(f'every prospect run now failed, {report.failed} of {report.total}{example}')}. "
+              f"Backends: researcher {escape(describe_backend(researcher))}, writer {escape(describe_backend(writer))}; "
+              "check that they answer, then rerun with --retry-failed.[/red]", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 @app.command("run")
 def run(
     prospects: Annotated[Path, typer.Argument(help="Prospects CSV: first_name,last_name,title,email,company,website.")],
     offer: Annotated[Path, typer.Option(help="Offer TOML (sender_name, sender_company, product, value_proposition, call_to_action).")],
-    researcher: Annotated[str | None, typer.Option(help="Backend spec of the researcher (heuristic, openai:<model>[@url], ollama:<model>).")] = None,
+    researcher: Annotated[str | None, typer.Option(
+        help="Backend spec of the researcher: `heuristic`, `openai:<model>[@<base_url>]`, `ollama:<model>`, "
+             "`miniature:<name>`.")] = None,
     writer: Annotated[str | None, typer.Option(help="Backend spec of the writer.")] = None,
     campaign: Annotated[str | None, typer.Option(help="Campaign name (default: the CSV's file name). Rerun to resume.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Prospects in flight at once.")] = None,
@@ -211,11 +243,17 @@ def run(
     skipped, interrupted ones rerun. A prospect whose research finds no verified fact gets no email unless
     `--unpersonalised-emails` is given.
 
+    Before any prospect is added each backend is checked: a remote one with one `GET <base_url>/models` (an
+    endpoint that does not answer, or refuses the key, stops the command), a miniature by its registration.
+    The command exits with status 1 when every prospect run now failed.
+
     Examples:
 
     * `outreach run world/prospects_train.csv --offer world/offer.toml`
     * `outreach run leads.csv --offer offer.toml --researcher openai:gpt-4.1-mini --writer ollama:qwen2.5:3b --web ddgs`
     """
+    from rich.markup import escape
+
     from graphs.inputs import InputError, load_offer, read_prospects_csv
     from graphs.runner import add_prospects, run_campaign
     from miniatures.specs import BackendSpecError, parse_backend_spec
@@ -224,8 +262,7 @@ def run(
     settings = settings_or_exit(config, researcher=researcher, writer=writer, concurrency=concurrency, web=web,
                          store_url=store, corpus_path=corpus, unpersonalised_emails=unpersonalised_emails)
     try:
-        for spec in (settings.researcher, settings.writer):
-            parse_backend_spec(spec)
+        specs = {"researcher": parse_backend_spec(settings.researcher), "writer": parse_backend_spec(settings.writer)}
         offer_model = load_offer(offer)
         parsed = read_prospects_csv(prospects)
     except (InputError, BackendSpecError) as exc:
@@ -233,11 +270,15 @@ def run(
         raise typer.Exit(2) from exc
     for row_error in parsed.errors:
         err.print(f"[yellow]skipped {prospects}: {row_error}[/yellow]")
+    for warning in parsed.warnings:
+        err.print(f"[yellow]{escape(f'{prospects}: {warning}')}[/yellow]", highlight=False)
     name = campaign or prospects.stem
-    engine = open_engine(settings)
+    probe_backends(specs, settings)
+    engine = open_engine(settings, create=True)
     added, present = add_prospects(engine, name, offer_model, parsed.prospects)
     console.print(f"campaign {name}: {added} prospects added, {present} already there, "
-                  f"{len(parsed.errors)} rows skipped; researcher={settings.researcher} writer={settings.writer}")
+                  f"{len(parsed.errors)} rows skipped; researcher={describe_backend(settings.researcher)} "
+                  f"writer={describe_backend(settings.writer)}", highlight=False)
     try:
         web_impl = open_web(settings, engine)
     except FileNotFoundError as exc:
@@ -254,6 +295,7 @@ def run(
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     _print_report(report, engine, name)
+    _exit_if_all_failed(report, settings.researcher, settings.writer)
 
 
 @traces_app.command("list")
@@ -268,11 +310,25 @@ def traces_list(
     from outreach.queries import select_traces
 
     settings = settings_or_exit(config, store_url=store)
-    table = Table("id", "run", "agent", "step", "backend", "in", "out", "ms", "USD", "error")
-    for t in select_traces(open_engine(settings), campaign=campaign, agent=agent, limit=limit, newest_first=True):
+    traces = select_traces(open_engine(settings), campaign=campaign, agent=agent, limit=limit, newest_first=True)
+    if not traces:
+        err.print(f"no traces{_filters(campaign=campaign, agent=agent)} in the store {store_label(settings)}",
+                  highlight=False, soft_wrap=True)
+        return
+    table = Table("id", "run", "agent", "step", "backend", "in", "out", "ms", "USD", "error",
+                  title=f"traces in {store_label(settings)} (newest first)")
+    for t in traces:
         table.add_row(str(t.id), str(t.run_id), t.agent, t.step, t.backend, str(t.input_tokens),
                       str(t.output_tokens), f"{t.latency_ms:.1f}", f"{t.cost_usd:.5f}", (t.error or "")[:40])
     console.print(table)
+
+
+def _filters(**given: str | None) -> str:
+    """`` of campaign 'q4', agent 'writer'`` for the filters given (empty when none), escaped for rich markup."""
+    from rich.markup import escape
+
+    named = [f"{key} {value!r}" for key, value in given.items() if value is not None]
+    return escape(f" of {', '.join(named)}") if named else ""
 
 
 @traces_app.command("show")
@@ -287,7 +343,8 @@ def traces_show(trace_id: Annotated[int, typer.Argument(help="Trace id.")], stor
     with Session(open_engine(settings)) as session:
         trace = session.get(Trace, trace_id)
     if trace is None:
-        err.print(f"[red]no trace {trace_id}; see `outreach traces list`[/red]")
+        err.print(f"[red]no trace {trace_id} in the store {store_label(settings)}; see `outreach traces list`[/red]",
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print_json(json.dumps(trace.model_dump(mode="json"), ensure_ascii=False))
 
@@ -313,13 +370,16 @@ def traces_export(
         raise typer.Exit(2)
     settings = settings_or_exit(config, store_url=store)
     traces = select_traces(open_engine(settings), campaign=campaign, agent=agent)
+    if not traces:
+        err.print(f"[yellow]no traces{_filters(campaign=campaign, agent=agent)} in the store "
+                  f"{store_label(settings)}[/yellow]", highlight=False, soft_wrap=True)
     if out is None:
         write_openai_jsonl(traces, sys.stdout)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as fh:
         n = write_openai_jsonl(traces, fh)
-    err.print(f"wrote {n} examples to {out}")
+    err.print(f"wrote {n} examples from {store_label(settings)} to {out}", highlight=False, soft_wrap=True)
 
 
 @emails_app.command("export")
@@ -339,7 +399,11 @@ def emails_export(
         raise typer.Exit(2)
     settings = settings_or_exit(config, store_url=store)
     n = export_emails(load_emails(open_engine(settings), campaign, include_invalid=include_invalid), fmt, out)
-    console.print(f"wrote {n} emails to {out}")
+    console.print(f"wrote {n} emails from the store {store_label(settings)} to {out}", highlight=False, soft_wrap=True)
+    if not n:
+        err.print(f"[yellow]the store has no {'' if include_invalid else 'valid '}emails"
+                  f"{_filters(campaign=campaign)}; `outreach traces list` shows what it holds[/yellow]",
+                  highlight=False, soft_wrap=True)
 
 
 def _scores_table(title: str, scores) -> Table:  # type: ignore[no-untyped-def]
@@ -369,30 +433,43 @@ def demo(
     """The main job offline: generate the demo world, run a campaign over its train prospects with the
     `heuristic` teacher on the local corpus, and score the profiles against the world's gold.
 
-    With `--distill` the loop goes on: build both agents' datasets from the teacher's traces, bootstrap a
-    tiny base model unless `--base-model` is given, fine-tune a researcher and a writer miniature, and
-    evaluate teacher, miniatures and each mix side by side on the held-out prospects (report in OUT/eval).
+    The emails stay in the store OUT/outreach.sqlite; the closing lines give the command that exports them.
 
-    Examples: `outreach demo --out demo`, `outreach demo --out demo --distill`
+    With `--distill` (needs the `train` and `eval` extras) the loop goes on: build both agents' datasets from
+    the teacher's traces, bootstrap a tiny base model unless `--base-model` is given, fine-tune a researcher
+    and a writer miniature (`demo-researcher`, `demo-writer`), and evaluate two configurations side by side
+    on up to 60 held-out prospects: the teacher, and both miniatures together (report in OUT/eval). To
+    evaluate each miniature alone, run `outreach eval` on OUT's store afterwards.
+
+    Examples: `outreach demo --out demo`, `outreach demo --out demo-distill --distill`
     """
     from evals.campaigns import campaign_predictions
     from evals.scoring import score_profiles
     from evals.world import generate_world, load_gold
     from graphs.inputs import load_offer, read_prospects_csv
     from graphs.runner import add_prospects, run_campaign
+    from miniatures.specs import BackendSpecError, parse_backend_spec
     from outreach.pipeline import import_world_corpus, open_web
 
+    if distill:
+        require_extras("outreach demo --distill", "train", "eval")  # before the campaign, not after it
     if companies is None:
         companies = 600 if distill else 200
-    out.mkdir(parents=True, exist_ok=True)
     settings = settings_or_exit(None, store_url=f"sqlite:///{out / 'outreach.sqlite'}", corpus_path=out / "corpus.sqlite",
                          web="corpus", concurrency=concurrency)
+    try:
+        specs = {"researcher": parse_backend_spec(settings.researcher), "writer": parse_backend_spec(settings.writer)}
+    except BackendSpecError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
     world_dir = out / "world"
     _check_same_world(world_dir, companies, seed)
+    probe_backends(specs, settings)
+    out.mkdir(parents=True, exist_ok=True)
     manifest = generate_world(world_dir, n_companies=companies, seed=seed)
     pages = import_world_corpus(world_dir, settings.corpus_path)
     console.print(f"demo world: {json.dumps(manifest.counts)}; {pages} pages in the corpus")
-    engine = open_engine(settings)
+    engine = open_engine(settings, create=True)
     parsed = read_prospects_csv(world_dir / "prospects_train.csv")
     add_prospects(engine, "demo-train", load_offer(world_dir / "offer.toml"), parsed.prospects, split="train")
     web_impl = open_web(settings, engine)
@@ -401,12 +478,16 @@ def demo(
         concurrency=settings.concurrency, prices=settings.price_table(),
         unpersonalised_emails=settings.unpersonalised_emails, on_event=on_event),
         total=len(parsed.prospects))
-    _print_report(report, engine, "demo-train")
+    summary = _print_report(report, engine, "demo-train")
     gold = {name: g.facts for name, g in load_gold(world_dir).items() if g.split == "train"}
     predictions = campaign_predictions(engine, "demo-train")
     scores = score_profiles({c: predictions.get(c, {}) for c in gold}, gold)
     console.print(_scores_table("extraction vs gold (train split)", scores))
-    console.print(f"store: {settings.store_url}  -  try: outreach traces list --store {settings.store_url}")
+    store = store_label(settings)
+    console.print(f"emails: {summary.valid_emails} valid emails of campaign demo-train are in the store {store}; "
+                  f"export them with `outreach emails export --store {store} --out {out / 'emails.csv'}` "
+                  f"(or --format eml --out {out / 'outbox'}); model calls: `outreach traces list --store {store}`",
+                  highlight=False, soft_wrap=True)
     if distill:
         _demo_distill(engine, settings, out, world_dir, base_model=base_model, method=method, epochs=epochs,
                       bootstrap_steps=bootstrap_steps, concurrency=concurrency)
@@ -429,20 +510,27 @@ def _check_same_world(world_dir: Path, companies: int, seed: int) -> None:
 
 def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, base_model: str | None,  # type: ignore[no-untyped-def]
                   method: str | None, epochs: float | None, bootstrap_steps: int, concurrency: int) -> None:
-    """The second half of the demo: distil both agents, then teacher vs miniatures on held-out prospects."""
+    """The second half of the demo: distil both agents, then teacher vs miniatures on held-out prospects.
+
+    Each phase draws one progress bar on standard error (bootstrapping a spinner, each training run its steps and
+    loss, the evaluation one bar per configuration); the libraries' own bars and log printing are off."""
     import time
 
     from evals.report import write_report
     from evals.runner import EvalConfig, run_eval, world_eval_set
     from finetune.base import bootstrap_base, corpus_texts
     from finetune.distill import distill
-    from outreach.cli_eval import overview_tables
+    from outreach.cli_eval import eval_progress, overview_tables
+    from outreach.cli_finetune import phase_progress, training_progress
     from outreach.pipeline import open_web
 
     started = time.perf_counter()
+    quiet_library_bars()
     if base_model is None:
-        texts = list(corpus_texts(settings.corpus_path))
-        info = bootstrap_base(out / "models" / "base", texts, preset="2m", pretrain_steps=bootstrap_steps)
+        with phase_progress(f"bootstrapping a tiny base model: a tokenizer on the corpus, then {bootstrap_steps} "
+                            "pretraining steps"):
+            texts = list(corpus_texts(settings.corpus_path))
+            info = bootstrap_base(out / "models" / "base", texts, preset="2m", pretrain_steps=bootstrap_steps)
         base_model = str(info.path)
         method = method or "full"
         console.print(f"bootstrapped a {info.n_params / 1e6:.1f}M-parameter base in {info.seconds:.0f} s "
@@ -460,27 +548,36 @@ def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, bas
         "researcher": {"answer_format": "sentence-tags", "eval_steps": 1_000, "num_train_epochs": epochs or 1.0},
         "writer": {"eval_steps": 100, "system_prompt": False, "num_train_epochs": epochs or 2.0}}
     for agent in ("researcher", "writer"):
-        distilled = distill(engine, agent=agent, name=f"demo-{agent}", base_model=base_model, work_dir=out / "models",
-                         campaigns=["demo-train"], method=method,  # type: ignore[arg-type]
-                         train_overrides={"learning_rate": 2e-3, "save_steps": 10_000,
-                                          "per_device_train_batch_size": 4, **formats[agent]})
+        with training_progress(f"training demo-{agent}") as on_progress:
+            distilled = distill(engine, agent=agent, name=f"demo-{agent}", base_model=base_model,
+                                work_dir=out / "models", campaigns=["demo-train"], method=method,  # type: ignore[arg-type]
+                                train_overrides={"learning_rate": 2e-3, "save_steps": 10_000,
+                                                 "per_device_train_batch_size": 4, **formats[agent]},
+                                on_progress=on_progress)
         m = distilled.miniature
         console.print(f"miniature:{m.name}@{m.version} ({formats[agent].get('answer_format', 'json')} answers): "
                       f"{len(distilled.manifest.train_trace_ids)} training conversations, "
-                      f"final train loss {distilled.metrics.get('train_loss', float('nan')):.3f}")
+                      f"final train loss {distilled.metrics.get('train_loss', float('nan')):.3f}", highlight=False)
     # Teacher against both miniatures (each agent alone: `outreach eval --config`); 60 held-out prospects.
     configs = [
         EvalConfig(name="teacher"),
         EvalConfig(name="miniatures", researcher="miniature:demo-researcher", writer="miniature:demo-writer"),
     ]
     eval_set = world_eval_set(world_dir, split="heldout", limit=60)
-    result = asyncio.run(run_eval(engine, eval_set, configs, web=open_web(settings, engine), run_name="demo-heldout",
-                                  concurrency=concurrency, prices=settings.price_table(),
-                                  unpersonalised_emails=settings.unpersonalised_emails))
+    with eval_progress(len(eval_set.prospects)) as on_event:
+        result = asyncio.run(run_eval(engine, eval_set, configs, web=open_web(settings, engine),
+                                      run_name="demo-heldout", concurrency=concurrency, prices=settings.price_table(),
+                                      unpersonalised_emails=settings.unpersonalised_emails, on_event=on_event))
     files = write_report(result, out / "eval")
     for table in overview_tables(result):
         console.print(table)
-    console.print(f"distillation and evaluation took {time.perf_counter() - started:.0f} s; report: {files.html}")
+    store = store_label(settings)
+    console.print(f"distillation and evaluation took {time.perf_counter() - started:.0f} s; report: {files.html}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"each miniature alone: `outreach eval --world {world_dir} --split heldout --limit 60 --config "
+                  "teacher=heuristic,heuristic --config researcher=miniature:demo-researcher,heuristic --config "
+                  f"writer=heuristic,miniature:demo-writer --store {store} --corpus {settings.corpus_path} "
+                  f"--out {out / 'eval-each'}`", highlight=False, soft_wrap=True)
 
 
 @realdata_app.command("companies")
@@ -553,7 +650,7 @@ def realdata_companies(
                 path.unlink(missing_ok=True)
         engine, corpus = open_store(f"sqlite:///{store_path}"), Corpus(corpus_path)
         console.print(f"{name}: researching {n_prospects} prospects on {corpus_path} "
-                      f"(researcher={settings.researcher}, writer={settings.writer})")
+                      f"(researcher={describe_backend(settings.researcher)}, writer={describe_backend(settings.writer)})")
         try:
             figures = _progress_run(lambda on_event, name=name, engine=engine, corpus=corpus: measure_yc_companies(
                 csv_path, engine=engine, corpus=corpus, rendering=name, offer=offer_model, campaign=f"yc-{name}",
@@ -617,7 +714,7 @@ def _realdata_table(results) -> Table:  # type: ignore[no-untyped-def]
 
 @realdata_app.command("pages")
 def realdata_pages(
-    pages_dir: Annotated[Path, typer.Option("--dir", help="Folder of real pages (<name>/source.html).")] = Path(
+    pages_dir: Annotated[Path, typer.Option("--dir", help="Folder of real pages (`<name>/source.html`).")] = Path(
         "../shared/realdata/pages"),
     corpus: CorpusOpt = None,
     config: ConfigOpt = None,

@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from outreach.cli_common import StoreOpt, err, settings_or_exit
+from outreach.cli_common import StoreOpt, err, quiet_library_bars, require_extras, settings_or_exit
 
 if TYPE_CHECKING:
     from evals.abtest import ABReport
-    from evals.runner import EvalConfig, EvalResult, EvalSet
+    from evals.runner import ConfigResult, EvalConfig, EvalResult, EvalSet
+    from graphs.runner import RunEvent
 
-__all__ = ["abtest_app", "eval_command"]
+__all__ = ["abtest_app", "eval_command", "eval_progress", "overview_tables", "require_eval_extras"]
 
 console = Console()
 
@@ -120,16 +124,61 @@ def _f(v: float | None, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def require_eval_extras(command: str, configs: list[EvalConfig], judge: str | None = None) -> bool:
+    """Exit naming the extras to install: the ``eval`` extra (the report's plots and page), and ``train`` when a
+    configuration or the judge runs a ``miniature:`` in-process. Returns whether one does."""
+    from miniatures.specs import BackendSpecError, parse_backend_spec
+
+    def in_process(spec: str) -> bool:
+        try:
+            return parse_backend_spec(spec).kind == "miniature"
+        except BackendSpecError:
+            return False  # reported where the spec is used
+
+    specs = [spec for c in configs for spec in c.backends] + ([judge] if judge and judge != "rubric" else [])
+    local = any(in_process(s) for s in specs)
+    require_extras(command, "eval", *(("train",) if local else ()))
+    return local
+
+
+@contextmanager
+def eval_progress(total: int) -> Iterator[Callable[[str, RunEvent], None]]:
+    """One rich progress bar per configuration (prospects finished of ``total``) on standard error; yields the
+    ``on_event`` function of ``evals.runner.run_eval``."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=not err.is_terminal) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_event(name: str, event: RunEvent) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(name, total=total)
+            if event.status != "running":
+                progress.advance(tasks[name])
+
+        yield on_event
+
+
+def _valid(c: ConfigResult) -> str:
+    """A configuration's ``valid`` cell: valid emails of prospects (``59/60``, yellow when some are missing), or
+    ``ok`` without email figures."""
+    if c.email is None or not c.email.prospects:
+        return "ok"
+    valid = round(c.email.graph_valid_rate * c.email.prospects)
+    cell = f"{valid}/{c.email.prospects}"
+    return cell if valid == c.email.prospects else f"[yellow]{cell}[/yellow]"
+
+
 def overview_tables(result: EvalResult) -> tuple[Table, Table]:
     """Two terminal tables: quality (research, rubric, win rate) and cost and speed.
 
-    Quality columns: F1 against gold, ``no facts / misattr.`` (prospects whose research kept no verified
+    Quality columns: ``valid`` (valid emails of prospects, e.g. ``59/60``, or ``failed`` for a configuration
+    whose backend failed), F1 against gold, ``no facts / misattr.`` (prospects whose research kept no verified
     fact / facts dropped because their source is not about the prospect's company), the grounded-fact and
     schema-valid rates, the rubric's all-pass rate and the win rate.
     """
     quality = Table(title=f"evaluation {result.run_name}: {result.eval_set}, {result.n_prospects} prospects")
-    for name in ("config", "status", "F1", "no facts / misattr.", "grounded", "schema", "rubric", "win rate [CI]"):
-        quality.add_column(name, justify="left" if name in ("config", "status") else "right",
+    for name in ("config", "valid", "F1", "no facts / misattr.", "grounded", "schema", "rubric", "win rate [CI]"):
+        quality.add_column(name, justify="left" if name in ("config", "valid") else "right",
                            min_width=9 if name == "win rate [CI]" else None)  # "reference" whole
     cost = Table(title="cost and speed")
     for name in ("config", "tokens in/out per email", "USD / 1k emails", "p50 / p95 ms", "emails/s"):
@@ -141,7 +190,7 @@ def overview_tables(result: EvalResult) -> tuple[Table, Table]:
         r, e, p, k = c.research, c.email, c.pairwise, c.cost
         win = (f"{p.win_rate:.1%} [{p.ci_low:.1%}, {p.ci_high:.1%}]" if p else
                "reference" if c.name == result.reference else "-")
-        quality.add_row(c.name, "ok", _f(r.f1 if r else None),
+        quality.add_row(c.name, _valid(c), _f(r.f1 if r else None),
                         f"{c.no_facts} / {r.drop_reasons.get('misattributed', 0) if r else '-'}",
                         _f(r.grounded_fact_rate if r else None, ".1%"), _f(r.schema_valid_rate if r else None, ".1%"),
                         _f(e.all_pass_rate if e else None, ".1%"), win)
@@ -171,7 +220,7 @@ def eval_command(
         help="USD per instance hour of a local backend, SPEC_OR_KIND=PRICE (repeat); "
              "default heuristic=0, miniature=0.")] = None,
     run_name: Annotated[str, typer.Option(
-        help="Name of this evaluation; campaigns are <name>:<config>. Rerun to resume.")] = "eval",
+        help="Name of this evaluation; campaigns are `<name>:<config>`. Rerun to resume.")] = "eval",
     out: Annotated[Path, typer.Option(help="Folder for report.html, report.json and plots/.")] = Path("eval-report"),
     concurrency: Annotated[int | None, typer.Option(help="Prospects in flight at once per configuration.")] = None,
     probe: Annotated[int, typer.Option(
@@ -189,11 +238,8 @@ def eval_command(
     * `outreach eval --world world --config teacher=heuristic,heuristic --config short=heuristic,heuristic,max_pages=1`
     * `outreach eval --world world --split heldout --config eval.toml --judge openai:gpt-4.1-mini`
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from evals.report import write_report
     from evals.runner import EvalSpecError, run_eval
-    from graphs.runner import RunEvent
     from outreach.pipeline import open_web
     from store import open_store
 
@@ -204,6 +250,8 @@ def eval_command(
         raise _fail(str(exc)) from exc
     if not configs:
         raise _fail("give at least one --config NAME=RESEARCHER_SPEC,WRITER_SPEC (or a TOML file)")
+    if require_eval_extras("outreach eval", configs, judge or plan_judge):
+        quiet_library_bars()  # miniatures load in-process: one bar per configuration, not the libraries' own
     instance_prices = _instance_prices(instance_price or [], prices)
     eval_set = _eval_set(world, split, yc, prospects, offer, limit, settings.corpus_path)
     engine = open_store(settings.store_url)
@@ -212,17 +260,7 @@ def eval_command(
     except FileNotFoundError as exc:
         raise _fail(str(exc)) from exc
 
-    total = len(eval_set.prospects)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, disable=not err.is_terminal) as progress:
-        tasks: dict[str, Any] = {}
-
-        def on_event(name: str, event: RunEvent) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(name, total=total)
-            if event.status != "running":
-                progress.advance(tasks[name])
-
+    with eval_progress(len(eval_set.prospects)) as on_event:
         try:
             result = asyncio.run(run_eval(
                 engine, eval_set, configs, web=web, run_name=run_name, reference=reference or plan_reference,
@@ -294,6 +332,7 @@ def abtest_report(
 
     Example: `outreach abtest report events.csv --control A`
     """
+    require_extras("outreach abtest report", "eval")
     from evals.abtest import ab_report, import_events, load_events, read_events
 
     if not 0 < confidence < 1:
@@ -337,6 +376,7 @@ def abtest_plan(
 
     Example: `outreach abtest plan --baseline 0.05 --mde 0.2`
     """
+    require_extras("outreach abtest plan", "eval")
     from evals.abtest import REFERENCE_REPLY_RATE, sample_size
 
     try:

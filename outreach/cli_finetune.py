@@ -1,23 +1,44 @@
 """``outreach finetune ...`` and ``outreach miniatures ...``: distil traces into miniatures and manage them.
 
-Only typer and rich are imported at start-up; torch, transformers, peft and trl load inside the commands.
+Only typer and rich are imported at start-up; torch, transformers, peft and trl load inside the commands. The
+progress bars of training phases live here too (``demo --distill`` draws them as well).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from outreach.cli_common import StoreOpt, err, open_engine, settings_or_exit
+from outreach.cli_common import (
+    StoreOpt,
+    err,
+    open_engine,
+    quiet_library_bars,
+    require_extras,
+    settings_or_exit,
+    store_label,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from finetune.train import TrainProgress
     from store.models import MiniatureRecord
 
 finetune_app = typer.Typer(help="Distil a teacher's traces into miniatures (datasets, base models, TRL training).")
@@ -26,9 +47,45 @@ miniatures_app = typer.Typer(help="Registered miniatures (one LoRA adapter or fi
 console = Console()
 
 
-
 def _engine(store: str | None) -> Engine:
     return open_engine(settings_or_exit(None, store_url=store))
+
+
+def _loss_text(update: TrainProgress) -> str:
+    loss = "-" if update.loss is None else f"{update.loss:.3f}"
+    return loss + ("" if update.eval_loss is None else f" (eval {update.eval_loss:.3f})")
+
+
+@contextmanager
+def training_progress(description: str, bar_console: Console | None = None) -> Iterator[Callable[[TrainProgress], None]]:
+    """One rich progress bar for one training run: optimizer steps done of planned, the latest loss (and eval
+    loss), elapsed and remaining time. Yields the ``on_progress`` function of ``finetune.train.main`` /
+    ``finetune.distill.distill``; until the first update (the dataset is being built) the bar pulses.
+
+    Args:
+        description: the phase, e.g. ``"training demo-writer"``.
+        bar_console: where to draw (default: standard error; nothing is drawn when it is not a terminal).
+    """
+    where = bar_console or err
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=where, disable=not where.is_terminal) as progress:
+        task = progress.add_task(description, total=None, loss="-")
+
+        def update(state: TrainProgress) -> None:
+            progress.update(task, total=state.total_steps or None, completed=state.step, loss=_loss_text(state))
+
+        yield update
+
+
+@contextmanager
+def phase_progress(description: str) -> Iterator[None]:
+    """A spinner with the elapsed time on standard error for a phase that reports no steps (e.g. bootstrapping
+    a base model)."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  disable=not err.is_terminal) as progress:
+        progress.add_task(description, total=None)
+        yield
 
 
 @finetune_app.command("bootstrap-base")
@@ -46,6 +103,7 @@ def bootstrap_base_command(
 
     Example: `outreach finetune bootstrap-base --corpus corpus.sqlite --out models/base --preset 10m`
     """
+    require_extras("outreach finetune bootstrap-base", "train")
     from finetune.base import bootstrap_base, corpus_texts
     from outreach.settings import load_settings
 
@@ -56,12 +114,12 @@ def bootstrap_base_command(
     texts = list(corpus_texts(corpus_path))
     if traces_store:
         from outreach.queries import select_traces
-        from store import open_store
 
-        for trace in select_traces(open_store(traces_store)):
+        for trace in select_traces(_engine(traces_store)):
             texts.extend(str(m.get("content", "")) for m in trace.messages)
             texts.append(trace.output)
-    info = bootstrap_base(out, texts, arch=arch, preset=preset, pretrain_steps=steps, seed=seed)  # type: ignore[arg-type]
+    with phase_progress(f"bootstrapping a {preset} {arch} base: tokenizer, then {steps} pretraining steps"):
+        info = bootstrap_base(out, texts, arch=arch, preset=preset, pretrain_steps=steps, seed=seed)  # type: ignore[arg-type]
     console.print_json(json.dumps(info.to_json()))
 
 
@@ -109,6 +167,7 @@ def train_command(
 
     Example: `outreach finetune train --agent writer --name writer --base-model models/base --set num_train_epochs=2`
     """
+    require_extras("outreach finetune train", "train")
     from finetune.distill import distill
     from miniatures.registry import MiniatureNotFoundError
 
@@ -129,15 +188,19 @@ def train_command(
         if parent_ref is None:
             err.print("[red]--parent takes NAME@VERSION[/red]")
             raise typer.Exit(2)
+    engine = _engine(store)
+    quiet_library_bars()
     try:
-        result = distill(_engine(store), agent=agent, name=name, base_model=base_model, work_dir=work_dir,
-                         campaigns=campaign, backends=backend, review=review, method=method,  # type: ignore[arg-type]
-                         parent=parent_ref, train_overrides=overrides, config_file=config)
-    except (ValueError, MiniatureNotFoundError) as exc:
+        with training_progress(f"training {name} ({agent}, {method})") as on_progress:
+            result = distill(engine, agent=agent, name=name, base_model=base_model, work_dir=work_dir,
+                             campaigns=campaign, backends=backend, review=review, method=method,  # type: ignore[arg-type]
+                             parent=parent_ref, train_overrides=overrides, config_file=config, on_progress=on_progress)
+    except (ValueError, MiniatureNotFoundError, FileNotFoundError) as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     m = result.miniature
-    console.print(f"registered miniature:{m.name}@{m.version} ({m.method}, agent {m.agent}) at {m.adapter_path}")
+    console.print(f"registered miniature:{m.name}@{m.version} ({m.method}, agent {m.agent}) at {m.adapter_path}; "
+                  f"final train loss {result.metrics.get('train_loss', float('nan')):.3f}")
 
 
 @miniatures_app.command("list")
@@ -145,8 +208,15 @@ def miniatures_list(store: StoreOpt = None) -> None:
     """List registered miniatures. Example: `outreach miniatures list`"""
     from miniatures.registry import list_miniatures
 
-    table = Table("name", "version", "agent", "method", "base model", "dataset", "created")
-    for m in list_miniatures(_engine(store)):
+    settings = settings_or_exit(None, store_url=store)
+    records = list_miniatures(open_engine(settings))
+    if not records:
+        err.print(f"no miniatures registered in the store {store_label(settings)}; distil one with "
+                  "`outreach finetune train` (or `outreach demo --distill`)", highlight=False, soft_wrap=True)
+        return
+    table = Table("name", "version", "agent", "method", "base model", "dataset", "created",
+                  title=f"miniatures in {store_label(settings)}")
+    for m in records:
         table.add_row(m.name, str(m.version), m.agent, m.method, m.base_model, m.dataset_hash[:12],
                       m.created_at.strftime("%Y-%m-%d %H:%M"))
     console.print(table)

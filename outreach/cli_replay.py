@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from outreach.cli_common import ConfigOpt, CorpusOpt, StoreOpt, err, open_engine, settings_or_exit
+from outreach.cli_common import ConfigOpt, CorpusOpt, StoreOpt, err, open_engine, probe_backends, settings_or_exit
 
 if TYPE_CHECKING:
     from evals.replays import ReplayComparison
@@ -114,7 +114,7 @@ def replay_command(
     writer: Annotated[str | None, typer.Option(
         help="Backend spec to replay the writer with (omit to keep its recorded answers).")] = None,
     name: Annotated[str | None, typer.Option(
-        help="Name of the replay campaign (default: '<source> -> replay(<researcher>, <writer>)'); rerun to resume.")
+        help="Name of the replay campaign (default: `<source> -> replay(<researcher>, <writer>)`); rerun to resume.")
     ] = None,
     use_corpus: Annotated[bool, typer.Option(
         "--use-corpus/--snapshots-only", help="Read pages without a snapshot from the corpus (offline campaigns).")
@@ -151,14 +151,14 @@ def replay_command(
     settings = settings_or_exit(config, concurrency=concurrency, store_url=store, corpus_path=corpus,
                                 unpersonalised_emails=unpersonalised_emails)
     try:
-        for spec in (researcher, writer):
-            if spec is not None:
-                parse_backend_spec(spec)
+        specs = {agent: parse_backend_spec(spec) for agent, spec in (("researcher", researcher), ("writer", writer))
+                 if spec is not None}
         wanted = parse_trace_filter(traces) if traces is not None else {"campaign": campaign}
     except (BackendSpecError, TraceFilterError) as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     engine = open_engine(settings)
+    probe_backends(specs, settings)
     selected = select_replay_runs(engine, **wanted)
     if campaign is not None and not selected:
         selected = {campaign: []}  # let replay() say whether the campaign exists or has nothing finished
