@@ -43,6 +43,7 @@ from agents.attribution import CompanyMatcher, company_core_name
 from agents.fact_shapes import MAX_PHRASE_WORDS, value_problem
 from agents.grounding import host_of, is_instruction
 from agents.prompts import EXTRACTION_SYSTEM_PROMPT, WRITER_SYSTEM_PROMPT
+from agents.prose import GATED_FIELDS, grammatical_number, lower_first, prose_problem, relevant_problem
 from agents.schemas import FACT_FIELDS
 
 __all__ = ["HEURISTIC_MODEL_NAME", "HeuristicChatModel", "estimate_tokens"]
@@ -646,104 +647,190 @@ _TAG_LINE = re.compile(r"^\{\{([\w.]+)\}\}:\s?(.*)$")
 _BAD_TAGS = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _FEEDBACK_LINE = re.compile(r"^-\s*(\w+):\s*(.*)$")
 _WORDS = re.compile(r"\S+")
+#: ``<plural form|singular form>`` in a template: the verb agrees with the slot's noun phrase.
+_AGREE = re.compile(r"<([^<>|]+)\|([^<>|]+)>")
 #: Assumed word counts of name tags whose values the prompt does not show.
 _TAG_WORDS = {"first_name": 1, "last_name": 1, "company": 2, "title": 2, "sender_name": 2,
               "sender_company": 2, "product": 2}
-_FACT_PREFERENCE = ("recent_event", "pain_point", "product", "customer_segment", "location", "industry",
-                    "employee_count", "founded_year")
+#: Words from the greeting to the call to action the templates aim for (the rubric's band is 50 to 90;
+#: the margin covers company names longer than the two words assumed).
+_BAND = (56, 84)
+_SUBJECT_WORDS = 5
+_NONE = {"(none)", "(not given)", "(unknown)"}
 
-# Each piece is a template using merge tags; a piece is only used when all its tags are available.
-_GREETINGS = ("Hi {{first_name}},", "Hello {{first_name}},", "Dear {{first_name}},",
-              "Good morning {{first_name}},")
-_SUBJECTS = (
-    "Quick idea for {{company}}",
-    "{{first_name}}, a thought on {{company}}",
-    "{{product}} for {{company}}",
-    "A question for the {{company}} team",
-    "Helping {{company}} with the next step",
-    "An idea for you, {{first_name}}",
-)
-_EVENT_SUBJECTS = ("Congrats on the recent news, {{first_name}}", "Following the news at {{company}}")
+# Each piece is a template using merge tags and, in angle brackets, offer text (<problem>, <pred>, <np>,
+# <sentence>, <proof>) or agreement (<are|is>); a piece is only used when all its tags are available.
+_GREETINGS = ("Hi {{first_name}},", "Hello {{first_name}},")
+_SUBJECTS = ("Idea for {{company}}", "A thought for {{company}}", "Question for {{company}}", "Quick question",
+             "For the {{company}} team", "A short note", "Worth a look")
+_FIELD_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "recent_event": ("Congrats on the news", "The news at {{company}}", "After the big news"),
+    "pain_point": ("About {{fact.pain_point}}",),
+    "location": ("Teams in {{fact.location}}",),
+    "customer_segment": ("Selling to {{fact.customer_segment}}",),
+}
+#: The first sentence: an observation about the prospect's world through one fact (never about the sender).
 _OPENERS: dict[str, tuple[str, ...]] = {
     "recent_event": (
-        "I saw that {{company}} {{fact.recent_event}}. Congratulations, that is a real milestone for the "
-        "team.",
-        "Congratulations on the news that {{company}} {{fact.recent_event}}; moments like that usually bring "
-        "a wave of new priorities.",
-        "I read that {{company}} {{fact.recent_event}}, and it got me thinking about what comes next for "
-        "you.",
-        "Word travels fast: {{company}} {{fact.recent_event}}. That kind of momentum tends to stretch the "
-        "systems behind it.",
+        "Now that {{company}} {{fact.recent_event}}, the next few months are probably busy.",
+        "Congratulations on the news: {{company}} {{fact.recent_event}}.",
+        "News travels fast: {{company}} {{fact.recent_event}}, which is a real milestone.",
+        "The news that {{company}} {{fact.recent_event}} caught my eye.",
+        "Word is that {{company}} {{fact.recent_event}}; congratulations to the team.",
+        "{{company}} {{fact.recent_event}}, and that tends to reset the plan for the year.",
+        "Good to see that {{company}} {{fact.recent_event}}.",
+        "Big step: {{company}} {{fact.recent_event}}.",
     ),
     "pain_point": (
-        "Teams I speak with keep telling me that {{fact.pain_point}} eats more time than anyone planned for.",
-        "When I looked at {{company}}, {{fact.pain_point}} stood out as a challenge worth solving early.",
-        "It sounds like {{fact.pain_point}} is on the agenda at {{company}} right now.",
-        "I keep hearing that {{fact.pain_point}} is one of the hardest problems to get right at your stage.",
+        "It sounds like {{fact.pain_point}} <are|is> on the agenda at {{company}}.",
+        "From the outside, {{fact.pain_point}} <look|looks> like one of the harder problems at {{company}}.",
+        "Teams dealing with {{fact.pain_point}} rarely have hours to spare, and {{company}} is likely no "
+        "exception.",
+        "{{company}} seems to be working through {{fact.pain_point}}, like many teams in its space.",
+        "Few problems eat a week the way {{fact.pain_point}} <do|does>, and {{company}} seems to know it.",
     ),
     "product": (
-        "I have been reading about {{fact.product}} and the way {{company}} positions it.",
-        "The work {{company}} is doing on {{fact.product}} caught my attention this week.",
+        "The way {{company}} positions {{fact.product}} caught my eye.",
+        "{{fact.product}} looks like a thoughtful piece of work from {{company}}.",
+        "From what I can see, {{fact.product}} is at the centre of what {{company}} does.",
+        "Building something like {{fact.product}} is no small job, and {{company}} seems to be doing it well.",
     ),
     "customer_segment": (
-        "Serving {{fact.customer_segment}} is demanding, and {{company}} seems to do it well.",
-        "I noticed that {{company}} focuses on {{fact.customer_segment}}, a group with very specific "
-        "expectations.",
+        "Selling to {{fact.customer_segment}} is demanding work, and {{company}} seems to do it well.",
+        "{{company}} works with {{fact.customer_segment}}, a group with very specific expectations.",
+        "Teams that serve {{fact.customer_segment}} tend to live and die by their follow-up.",
+        "Not many teams focus on {{fact.customer_segment}} the way {{company}} does.",
     ),
     "location": (
-        "I have been following a few companies based in {{fact.location}}, and {{company}} kept coming up.",
-        "Teams in {{fact.location}} are moving quickly in your space, and {{company}} stood out to me.",
+        "Teams in {{fact.location}} are moving quickly, and {{company}} stands out among them.",
+        "{{company}} is one of the more interesting teams based in {{fact.location}}.",
+        "Being based in {{fact.location}} gives {{company}} a strong local network to sell into.",
+        "Out of the teams in {{fact.location}}, {{company}} is one that stands out.",
+        "{{company}} works out of {{fact.location}}, one of the busier places to build a company right now.",
+        "Building a company in {{fact.location}}, as {{company}} does, means a crowded field of competitors.",
     ),
     "industry": (
         "Few corners of {{fact.industry}} move as fast as the one {{company}} works in.",
-        "I work with several teams in {{fact.industry}}, and {{company}} stood out to me.",
+        "{{company}} is building in {{fact.industry}}, where buyers have little time to spare.",
+        "Selling in {{fact.industry}} is a crowded game, and {{company}} seems to play it well.",
     ),
     "employee_count": (
-        "With a team of {{fact.employee_count}} people, {{company}} is at the stage where good "
-        "processes start to matter.",
+        "With {{fact.employee_count}} people on the team, {{company}} is at the stage where good processes "
+        "start to matter.",
+        "{{company}} has {{fact.employee_count}} people, about the point where informal habits stop scaling.",
+        "At {{fact.employee_count}} people, every hour at {{company}} counts.",
+        "{{company}} runs with {{fact.employee_count}} people, so every process has to earn its place.",
+        "Running {{company}} with {{fact.employee_count}} people means every week counts.",
     ),
     "founded_year": (
-        "Since {{company}} started in {{fact.founded_year}}, it has clearly grown into a serious player.",
+        "{{company}} has been at it since {{fact.founded_year}}, long enough to know what works.",
+        "A company founded in {{fact.founded_year}} usually has a few habits worth revisiting, and "
+        "{{company}} may be no different.",
+        "Since {{fact.founded_year}}, {{company}} has had time to find out what slows a team down.",
+        "{{company}} started in {{fact.founded_year}}, and the early years decide a lot about how a team sells.",
+        "Starting a company in {{fact.founded_year}}, as {{company}} did, means building the sales motion from "
+        "scratch.",
     ),
 }
 _NO_FACT_OPENERS = (
-    "I have been looking at how {{company}} works and had an idea worth sharing.",
-    "I came across {{company}} recently and wanted to reach out with a short note.",
-    "I have been reading about teams like {{company}} and thought of you.",
+    "Most teams in your position are busy, so this note is short.",
+    "Plenty of teams like {{company}} are juggling more than they planned for this year.",
+    "Teams like {{company}} tend to have more on their plate than their headcount suggests.",
 )
-_SECONDARY: dict[str, tuple[str, ...]] = {
-    "recent_event": ("It was also good to see that {{company}} {{fact.recent_event}}.",),
-    "pain_point": ("I also understand that {{fact.pain_point}} is a live topic for your team.",),
-    "product": ("I also like how {{fact.product}} is presented on your site.",),
-    "customer_segment": ("Working with {{fact.customer_segment}} sets a high bar for reliability.",),
-    "location": ("Being based in {{fact.location}} gives you a strong local network.",),
-    "industry": ("That is rare in {{fact.industry}}.",),
-    "employee_count": ("A team of {{fact.employee_count}} can move quickly with the right tools.",),
-    "founded_year": ("Not bad for a company founded in {{fact.founded_year}}.",),
-}
+#: After an event: how it connects to the problem of the offer that it shares words with.
+_EVENT_BRIDGES = (
+    "That tends to put <problem> on the agenda.",
+    "In my experience, the hard part after that is <problem>.",
+    "Moments like that usually make <problem> more pressing.",
+    "The teams I talk to say the tricky part from there is <problem>.",
+    "From there, <problem> usually <become|becomes> the real work.",
+    "That is usually when <problem> <start|starts> to matter.",
+    "What tends to follow is a push on <problem>.",
+)
+#: After any other fact: a problem of the offer that teams in that position often have.
+_BRIDGES = (
+    "Teams like that often tell me <problem> <take|takes> more of the week than planned.",
+    "That often makes <problem> a bigger job than it looks.",
+    "For teams like that, <problem> <tend|tends> to land on a few busy people.",
+    "A common thread for teams like that is <problem>.",
+    "Teams in that spot usually wrestle with <problem>.",
+)
+#: After a head count or a founding year: the same, about the company's stage.
+_STAGE_BRIDGES = (
+    "At that stage, <problem> <are|is> often where the hours go.",
+    "That is about when <problem> <start|starts> to eat into the week.",
+    "Teams at that stage often tell me <problem> <take|takes> more time than planned.",
+    "A common thread at that stage is <problem>.",
+    "That is usually the point where <problem> <need|needs> a better answer.",
+)
+#: The prospect's role, after a sentence it can refer to (a bridge or a pain point).
 _TITLE_LINES = (
-    "As {{title}}, you are probably the person who feels this most.",
-    "In your role as {{title}}, I imagine this lands on your desk.",
+    "As {{title}}, you probably see this up close.",
+    "As {{title}}, you may be the one who feels it first.",
+    "I would guess that lands with you as {{title}}.",
+    "That is likely on your desk as {{title}}.",
+    "In your seat as {{title}}, that is hard to ignore.",
 )
-_PITCHES = (
-    "At {{sender_company}} we built {{product}} for teams like yours.",
-    "{{product}} from {{sender_company}} was made for exactly this.",
-    "That is where {{product}} comes in.",
-    "I work on {{product}} at {{sender_company}}.",
+#: The product, named once, with what it does (<pred>: a third-person predicate from the value proposition).
+_PREDICATE_PITCHES = (
+    "{{product}} <pred>.",
+    "That is the job {{product}} does: it <pred>.",
+    "We built {{product}} for this; it <pred>.",
+    "Our answer is {{product}}, which <pred>.",
+    "Here is where {{product}} fits: it <pred>.",
+    "In short, {{product}} <pred>.",
+    "That is why we made {{product}}: it <pred>.",
+    "{{product}} was made for this: it <pred>.",
+)
+_PROBLEM_PITCHES = (
+    "{{product}} takes <problem> off your plate.",
+    "We built {{product}} to make <problem> simpler.",
+    "{{product}} exists to help with <problem>.",
+    "Our team made {{product}} for <problem>.",
+)
+_PHRASE_PITCHES = (
+    "{{product}} is built for one thing: <np>.",
+    "What {{product}} offers is simple: <np>.",
+    "{{product}} comes down to this: <np>.",
+)
+_SENTENCE_PITCHES = (
+    "That is what {{product}} is for. <sentence>",
+    "We built {{product}} for this. <sentence>",
+    "{{product}} is our answer. <sentence>",
+)
+_PLAIN_PITCHES = (
+    "{{product}} was built for exactly this.",
+    "That is what {{product}} is for.",
+    "This is the problem {{product}} was built for.",
+)
+_PROOFS = (
+    "One recent example: <proof>",
+    "To give you a sense of it, <proof>",
+    "For context, <proof>",
+    "A result I can share: <proof>",
+    "For what it is worth, <proof>",
+    "One data point: <proof>",
+    "To put a number on it, <proof>",
+    "A recent case: <proof>",
 )
 _FILLERS = (
     "It usually takes one short conversation to see whether there is a fit.",
-    "There is no pressure either way, and I am happy to share what has worked for similar teams.",
-    "Most teams we work with start small and expand once they see the results for themselves.",
-    "I would rather learn how you work today than pitch you something that does not fit.",
+    "There is no pressure either way.",
+    "Happy to share what has worked for similar teams.",
+    "Most teams start small and expand once they see results.",
 )
-_SIGNOFFS = ("Best,", "Best regards,", "Thanks,", "All the best,")
+_SIGNOFFS = ("Best,", "Thanks,", "Cheers,", "All the best,")
+#: Where a value proposition's first clause ends ("spots the accounts ..., so your team ...").
+_CLAUSE = re.compile(r",?\s+(?:so that|so|which|and then|while)\s+|[;:]\s+|\s+[-\u2013\u2014]\s+|,\s+and\s+")
+_MAX_PREDICATE_WORDS = 24
 
 
 @dataclass
 class _WritingTask:
     product: str = ""
     value_proposition: str = ""
+    problems: list[str] = field(default_factory=list)
+    proof_point: str = ""
     call_to_action: str = ""
     opt_out_line: str = ""
     title: str = ""
@@ -755,6 +842,8 @@ def _parse_writing(user: str) -> _WritingTask:
     labels: dict[str, Callable[[str], None]] = {
         "Product:": lambda v: setattr(task, "product", v),
         "Value proposition:": lambda v: setattr(task, "value_proposition", v),
+        "Problems solved:": lambda v: setattr(task, "problems", [p.strip() for p in v.split(";") if p.strip()]),
+        "Proof point:": lambda v: setattr(task, "proof_point", v),
         "Call to action:": lambda v: setattr(task, "call_to_action", v),
         "Opt-out line:": lambda v: setattr(task, "opt_out_line", v),
         "Prospect title:": lambda v: setattr(task, "title", v),
@@ -766,7 +855,8 @@ def _parse_writing(user: str) -> _WritingTask:
             continue
         for label, setter in labels.items():
             if line.startswith(label):
-                setter(line[len(label):].strip())
+                value = line[len(label):].strip()
+                setter("" if value in _NONE else value)
                 break
     return task
 
@@ -779,6 +869,7 @@ class _Feedback:
     too_short: bool = False
     subject_too_long: bool = False
     bad_tags: set[str] = field(default_factory=set)
+    spam: set[str] = field(default_factory=set)
 
 
 def _parse_feedback(messages: Sequence[str]) -> _Feedback:
@@ -798,6 +889,8 @@ def _parse_feedback(messages: Sequence[str]) -> _Feedback:
                 fb.too_short |= "too short" in msg
             if check == "subject_length" and "too long" in msg:
                 fb.subject_too_long = True
+            if check == "spam":
+                fb.spam |= {p.lower() for p in re.findall(r"'([^']+)'", msg)}
         for line in text.splitlines():
             if "cannot be filled" in line:
                 head = line.split("cannot be filled", 1)[1].split("Allowed tags", 1)[0]
@@ -810,39 +903,122 @@ def _sentence(text: str) -> str:
     return text if not text or text[-1] in ".!?" else text + "."
 
 
+def _third_person(predicate: str) -> str:
+    """``predicate`` of "we" turned into one of "it": its first verb in the third person singular."""
+    verb, _, rest = predicate.partition(" ")
+    irregular = {"are": "is", "have": "has", "do": "does", "go": "goes", "were": "was"}
+    if verb in irregular:
+        verb = irregular[verb]
+    elif re.search(r"(?:s|sh|ch|x|z|o)$", verb):
+        verb += "es"
+    elif re.search(r"[^aeiou]y$", verb):
+        verb = verb[:-1] + "ies"
+    elif not verb.endswith("ed"):
+        verb += "s"
+    return f"{verb} {rest}".strip()
+
+
+def _pitch_parts(value_proposition: str, product: str) -> tuple[str, str]:
+    """Read the value proposition as ``(kind, text)``: ``("predicate", "spots the accounts ...")`` when it
+    can follow the product's name (it starts with the product's name, "It" or "We", or is a verb phrase in
+    the third person such as "cuts month-end close time"), ``("sentence", ...)`` for a sentence with another
+    subject, ``("phrase", ...)`` for any other fragment; ``("", "")`` when empty."""
+    text = " ".join(value_proposition.split())
+    core = text.rstrip(".!? ")
+    if not core:
+        return "", ""
+    first, _, rest = core.partition(" ")
+    if product and core.lower().startswith(product.lower() + " "):
+        return "predicate", core[len(product) + 1:].strip()
+    if re.fullmatch(r"(?i)it(?:'s|\u2019s)", first) and rest:
+        return "predicate", f"is {rest}"
+    if first.lower() == "it" and rest:
+        return "predicate", rest
+    if first.lower() == "we" and rest and rest.split()[0].isalpha():
+        return "predicate", _third_person(rest)
+    if first.isalpha() and first.islower() and first.endswith("s") and not first.endswith("ss") and rest:
+        return "predicate", core
+    if first[:1].isupper() and text[-1:] in ".!?" and len(core.split()) >= 4:
+        return "sentence", text
+    return "phrase", lower_first(core)
+
+
+def _short_predicate(predicate: str) -> str:
+    """The first clause of ``predicate`` ("spots the accounts that are ready to buy")."""
+    return _CLAUSE.split(predicate, maxsplit=1)[0].strip(" ,")
+
+
 class _Composer:
     """Chooses template pieces deterministically from a seed, using only available tags."""
 
-    def __init__(self, task: _WritingTask, seed: int, banned: set[str]) -> None:
-        self.values = {k: v for k, v in task.tags.items() if k not in banned}
+    def __init__(self, task: _WritingTask, seed: int, fb: _Feedback) -> None:
+        self.values = {k: v for k, v in task.tags.items() if k not in fb.bad_tags}
+        self.known = {"product": task.product, "title": task.title}
         self.seed = seed
+        self.spam = fb.spam
 
     def usable(self, template: str) -> bool:
-        return all(t in self.values for t in _BAD_TAGS.findall(template))
+        return (all(t in self.values for t in _BAD_TAGS.findall(template))
+                and not any(p in template.lower() for p in self.spam))
 
     def pick(self, options: Sequence[str], salt: int) -> str | None:
         ok = [o for o in options if self.usable(o)]
         if not ok:
             return None
-        return ok[(self.seed // (salt + 1) + salt) % len(ok)]
+        digest = hashlib.sha256(f"{self.seed}:{salt}".encode()).digest()
+        return ok[int.from_bytes(digest[:4], "big") % len(ok)]
 
     def words(self, text: str) -> int:
         def tag_words(name: str) -> int:
-            if name.startswith("fact."):
-                return len(_WORDS.findall(self.values.get(name, "x"))) or 1
-            return _TAG_WORDS.get(name, 1)
+            value = self.values.get(name, "") if name.startswith("fact.") else self.known.get(name, "")
+            return len(_WORDS.findall(value)) or _TAG_WORDS.get(name, 1)
 
         count = len(_WORDS.findall(_BAD_TAGS.sub("", text)))
         return count + sum(tag_words(t) for t in _BAD_TAGS.findall(text))
 
 
+def _fill(template: str, number: str, **texts: str) -> str:
+    """Put offer texts into ``template``'s ``<name>`` slots and make ``<plural|singular>`` agree."""
+    for name, text in texts.items():
+        template = template.replace(f"<{name}>", text)
+    return _AGREE.sub(lambda m: m.group(1) if number == "plural" else m.group(2), template)
+
+
+def _observation(comp: _Composer, task: _WritingTask, facts: list[str]) -> tuple[str, str, str | None]:
+    """Pick the fact to open with and its problem: ``(field, opener, problem)``.
+
+    A relevant event or pain point comes first (it ties the email to a problem the offer solves); else a
+    fact chosen by the seed among those that read as prose in their role.
+    """
+    def relevant(name: str) -> tuple[bool, str | None]:
+        return relevant_problem(comp.values[f"fact.{name}"], task.problems, task.value_proposition)
+
+    gated = [f for f in facts if f in GATED_FIELDS and relevant(f)[0]]
+    prose = [f for f in facts if prose_problem(f, comp.values[f"fact.{f}"]) is None] or facts
+    pool = gated or [f for f in prose if f not in GATED_FIELDS] or prose
+    name = pool[int.from_bytes(hashlib.sha256(f"{comp.seed}:fact".encode()).digest()[:4], "big") % len(pool)]
+    number = grammatical_number(comp.values[f"fact.{name}"])
+    opener = _fill(comp.pick(_OPENERS[name], 3) or _OPENERS[name][0], number)
+    problem = relevant(name)[1] if name in GATED_FIELDS else None
+    return name, opener, problem
+
+
 def write_email(user: str, followups: Sequence[str] = ()) -> dict[str, str]:
     """Answer a writer prompt (the user message of ``WRITER_USER_TEMPLATE``) with templates.
+
+    The email follows the writer's rules of craft (``agents.prompts.WRITER_SYSTEM_PROMPT``): an opener
+    about the prospect through one listed fact (a relevant event or pain point first), a sentence tying
+    it to a problem of ``Problems solved`` (the one it shares words with, ``agents.prose``), the
+    prospect's role when known, the product named once with what it does (from the value proposition,
+    read as a predicate, a sentence or a phrase), the proof point when there is one, the call to action
+    and a sign-off; 56 to 84 words from greeting to call to action; a subject of at most five words with
+    no product or first name. Verbs agree with plural noun phrases; every piece has several variants,
+    chosen by a stable SHA-256 hash of the prompt, so sentences vary across a campaign.
 
     Args:
         user: The writer user message.
         followups: Later user messages (validation feedback, merge-tag errors); fixed by rule where
-            possible (shorter or longer body, other subject, no offer text, no rejected tags).
+            possible (shorter or longer body, shorter subject, no offer text, no rejected tags).
 
     Returns:
         ``{"subject": ..., "body": ...}`` written with merge tags.
@@ -850,66 +1026,98 @@ def write_email(user: str, followups: Sequence[str] = ()) -> dict[str, str]:
     task = _parse_writing(user)
     fb = _parse_feedback(followups)
     seed = int.from_bytes(hashlib.sha256(user.encode("utf-8")).digest()[:8], "big") + 7919 * fb.rounds
-    comp = _Composer(task, seed, fb.bad_tags)
-    facts = [f for f in _FACT_PREFERENCE if f"fact.{f}" in comp.values]
+    comp = _Composer(task, seed, fb)
+    facts = [f for f in FACT_FIELDS if f"fact.{f}" in comp.values]
+    problems = task.problems
 
-    # Subject
-    if fb.subject_too_long:
-        short = comp.pick(("Quick idea for {{company}}",), 0) if fb.rounds == 1 else None
-        subject = short or "A quick idea"
-    else:
-        options = _EVENT_SUBJECTS + _SUBJECTS if "recent_event" in facts else _SUBJECTS
-        subject = comp.pick(options, 1) or "A quick idea"
-
-    # Body pieces: (text, optional?)
-    greeting = comp.pick(_GREETINGS, 2) or "Hello,"
-    core: list[str] = []
-    optional: list[str] = []
     if facts:
-        opener = comp.pick(_OPENERS[facts[0]], 3)
-        if opener:
-            core.append(opener)
-        if len(facts) > 1:
-            second = comp.pick(_SECONDARY[facts[1]], 4)
-            if second:
-                optional.append(second)
+        name, opener, problem = _observation(comp, task, facts)
     else:
-        core.append(comp.pick(_NO_FACT_OPENERS, 3) or "I wanted to reach out with a short note.")
-    title_line = comp.pick(_TITLE_LINES, 5)
-    if title_line:
-        optional.append(title_line)
-    pitch = comp.pick(_PITCHES, 6) or "We may be able to help."
-    vp = "" if fb.checks & {"spam", "grounded"} else _sentence(task.value_proposition)
+        name, problem = "", None
+        opener = comp.pick(_NO_FACT_OPENERS, 3) or "Most teams in your position are busy, so this note is short."
+    if problem is None and problems and name != "pain_point":
+        problem = problems[seed % len(problems)]
+    bridge = ""
+    if problem and name != "pain_point":
+        bridges = (_EVENT_BRIDGES if name == "recent_event"
+                   else _STAGE_BRIDGES if name in ("employee_count", "founded_year") else _BRIDGES)
+        bridge = _fill(comp.pick(bridges, 4) or bridges[0], grammatical_number(problem), problem=problem)
+    refers = bool(bridge) or name == "pain_point"
+    title_line = (comp.pick(_TITLE_LINES, 5) or "") if refers else ""
+
+    offer_text_ok = not fb.checks & {"spam", "grounded"}
+    kind, text = _pitch_parts(task.value_proposition, task.product) if offer_text_ok else ("", "")
+    proof = _sentence(task.proof_point) if task.proof_point and offer_text_ok else ""
+    if proof:
+        frame = comp.pick(_PROOFS, 6) or _PROOFS[0]
+        proof = _fill(frame, "singular", proof=lower_first(proof) if "," in frame else proof)
+
+    # The pitch names a problem other than the bridge's, when the offer has another.
+    others = [p for p in problems if p != problem or not bridge]
+    pitch_problem = others[(seed >> 7) % len(others)] if others else ""
+    # A quarter of the emails (and every one whose value proposition does not fit) pitch through the
+    # problem, so the value proposition's words do not repeat in every email of a campaign.
+    by_problem = bool(pitch_problem) and seed % 4 == 0
+
+    def pitch(short: bool) -> str:
+        if kind == "predicate" and not by_problem:
+            pred = _short_predicate(text) if short or len(text.split()) > _MAX_PREDICATE_WORDS else text
+            if len(pred.split()) <= _MAX_PREDICATE_WORDS:
+                return _fill(comp.pick(_PREDICATE_PITCHES, 7) or _PREDICATE_PITCHES[0], "singular", pred=pred)
+        fits = not short and len(text.split()) <= _MAX_PREDICATE_WORDS and not by_problem
+        if kind == "phrase" and fits:
+            return _fill(comp.pick(_PHRASE_PITCHES, 9) or _PHRASE_PITCHES[0], "singular", np=text)
+        if kind == "sentence" and fits:
+            return _fill(comp.pick(_SENTENCE_PITCHES, 9) or _SENTENCE_PITCHES[0], "singular", sentence=text)
+        if pitch_problem:
+            return _fill(comp.pick(_PROBLEM_PITCHES, 8) or _PROBLEM_PITCHES[0], "singular", problem=pitch_problem)
+        return comp.pick(_PLAIN_PITCHES, 9) or _PLAIN_PITCHES[0]
+
+    subject = _subject(comp, name, fb)
+    greeting = comp.pick(_GREETINGS, 2) or "Hello,"
     cta = _sentence(task.call_to_action) if task.call_to_action else ""
-    signoff = comp.pick(_SIGNOFFS, 7) or "Best,"
+    signoff = comp.pick(_SIGNOFFS, 10) or "Best,"
     sender = "\n".join(x for x in ("{{sender_name}}", "{{sender_company}}") if comp.usable(x))
-    opt_out = task.opt_out_line.strip()
+    low, high = (50, 70) if fb.too_long else ((80, 95) if fb.too_short else _BAND)
 
-    low, high = (75, 110) if fb.too_long else ((90, 150) if fb.too_short else (70, 150))
-    fillers = [comp.pick(_FILLERS[i:] + _FILLERS[:i], 8 + i) or "" for i in range(len(_FILLERS))]
-    fillers = list(dict.fromkeys(f for f in fillers if f))
+    def assemble(parts: dict[str, str], fill: list[str]) -> tuple[str, int]:
+        para1 = " ".join(x for x in (opener, parts["bridge"], parts["title"]) if x)
+        para2 = " ".join(x for x in (parts["pitch"], proof, *fill) if x)
+        head = [greeting, para1, para2, cta]
+        body = "\n\n".join(p for p in [*head, "\n".join(x for x in (signoff, sender) if x),
+                                       task.opt_out_line.strip()] if p)
+        return body, comp.words(" ".join(head))
 
-    def assemble(opt: list[str], fill: list[str]) -> str:
-        para1 = " ".join(core + opt)
-        para2 = " ".join(x for x in (pitch, vp, *fill) if x)
-        parts = [greeting, para1, para2, cta, "\n".join(x for x in (signoff, sender) if x), opt_out]
-        return "\n\n".join(p for p in parts if p)
-
-    opt = list(optional)
-    fill: list[str] = []
-    body = assemble(opt, fill)
-    while comp.words(body) > high and (opt or vp):
-        if opt:
-            opt.pop()
-        else:
-            vp = ""
-        body = assemble(opt, fill)
-    for f in fillers:
-        if comp.words(body) >= low:
+    # Half of the emails say only the first clause of the value proposition, and any email that is too
+    # long; then a too-long email drops the role line, then the bridge.
+    parts = {"bridge": bridge, "title": title_line, "pitch": pitch(short=bool(seed >> 5 & 1))}
+    body, words = assemble(parts, [])
+    for step in ("pitch", "title", "bridge"):
+        if words <= high:
             break
-        fill.append(f)
-        body = assemble(opt, fill)
+        parts[step] = pitch(short=True) if step == "pitch" else ""
+        body, words = assemble(parts, [])
+    if words < low:  # too short: the whole value proposition first, then fillers
+        longer = {**parts, "pitch": pitch(short=False)}
+        body_longer, words_longer = assemble(longer, [])
+        if words_longer <= high:
+            parts, body, words = longer, body_longer, words_longer
+    fill: list[str] = []
+    start = (seed >> 11) % len(_FILLERS)
+    for filler in (f for f in _FILLERS[start:] + _FILLERS[:start] if comp.usable(f)):
+        if words >= low:
+            break
+        fill.append(filler)
+        body, words = assemble(parts, fill)
     return {"subject": subject, "body": body}
+
+
+def _subject(comp: _Composer, name: str, fb: _Feedback) -> str:
+    """Two to five plain words about the prospect's situation (no product, no first name)."""
+    if fb.subject_too_long:
+        return "Quick question"
+    options = [s for s in (*_FIELD_SUBJECTS.get(name, ()), *_SUBJECTS) if comp.words(s) <= _SUBJECT_WORDS]
+    return comp.pick(options, 1) or "Quick question"
 
 
 # --------------------------------------------------------------------------------------------------

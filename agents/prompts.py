@@ -20,10 +20,14 @@ Extraction user message (``EXTRACTION_USER_TEMPLATE``)::
     Source 2: https://news.example/acme
     S3: ...
 
-Writer user message (``WRITER_USER_TEMPLATE``): the offer as ``Label: value`` lines, the prospect's
-title, then one line per available merge tag (``{{tag}}: description`` for names, ``{{fact.x}}: value``
-for facts); when there is no fact tag, ``WRITER_NO_FACTS_NOTE`` follows the tags (the system prompt stays
-the same for every call: the heuristic recognises the writer by it).
+Writer user message (``WRITER_USER_TEMPLATE``): the offer as ``Label: value`` lines (problems solved
+joined by ``"; "``; ``(none)`` for an empty optional field), the prospect's title, then one line per
+available merge tag (``{{tag}}: description`` for names, ``{{fact.x}}: value`` for the facts the writer
+may use, ``agents.writer.writable_facts``); when there is no fact tag, ``WRITER_NO_FACTS_NOTE`` follows
+the tags (the system prompt stays the same for every call: the heuristic recognises the writer by it).
+The writer's rules of craft (opener, one observation tied to a problem, proof point, one call to action,
+50 to 90 words, a short plain subject, the product named once) are those the rubric measures
+(``evals.rubric``).
 """
 
 from __future__ import annotations
@@ -81,16 +85,28 @@ Sentences:
 Answer with the JSON object only."""
 
 WRITER_SYSTEM_PROMPT = """\
-You write one short, personalised cold email for a B2B sales offer.
+You write one short cold email for a B2B offer, as one professional writing to a peer.
 Rules:
 - Write every name and every company fact as a merge tag from the list given (for example \
 {{first_name}}, {{company}}, {{fact.location}}); never type a name, number or fact yourself, and use \
 no tag that is not listed.
 - When the merge tags list company facts, mention at least one of them through its {{fact.<field>}} tag; \
 when they list none, write about the offer and claim nothing about the company.
-- Include exactly one call to action: the offer's call to action, copied word for word.
-- End the body with the offer's opt-out line, copied word for word.
-- Body: 60 to 160 words. Subject: at most 60 characters. No hype or spam words.
+- A fact tag is replaced by its value exactly as shown, so build the sentence around the value: an event \
+follows the company ("{{company}} {{fact.recent_event}}"), a pain point or customer segment is a noun \
+phrase (make the verb agree with a plural), a head count reads "{{fact.employee_count}} people".
+- Open with the prospect's world, not yourself: the first sentence after the greeting does not start \
+with I, We or My. Make one specific observation from a fact and tie it to one problem the offer solves.
+- Say what the product does for someone like the prospect in your own words; do not paste the value \
+proposition. Name the product once and leave your company's name to the signature.
+- When the offer has a proof point, use it once.
+- Include exactly one call to action: the offer's call to action, copied word for word, asking for \
+nothing else.
+- From the greeting to the call to action: 50 to 90 words. Greet with "Hi" or "Hello", not "Dear". \
+Plain words, no flattery, no hype or spam words.
+- Subject: 2 to 5 plain words about the prospect's situation; no product name, no first name, no \
+exclamation mark.
+- End with a short sign-off, {{sender_name}}, and then the offer's opt-out line, copied word for word.
 - Answer with JSON only, no prose: {"subject": "...", "body": "..."}"""
 
 #: What the writer prompt says about each name tag (facts are listed with their values instead).
@@ -109,7 +125,10 @@ Offer:
 Sender title: {sender_title}
 Product: {product}
 Value proposition: {value_proposition}
+Problems solved: {problems_solved}
+Proof point: {proof_point}
 Call to action: {call_to_action}
+Call to action style: {cta_style}
 Opt-out line: {opt_out_line}
 
 Prospect title: {title}

@@ -9,11 +9,16 @@ of the cited sentence; the writer model writes merge tags (``{{first_name}}``, `
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 __all__ = [
     "DROP_REASONS",
     "FACT_FIELDS",
+    "MAX_PROBLEMS",
+    "MAX_PROBLEM_CHARS",
+    "MAX_PROOF_POINT_CHARS",
     "EmailDraft",
     "ExtractedFact",
     "ExtractionOutput",
@@ -38,6 +43,12 @@ FACT_FIELDS: tuple[str, ...] = (
     "pain_point",
 )
 
+
+#: Most problems an offer may list (``Offer.problems_solved``), and the longest one, in characters.
+MAX_PROBLEMS = 12
+MAX_PROBLEM_CHARS = 120
+#: Longest proof point (``Offer.proof_point``), in characters.
+MAX_PROOF_POINT_CHARS = 300
 
 #: Why grounding drops a model's fact (``Profile.drop_reasons`` keys), in report order:
 #: ``ungrounded`` (unknown or repeated field, evidence not found, value not in the evidence),
@@ -69,6 +80,48 @@ class Offer(BaseModel):
     value_proposition: str
     call_to_action: str
     opt_out_line: str = "If this isn't relevant, just reply 'no thanks' and I won't write again."
+    #: The problems the product solves, each a short noun or gerund phrase ("manual pipeline research",
+    #: "finding the accounts that are ready to buy"); the writer connects a prospect's pain point or news
+    #: to one of them (``agents.prose.relevant_problem``). Optional: without it the value proposition is used.
+    problems_solved: list[str] = Field(default_factory=list)
+    #: One customer result the email may cite ("Northwind's SDRs booked 30% more meetings in a quarter");
+    #: optional. Numbers in it are allowed in emails because they come from the offer.
+    proof_point: str = ""
+    #: How the call to action asks: ``interest`` (whether the topic is worth a conversation), ``meeting``
+    #: (a short call), ``resource`` (something to send, e.g. a two-minute video); "" when not said. It tells
+    #: the writer how to lead up to the call to action, which is still copied word for word.
+    cta_style: Literal["", "interest", "meeting", "resource"] = ""
+
+    @field_validator("sender_name", "sender_company", "product", "value_proposition", "call_to_action",
+                     "opt_out_line")
+    @classmethod
+    def _not_blank(cls, value: str, info: ValidationInfo) -> str:
+        """Required offer texts must say something (an email quotes them)."""
+        if not value.strip():
+            raise ValueError(f"{info.field_name} is empty; write the text the email should use")
+        return value
+
+    @field_validator("proof_point")
+    @classmethod
+    def _proof_point(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if len(value) > MAX_PROOF_POINT_CHARS:
+            raise ValueError(f"proof_point is {len(value)} characters; keep it to one sentence of at most "
+                             f"{MAX_PROOF_POINT_CHARS} characters")
+        return value
+
+    @field_validator("problems_solved")
+    @classmethod
+    def _problems(cls, value: list[str]) -> list[str]:
+        items = [" ".join(p.split()) for p in value]
+        items = [p for p in items if p]
+        if len(items) > MAX_PROBLEMS:
+            raise ValueError(f"problems_solved has {len(items)} items; list at most {MAX_PROBLEMS}")
+        for item in items:
+            if len(item) > MAX_PROBLEM_CHARS or ";" in item:
+                raise ValueError(f"problems_solved item {item[:60]!r} is too long or holds ';': give one short "
+                                 f"phrase per item, at most {MAX_PROBLEM_CHARS} characters")
+        return items
 
 
 class Fact(BaseModel):

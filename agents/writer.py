@@ -21,6 +21,7 @@ from agents.prompts import (
     WRITER_SYSTEM_PROMPT,
     WRITER_USER_TEMPLATE,
 )
+from agents.prose import GATED_FIELDS, prose_problem, prose_value, relevant_problem
 from agents.schemas import FACT_FIELDS, EmailDraft, Offer, Profile, ProspectInfo, RenderedEmail
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ __all__ = [
     "merge_tag_values",
     "render",
     "used_merge_tags",
+    "writable_facts",
     "write",
 ]
 
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 #: A merge tag: ``{{ name }}`` with optional inner spaces; group 1 is the name.
 MERGE_TAG_PATTERN = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+_TAG_AND_PERIOD = re.compile(MERGE_TAG_PATTERN.pattern + r"(\.?)")
 
 
 def merge_tag_values(prospect: ProspectInfo, profile: Profile, offer: Offer) -> dict[str, str]:
@@ -48,9 +51,10 @@ def merge_tag_values(prospect: ProspectInfo, profile: Profile, offer: Offer) -> 
 
     Name tags come from the prospect (``first_name``, ``last_name``, ``company``, ``title``) and the
     offer (``sender_name``, ``sender_company``, ``product``); ``fact.<field>`` tags from the profile's
-    facts (first fact per field). Tags whose value is empty are left out, so using them is an error
-    rather than a blank in a sent email. Keys are in prompt order: names first, then facts in
-    ``FACT_FIELDS`` order.
+    facts (first fact per field), written as prose (``agents.prose.prose_value``: no trailing
+    punctuation, no sentence-start or heading capitals in a noun phrase). Tags whose value is empty are
+    left out, so using them is an error rather than a blank in a sent email. Keys are in prompt order:
+    names first, then facts in ``FACT_FIELDS`` order.
     """
     names = {
         "first_name": prospect.first_name,
@@ -64,9 +68,33 @@ def merge_tag_values(prospect: ProspectInfo, profile: Profile, offer: Offer) -> 
     values = {k: v.strip() for k, v in names.items() if v and v.strip()}
     for name in FACT_FIELDS:
         fact = profile.fact(name)
-        if fact is not None and fact.value.strip():
-            values[f"fact.{name}"] = fact.value.strip()
+        value = prose_value(name, fact.value) if fact is not None else ""
+        if value:
+            values[f"fact.{name}"] = value
     return values
+
+
+def writable_facts(prospect: ProspectInfo, profile: Profile, offer: Offer) -> dict[str, str]:
+    """The fact tags the writer is offered, mapped to their values (a subset of ``merge_tag_values``).
+
+    A fact is offered when its value reads as prose in its field's role (``agents.prose.prose_problem``:
+    no tag slugs or tag lists, an event that can follow the company's name, ...) and, for a pain point or
+    an event (``agents.prose.GATED_FIELDS``), when it is relevant to what the offer solves
+    (``agents.prose.relevant_problem``). When that leaves none, the prose-ready facts are offered without
+    the relevance rule, and when none is prose-ready, every fact: validation asks a personalised email for
+    a fact, and the rubric's ``fact_relevant`` check then reports the irrelevant one.
+    """
+    facts = {t: v for t, v in merge_tag_values(prospect, profile, offer).items() if t.startswith("fact.")}
+    prose = {t: v for t, v in facts.items() if prose_problem(t[5:], v) is None}
+    relevant = {t: v for t, v in prose.items() if t[5:] not in GATED_FIELDS
+                or relevant_problem(v, offer.problems_solved, offer.value_proposition)[0]}
+    for name, chosen in (("relevant", relevant), ("prose-ready", prose)):
+        if chosen:
+            if len(chosen) < len(facts):
+                logger.debug("writer offered %d of %d facts (%s) for %s", len(chosen), len(facts), name,
+                             prospect.email)
+            return chosen
+    return facts
 
 
 def used_merge_tags(text: str) -> list[str]:
@@ -80,29 +108,31 @@ def build_writer_messages(
     """Build the writer prompt.
 
     ``WRITER_SYSTEM_PROMPT``; a user message from ``WRITER_USER_TEMPLATE`` with the offer (sender
-    title, product, value proposition, call to action, opt-out line; the sender's and the
-    prospect's names only as tags), the prospect's title and the available merge tags (names
-    described, facts shown with their value), followed by ``WRITER_NO_FACTS_NOTE`` when no fact tag
-    is available (a non-personalised email: the system prompt's rule to mention a fact then does not
-    apply); and, when ``feedback`` is given, a second user message (``FEEDBACK_TEMPLATE``) listing it.
+    title, product, value proposition, problems solved, proof point, call to action and its style,
+    opt-out line; the sender's and the prospect's names only as tags), the prospect's title and the
+    available merge tags (names described, the facts of ``writable_facts`` shown with their value),
+    followed by ``WRITER_NO_FACTS_NOTE`` when no fact tag is available (a non-personalised email: the
+    system prompt's rule to mention a fact then does not apply); and, when ``feedback`` is given, a
+    second user message (``FEEDBACK_TEMPLATE``) listing it.
     """
     from langchain_core.messages import HumanMessage, SystemMessage
 
-    lines = []
-    has_fact = False
-    for tag, value in merge_tag_values(prospect, profile, offer).items():
-        has_fact |= tag.startswith("fact.")
-        shown = value if tag.startswith("fact.") else NAME_TAG_DESCRIPTIONS[tag]
-        lines.append(f"{{{{{tag}}}}}: {shown}")
+    values = merge_tag_values(prospect, profile, offer)
+    facts = writable_facts(prospect, profile, offer)
+    lines = [f"{{{{{tag}}}}}: {NAME_TAG_DESCRIPTIONS[tag]}" for tag in values if not tag.startswith("fact.")]
+    lines += [f"{{{{{tag}}}}}: {value}" for tag, value in facts.items()]
     user = WRITER_USER_TEMPLATE.format(
         sender_title=offer.sender_title or "(none)",
         product=offer.product,
         value_proposition=offer.value_proposition,
+        problems_solved="; ".join(offer.problems_solved) or "(none)",
+        proof_point=offer.proof_point or "(none)",
         call_to_action=offer.call_to_action,
+        cta_style=offer.cta_style or "(not given)",
         opt_out_line=offer.opt_out_line,
         title=prospect.title or "(unknown)",
         merge_tags="\n".join(lines),
-        facts_note="" if has_fact else WRITER_NO_FACTS_NOTE,
+        facts_note="" if facts else WRITER_NO_FACTS_NOTE,
     )
     messages: list[BaseMessage] = [SystemMessage(content=WRITER_SYSTEM_PROMPT), HumanMessage(content=user)]
     items = [f.strip() for f in feedback if f and f.strip()]
@@ -163,7 +193,12 @@ def render(draft: EmailDraft, prospect: ProspectInfo, profile: Profile, offer: O
     if bad:
         raise MergeTagError(bad, list(values))
 
+    def value(match: re.Match[str]) -> str:
+        filled = values[match.group(1)]
+        # A value that ends its own abbreviation ("Washington, D.C.") takes the sentence's period.
+        return filled if match.group(2) and filled.endswith(".") else filled + match.group(2)
+
     def fill(text: str) -> str:
-        return MERGE_TAG_PATTERN.sub(lambda m: values[m.group(1)], text)
+        return _TAG_AND_PERIOD.sub(value, text)
 
     return RenderedEmail(subject=fill(draft.subject), body=fill(draft.body))

@@ -9,8 +9,9 @@ reference is preferred in both, a **tie** otherwise (inconsistent or tied verdic
 Judges:
 
 * ``"rubric"`` (offline, deterministic; ``RubricJudge``): the email passing more rubric checks
-  (``evals.rubric``) wins; on equal checks, the one using more distinct grounded fact tags; else a tie.
-  It ignores position, so both orders agree.
+  (``evals.rubric``, its campaign checks included: ``judge_pairs`` scores each side's campaign first) wins;
+  on equal checks, the one using more distinct grounded fact tags; else a tie. It ignores position, so both
+  orders agree.
 * any backend spec (``openai:<model>@<url>``, ``ollama:<model>``, ``miniature:<name>``, ...;
   ``LLMJudge``): the model reads prospect, offer, facts and both emails and answers
   ``{"winner": "A" | "B" | "tie", "reason": "..."}``; a second, corrective call is made when the answer
@@ -28,14 +29,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
 from agents.schemas import Offer, Profile, ProspectInfo
 from evals.abtest import wilson_interval
-from evals.rubric import RubricResult
+from evals.rubric import RubricResult, score_campaign
 from miniatures.redaction import redact
 
 if TYPE_CHECKING:
@@ -236,6 +237,12 @@ async def _verdict(judge: Judge, a: JudgeItem, b: JudgeItem) -> tuple[Verdict, i
     return await judge.judge(a, b), int(not isinstance(judge, RubricJudge))
 
 
+def _campaign_scored(items: Mapping[str, JudgeItem]) -> dict[str, JudgeItem]:
+    """``items`` (one configuration's campaign) with the rubric's campaign checks in each verdict."""
+    scored = score_campaign({key: item.rubric for key, item in items.items()})
+    return {key: replace(item, rubric=scored[key]) for key, item in items.items()}
+
+
 async def judge_pairs(
     reference: Mapping[str, JudgeItem],
     candidate: Mapping[str, JudgeItem],
@@ -248,7 +255,8 @@ async def judge_pairs(
     """Judge every prospect present in both mappings, in both orders.
 
     Args:
-        reference: the reference configuration's items, keyed by prospect email.
+        reference: the reference configuration's items (its whole campaign), keyed by prospect email;
+            their rubric verdicts get the campaign checks (``evals.rubric.score_campaign``) here.
         candidate: the candidate's items, same keys.
         judge: ``RubricJudge()`` or an ``LLMJudge``.
         reference_name: the reference configuration's name, for the report.
@@ -263,6 +271,7 @@ async def judge_pairs(
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    reference, candidate = _campaign_scored(reference), _campaign_scored(candidate)
     keys = sorted(set(reference) & set(candidate))
     result = PairwiseResult(judge=judge.name, reference=reference_name, confidence=confidence)
     semaphore = asyncio.Semaphore(concurrency)

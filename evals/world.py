@@ -1573,6 +1573,18 @@ def _offer_toml() -> str:
                           "spends its week on conversations instead of spreadsheets.",
         call_to_action="Would a 15-minute call next week be worth it?",
         opt_out_line="If this isn't relevant, just reply 'no thanks' and I won't write again.",
+        problems_solved=[
+            "finding the accounts that are ready to buy",
+            "hitting pipeline targets after raising a round",
+            "filling the pipeline for a newly opened office",
+            "expanding into a market without local contacts",
+            "getting a launch in front of the right buyers",
+            "giving a revenue leader a clear view of the pipeline",
+            "spotting expansion in existing customer accounts",
+            "wasted outreach on accounts that never buy",
+        ],
+        proof_point="Brightline's sales team booked 30% more meetings in its first quarter with it.",
+        cta_style="meeting",
     )
     return tomli_w.dumps(offer.model_dump())
 

@@ -49,7 +49,7 @@ PROSPECT_LIMITS: dict[str, int] = {
 #: value proposition 600 (a few sentences), the call to action and the opt-out line 300 (one or two).
 OFFER_LIMITS: dict[str, int] = {
     "sender_name": 100, "sender_title": 200, "sender_company": 200, "sender_email": 254, "product": 200,
-    "value_proposition": 600, "call_to_action": 300, "opt_out_line": 300,
+    "value_proposition": 600, "call_to_action": 300, "opt_out_line": 300, "proof_point": 300,
 }
 #: ``ProspectsFile.warnings`` (each follows the file's name): a header and no rows (a demo world's empty
 #: split), and no ``website`` column (said once per file).

@@ -210,7 +210,10 @@ def test_heuristic_writing_is_deterministic_and_uses_feedback() -> None:
     assert len(longer.body.split()) > len(first.body.split())
     short_subject = write_with(HeuristicChatModel(), offer, prospect, profile,
                                ("subject_length: the subject has 90 characters, too long",))
-    assert short_subject.subject == "Quick idea for {{company}}"
+    assert short_subject.subject == "Quick question"
+    spam = write_with(HeuristicChatModel(), offer, prospect, profile,
+                      ("spam: remove the spam phrase(s) 'congratulations'",))
+    assert "congratulations" not in spam.body.lower()
     tag_error = str(MergeTagError(["fact.recent_event", "first_name"], ["company"]))
     no_tags = write_with(HeuristicChatModel(), offer, prospect, profile, (tag_error,))
     assert "{{fact.recent_event}}" in first.body and "{{first_name}}" in first.body

@@ -156,7 +156,11 @@ async def test_write_prompt_feedback_and_config() -> None:
     assert draft == GOOD
     system, user, feedback = recorder.calls[0]
     assert system.content == WRITER_SYSTEM_PROMPT
-    assert "{{fact.recent_event}}: raised a $12 million Series A" in user.content
+    assert "{{fact.location}}: Austin, Texas" in user.content
+    # a Series A shares no word with routing: the event is not offered to the writer
+    assert "{{fact.recent_event}}" not in user.content
+    assert "Problems solved: (none)\nProof point: (none)" in user.content
+    assert "Call to action style: (not given)" in user.content
     assert "{{first_name}}: the prospect's first name" in user.content
     for name in ("Dana", "Kim", "Acme Freight", "Sam Lee"):  # names only as tags
         assert name not in user.content

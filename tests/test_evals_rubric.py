@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 
 import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
@@ -12,12 +13,25 @@ from agents.schemas import EmailDraft, Fact, Offer, Profile, ProspectInfo, Rende
 from agents.writer import render
 from evals.costs import cost_figures, instance_price_for, percentile
 from evals.judge import JudgeItem, LLMJudge, RubricJudge, combine_orders, judge_pairs
-from evals.rubric import RUBRIC_CHECKS, RubricResult, score_email, summarize_rubric, unsupported_names
+from evals.rubric import (
+    CAMPAIGN_CHECKS,
+    EMAIL_CHECKS,
+    RUBRIC_CHECKS,
+    RubricResult,
+    campaign_variety,
+    free_sentences,
+    score_campaign,
+    score_email,
+    summarize_rubric,
+    unsupported_names,
+)
 from miniatures.pricing import Price
 
 OFFER = Offer(sender_name="Ilse Varnum", sender_company="Tallyfold", product="Tallyfold Signals",
               value_proposition="spots the accounts that are ready to buy",
-              call_to_action="Would a 15-minute call next week be worth it?")
+              call_to_action="Would a 15-minute call next week be worth it?",
+              problems_solved=["finding the accounts that are ready to buy", "hitting targets after raising a round"],
+              proof_point="Brightline's team booked 30% more meetings in a quarter.")
 PROSPECT = ProspectInfo(first_name="Yutan", last_name="Caldeez", title="VP of Engineering",
                         email="yutan@amberhollow.example", company="Amberhollow Data",
                         website="https://www.amberhollow.example/")
@@ -28,10 +42,11 @@ PROFILE = Profile(company="Amberhollow Data", facts=[
          source_url="https://www.amberhollow.example/about"),
 ])
 BODY = (
-    "Hello {{first_name}},\n\nI saw that {{company}} is based in {{fact.location}} and has grown to "
+    "Hello {{first_name}},\n\n{{company}} is based in {{fact.location}} and has grown to "
     "{{fact.employee_count}} people. Teams at that stage often spend their week on spreadsheets instead of "
-    "conversations. At {{sender_company}} we built {{product}}, which spots the accounts that are ready to buy, "
-    "so your team can spend its time where it matters most.\n\n{cta}\n\nBest,\n{{sender_name}}\n\n{opt_out}"
+    "conversations. {{product}} spots the accounts that are ready to buy, so your team can spend its time "
+    "where it matters most. Brightline's team booked 30% more meetings in a quarter.\n\n{cta}\n\nBest,\n"
+    "{{sender_name}}\n{{sender_company}}\n\n{opt_out}"
 )
 
 
@@ -41,47 +56,136 @@ def _email(body: str = BODY, subject: str = "An idea for {{company}}") -> tuple[
     return draft, render(draft, PROSPECT, PROFILE, OFFER)
 
 
-def _score(draft: EmailDraft, rendered: RenderedEmail) -> RubricResult:
-    return score_email(draft, rendered, PROSPECT, PROFILE, OFFER)
+def _score(draft: EmailDraft, rendered: RenderedEmail, profile: Profile = PROFILE, offer: Offer = OFFER
+           ) -> RubricResult:
+    return score_email(draft, rendered, PROSPECT, profile, offer)
+
+
+def _with_body(r: RenderedEmail, old: str, new: str) -> RenderedEmail:
+    assert old in r.body
+    return RenderedEmail(subject=r.subject, body=r.body.replace(old, new))
+
+
+LONG = " ".join(["This sentence only adds words to the body so that it runs past the band."] * 3)
 
 
 def test_a_good_email_passes_every_check() -> None:
     result = _score(*_email())
-    assert result.checks == dict.fromkeys(RUBRIC_CHECKS, True), result.problems
-    assert result.ok and result.passed == len(RUBRIC_CHECKS) and result.facts_used == 2
+    assert result.checks == dict.fromkeys(EMAIL_CHECKS, True), result.problems
+    assert result.ok and result.passed == len(EMAIL_CHECKS) and result.facts_used == 2
+    (scored,) = score_campaign([result])
+    assert scored.checks == dict.fromkeys(RUBRIC_CHECKS, True) and list(scored.checks) == list(RUBRIC_CHECKS)
 
 
 @pytest.mark.parametrize(
     ("edit", "failed"),
     [
         (lambda d, r: (EmailDraft(subject=d.subject, body=d.body.replace("{{fact.location}}", "Cork, Ireland")
-                                  .replace("{{fact.employee_count}}", "120")), r), "fact_used"),
-        (lambda d, r: (d, RenderedEmail(subject=r.subject, body=r.body.replace("120 people", "450 people"))),
-         "no_unsupported"),
-        (lambda d, r: (d, RenderedEmail(subject=r.subject, body=r.body.replace("spreadsheets", "Salesforce"))),
-         "no_unsupported"),
+                                  .replace("{{fact.employee_count}}", "120")), r), {"fact_used"}),
+        (lambda d, r: (d, _with_body(r, "120 people", "450 people")), {"no_unsupported"}),
+        (lambda d, r: (d, _with_body(r, "spreadsheets", "Salesforce")), {"no_unsupported"}),
         (lambda d, r: (d, RenderedEmail(subject=r.subject, body=r.body + "\nSee https://evil.example/x")),
-         "no_unsupported"),
+         {"no_unsupported"}),
         (lambda d, r: (d, RenderedEmail(subject=r.subject, body=f"Hi Yutan,\n{OFFER.call_to_action}\n"
-                                                               f"{OFFER.opt_out_line}")), "length"),
-        (lambda d, r: (d, RenderedEmail(subject=r.subject, body=r.body + "\n" + OFFER.call_to_action)), "one_cta"),
-        (lambda d, r: (d, RenderedEmail(subject="x" * 90, body=r.body)), "subject_length"),
-        (lambda d, r: (d, RenderedEmail(subject=r.subject, body=r.body.replace("Best,", "Act now! Best,"))),
-         "no_spam"),
-        (lambda d, r: (d, RenderedEmail(subject=r.subject, body=r.body.replace("Best,", "Best {{nickname}},"))),
-         "merge_tags"),
-        (lambda d, r: (d, RenderedEmail(subject=r.subject, body=r.body.replace(OFFER.opt_out_line, ""))), "opt_out"),
+                                                               f"{OFFER.opt_out_line}")),
+         {"length", "word_band", "product_once", "proof_point"}),
+        (lambda d, r: (d, RenderedEmail(subject=r.subject, body=r.body + "\n" + OFFER.call_to_action)), {"one_cta"}),
+        (lambda d, r: (d, RenderedEmail(subject="x" * 90, body=r.body)), {"subject_length", "subject_form"}),
+        (lambda d, r: (d, _with_body(r, "Best,", "Act now! Best,")), {"no_spam"}),
+        (lambda d, r: (d, _with_body(r, "Best,", "Best {{nickname}},")), {"merge_tags"}),
+        (lambda d, r: (d, _with_body(r, OFFER.opt_out_line, "")), {"opt_out"}),
+        (lambda d, r: (d, _with_body(r, "Amberhollow Data is based", "I saw that Amberhollow Data is based")),
+         {"opener"}),
+        (lambda d, r: (d, _with_body(r, "Hello Yutan,", "Dear Yutan,")), {"opener"}),
+        (lambda d, r: (d, RenderedEmail(subject="Tallyfold Signals for Amberhollow", body=r.body)), {"subject_form"}),
+        (lambda d, r: (d, RenderedEmail(subject="Yutan, a quick idea", body=r.body)), {"subject_form"}),
+        (lambda d, r: (d, RenderedEmail(subject="A quick idea for the whole team", body=r.body)), {"subject_form"}),
+        (lambda d, r: (d, RenderedEmail(subject="Big news!", body=r.body)), {"subject_form"}),
+        (lambda d, r: (d, RenderedEmail(subject="An IDEA for Amberhollow", body=r.body)),
+         {"subject_form", "no_unsupported"}),
+        (lambda d, r: (d, RenderedEmail(subject="Idea", body=r.body)), {"subject_form"}),
+        (lambda d, r: (d, _with_body(r, "Brightline's", LONG + " Brightline's")), {"word_band"}),
+        (lambda d, r: (d, _with_body(r, "Teams at that stage", "Tallyfold Signals users at that stage")),
+         {"product_once"}),
+        (lambda d, r: (d, _with_body(r, " Brightline's team booked 30% more meetings in a quarter.", "")),
+         {"proof_point"}),
+        (lambda d, r: (d, _with_body(r, "30%", "20%")), {"proof_point", "no_unsupported"}),
     ],
     ids=["no-fact-tag", "invented-number", "invented-name", "invented-url", "too-short", "two-ctas",
-         "long-subject", "spam", "unresolved-tag", "no-opt-out"],
+         "long-subject", "spam", "unresolved-tag", "no-opt-out", "opener-i", "opener-dear", "subject-product",
+         "subject-first-name", "subject-seven-words", "subject-exclaims", "subject-shouts", "subject-one-word",
+         "over-90-words", "product-twice", "no-proof", "proof-number-changed"],
 )
-def test_each_rule_fails_alone(edit, failed: str) -> None:  # type: ignore[no-untyped-def]
+def test_each_rule_fails_alone(edit, failed: set[str]) -> None:  # type: ignore[no-untyped-def]
     draft, rendered = edit(*_email())
     result = _score(draft, rendered)
-    assert not result.checks[failed]
-    assert any(p.startswith(f"{failed}:") for p in result.problems), result.problems
-    others = {c for c, ok in result.checks.items() if not ok} - {failed}
-    assert others <= {"length"} or failed == "length", others  # edits may shift the word count, nothing else
+    assert {c for c, ok in result.checks.items() if not ok} == failed, result.problems
+    for check in failed:
+        assert any(p.startswith(f"{check}:") for p in result.problems), result.problems
+
+
+def test_an_offer_without_proof_point_passes_proof_point() -> None:
+    offer = OFFER.model_copy(update={"proof_point": ""})
+    draft, rendered = _email(BODY.replace(" Brightline's team booked 30% more meetings in a quarter.", ""))
+    assert _score(draft, rendered, offer=offer).checks["proof_point"]
+
+
+def test_fact_relevant_needs_a_pain_point_or_event_the_offer_solves() -> None:
+    def scored(field: str, value: str) -> RubricResult:
+        profile = PROFILE.model_copy(update={"facts": [*PROFILE.facts, Fact(
+            field=field, value=value, evidence=value, source_url="https://www.amberhollow.example/")]})
+        body = BODY.replace("Teams at that stage", f"With {{{{fact.{field}}}}} on the table, teams")
+        draft = EmailDraft(subject="An idea for {{company}}", body=body.replace("{cta}", OFFER.call_to_action)
+                           .replace("{opt_out}", OFFER.opt_out_line))
+        return _score(draft, render(draft, PROSPECT, profile, OFFER), profile=profile)
+
+    assert scored("pain_point", "finding accounts ready to buy").checks["fact_relevant"]
+    assert scored("recent_event", "raised a $5 million seed round").checks["fact_relevant"]
+    burnout = scored("pain_point", "on-call burnout")
+    assert not burnout.checks["fact_relevant"]
+    assert any("'on-call burnout'" in p for p in burnout.problems)
+    assert scored("location", "Cork").checks["fact_relevant"]  # only pain points and events are gated
+
+
+def test_free_sentences_leave_out_greeting_cta_opt_out_and_signature() -> None:
+    draft, _ = _email()
+    sentences = free_sentences(draft.body, OFFER)
+    assert sentences[0] == "{{company}} is based in {{fact.location}} and has grown to {{fact.employee_count}} people"
+    assert len(sentences) == 4
+    assert not any("15-minute" in s or "no thanks" in s or "hello" in s or s == "best," for s in sentences)
+    assert free_sentences("Hi {{ first_name }},\n\nOne. One! Two?\n\nBest,\nSam", OFFER) == ("one", "two")
+
+
+def _campaign(bodies: list[str]) -> list[RubricResult]:
+    results = []
+    for body in bodies:
+        draft = EmailDraft(subject="An idea for {{company}}", body=body)
+        results.append(_score(draft, render(draft, PROSPECT, PROFILE, OFFER)))
+    return results
+
+
+def test_campaign_checks_flag_a_sentence_in_more_than_a_fifth_of_the_emails() -> None:
+    shared = "Teams at that stage often spend their week on spreadsheets instead of conversations."
+
+    def bodies(n: int, with_shared: int) -> list[str]:
+        return [f"Hi {{{{first_name}}}},\n\nSentence number {i} is about {{{{fact.location}}}} and item {i}. "
+                f"{shared if i < with_shared else f'Another line {i} here for {{{{company}}}}.'}\n\n"
+                f"Best,\n{{{{sender_name}}}}" for i in range(n)]
+
+    scored = score_campaign(_campaign(bodies(20, 5)))  # 5 of 20 emails: 25%
+    assert [r.checks["sentence_variety"] for r in scored] == [False] * 5 + [True] * 15
+    assert any(p.startswith("sentence_variety:") and "spreadsheets" in p for p in scored[0].problems)
+    assert all(r.checks["sentence_variety"] for r in score_campaign(_campaign(bodies(20, 4))))  # 20%
+    variety = campaign_variety(scored)
+    assert variety.emails == 20 and variety.top_share == pytest.approx(0.25) and "spreadsheets" in variety.top_sentence
+    assert 0.0 < variety.distinct_3 < 1.0
+    assert all(r.checks["sentence_variety"] for r in score_campaign(_campaign(bodies(9, 9))))  # too few to tell
+
+    same = score_campaign(_campaign([bodies(1, 1)[0]] * 10))
+    assert not any(r.checks["ngram_variety"] for r in same)  # every trigram in every email
+    assert all(r.checks["ngram_variety"] for r in score_campaign(_campaign(bodies(12, 0))))
+    by_key = score_campaign({"a": _campaign(bodies(1, 0))[0], "b": RubricResult.missing()})
+    assert by_key["a"].checks["sentence_variety"] and by_key["b"].checks == dict.fromkeys(RUBRIC_CHECKS, False)
 
 
 def test_fact_tag_of_a_missing_fact_does_not_count() -> None:
@@ -93,8 +197,8 @@ def test_fact_tag_of_a_missing_fact_does_not_count() -> None:
 
 
 def test_unsupported_names_skips_sentence_starts_and_known_words() -> None:
-    allowed = ["Amberhollow Data", "Tallyfold Signals", "Cork, Ireland"]
-    text = "Hello there.\nAmberhollow Data in Cork uses Tallyfold. We met Oracle on Monday. Great!"
+    allowed = ["Amberhollow Data", "Tallyfold Signals", "Cork, Ireland", "Brightline's team"]
+    text = "Hello there.\nAmberhollow Data in Cork uses Tallyfold. We met Oracle on Monday. Great! Ask Brightline's."
     assert unsupported_names(text, allowed) == ["Oracle"]
     assert unsupported_names("I think Globex's team met Initech", allowed) == ["Globex", "Initech"]
 
@@ -105,7 +209,9 @@ def test_summary_counts_missing_emails_as_failures() -> None:
     assert summary.n == 2 and summary.written == 1
     assert summary.pass_rates == dict.fromkeys(RUBRIC_CHECKS, 0.5)
     assert summary.all_pass_rate == 0.5 and summary.mean_passed == len(RUBRIC_CHECKS) / 2
+    assert summary.variety.emails == 1 and summary.variety.top_share == 1.0
     assert summarize_rubric([]).all_pass_rate == 0.0
+    assert set(CAMPAIGN_CHECKS) <= set(summarize_rubric({"a": good}).pass_rates)
 
 
 # ------------------------------------------------------------------------------------------------ judges
@@ -116,6 +222,11 @@ def _item(key: str, rubric: RubricResult, written: bool = True) -> JudgeItem:
     draft, rendered = _email()
     return JudgeItem(prospect, OFFER, PROFILE, rendered.subject if written else None,
                      rendered.body if written else None, rubric)
+
+
+def _own(result: RubricResult, key: str) -> RubricResult:
+    """``result`` with sentences of its own, so that campaign checks pass."""
+    return replace(result, sentences=(f"sentence {key}",), trigrams=frozenset({("only", "in", key)}))
 
 
 def test_combine_orders_is_conservative() -> None:
@@ -129,15 +240,23 @@ async def test_rubric_judge_counts_wins_losses_ties_and_missing_emails() -> None
     good = _score(*_email())
     worse = RubricResult(checks={**good.checks, "opt_out": False}, facts_used=2)
     fewer_facts = RubricResult(checks=good.checks, facts_used=1)
-    reference = {"a": _item("a", good), "b": _item("b", worse), "c": _item("c", good), "d": _item("d", good),
-                 "e": _item("e", RubricResult.missing(), written=False)}
-    candidate = {"a": _item("a", worse), "b": _item("b", good), "c": _item("c", good),
-                 "d": _item("d", RubricResult.missing(), written=False), "e": _item("e", fewer_facts)}
+    reference = {"a": _item("a", _own(good, "a")), "b": _item("b", _own(worse, "b")), "c": _item("c", _own(good, "c")),
+                 "d": _item("d", _own(good, "d")), "e": _item("e", RubricResult.missing(), written=False)}
+    candidate = {"a": _item("a", _own(worse, "a")), "b": _item("b", _own(good, "b")), "c": _item("c", _own(good, "c")),
+                 "d": _item("d", RubricResult.missing(), written=False), "e": _item("e", _own(fewer_facts, "e"))}
     result = await judge_pairs(reference, candidate, RubricJudge(), reference_name="teacher")
     assert result.outcomes == {"a": "loss", "b": "win", "c": "tie", "d": "loss", "e": "win"}
     assert (result.wins, result.losses, result.ties, result.n, result.judge_calls) == (2, 2, 1, 5, 0)
     assert result.win_rate == pytest.approx(2.5 / 5)
     assert result.ci_low < 0.5 < result.ci_high
+
+
+async def test_rubric_judge_counts_the_campaign_checks() -> None:
+    good = _score(*_email())
+    varied = {k: _item(k, _own(good, k)) for k in "abcdefghij"}
+    same = {k: _item(k, good) for k in "abcdefghij"}  # every email repeats the same sentences
+    result = await judge_pairs(varied, same, RubricJudge())
+    assert (result.wins, result.losses) == (0, 10)
 
 
 async def test_llm_judge_is_asked_both_orders_and_position_bias_cancels() -> None:

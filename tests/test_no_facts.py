@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+import tomli_w
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 from typer.testing import CliRunner
@@ -237,7 +238,7 @@ def test_cli_run_counts_no_facts_and_opts_in(tmp_path: Path, monkeypatch: pytest
     corpus.close()
     (tmp_path / "p.csv").write_text("first_name,last_name,title,email,company,website\n"
                                     f"Zed,Quorn,CTO,{ZYX.email},Zyxqv,{ZYX.website}\n")
-    (tmp_path / "offer.toml").write_text("\n".join(f'{k} = "{v}"' for k, v in OFFER.model_dump().items()))
+    (tmp_path / "offer.toml").write_text(tomli_w.dumps(OFFER.model_dump(exclude_none=True)))
     runner = CliRunner()
     run = ["run", "p.csv", "--offer", "offer.toml", "--campaign", "t"]
     result = runner.invoke(app, run, env={"COLUMNS": "200"})
