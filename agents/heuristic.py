@@ -220,7 +220,9 @@ def _rules() -> list[_Rule]:
         r("location", 9, rf"(?i:visit us at)\s+[^,]{{1,60}},\s*{_LOC}", "visit us"),
         r("location", 11, rf"{_LEAD}(?:location|headquarters|hq|city){_LABEL_VALUE}", "location",
           "headquarters", "hq", "city", flags=i),
-        r("location", 7, rf"(?i:offices? in|located in)\s+{_LOC}", "office", "located"),
+        # An office the company opens is news, not where it is based ("opened an office in Boston").
+        r("location", 7, rf"(?i:(?<!opened an )(?<!opened a new )(?<!opens an )(?<!opening an )(?<!opening a new )"
+          rf"offices? in|located in)\s+{_LOC}", "office", "located"),
         r("location", 5, r"addressLocality\s*:\s*(?P<v>[^\n|;]{2,60}?)\s*$", "addresslocality"),
         r("location", 4, r"addressRegion\s*:\s*(?P<v>[^\n|;]{2,60}?)\s*$", "addressregion"),
         # employee_count (the value keeps its qualifier or range; whose head count it is: see _post)

@@ -327,6 +327,8 @@ REAL_SHAPED = [
     ("We're a global team, with offices in London, Paris, Riga, Melbourne and New York.", "location",
      "London"),
     ("With our research activities based in Africa, we reach diverse populations.", "location", None),
+    ("News: Ironpath Solutions opened an office in Boston.", "location", None),  # news, not the HQ
+    ("This month Pellixo opened a new office in Berlin.", "location", None),
     # Products: what the company launched and calls a product.
     ("Water is our mission.", "product", None),
     ("Founder Youmin Kim is an ex-Facebook manager who launched Facebook Marketplace.", "product", None),
