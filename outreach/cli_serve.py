@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from outreach.cli_common import StoreOpt, err, open_engine, settings_or_exit
+from outreach.cli_common import StoreOpt, err, open_engine, require_extras, settings_or_exit
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -62,11 +62,14 @@ def serve_command(
 
     Example: `outreach serve writer researcher --port 8000` or `outreach serve --engine vllm --print`
     """
-    from miniatures.server import InsecureBindError, check_bind
-
     if engine not in ("local", "vllm"):
         _fail(f"--engine {engine!r} is unknown; use local or vllm")
         raise typer.Exit(2)
+    # The local engine runs the miniatures in-process (train extra) behind FastAPI (serve extra); the vLLM
+    # command is only built from the registry.
+    require_extras("outreach serve", *(("train", "serve") if engine == "local" else ()))
+    from miniatures.server import InsecureBindError, check_bind
+
     try:
         check_bind(host, api_key)
     except InsecureBindError as exc:

@@ -120,6 +120,8 @@ def _tiny_inputs(folder: Path) -> None:
     (("torch",), ["eval", "--world", "w", "--config", "m=miniature:r,heuristic"], ".[train]"),
     (("matplotlib",), ["demo", "--out", "d", "--distill"], ".[train,eval]"),
     (("torch",), ["run", "p.csv", "--offer", "o.toml", "--researcher", "miniature:r"], ".[train]"),
+    (("fastapi",), ["serve", "w"], ".[serve]"),
+    (("torch",), ["serve", "w"], ".[train]"),
 ])
 def test_a_missing_extra_is_named_before_any_work(cli_env: Path, monkeypatch: pytest.MonkeyPatch,
                                                   missing: tuple[str, ...], args: list[str], extras: str) -> None:
