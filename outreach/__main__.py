@@ -1,5 +1,5 @@
 """``python -m outreach`` runs the CLI."""
 
-from outreach.cli import app
+from outreach.cli import run_cli
 
-app()
+run_cli()

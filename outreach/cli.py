@@ -759,3 +759,23 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
+
+
+#: Errors that say a file the user named is unusable (one line naming the file and what to do), wherever in a
+#: command they surface: (module, class) pairs, looked up only once the module is loaded (a raised one is).
+_UNUSABLE_FILE_ERRORS = (("store.engine", "StoreError"), ("tools.corpus", "CorpusError"))
+
+
+def run_cli() -> None:
+    """Entry point of the ``outreach`` command: the typer app, with a damaged store or corpus met anywhere in
+    a command printed as its one-line message (exit status 2) instead of a traceback."""
+    try:
+        app()
+    except Exception as exc:
+        unusable = tuple(getattr(sys.modules[m], name) for m, name in _UNUSABLE_FILE_ERRORS if m in sys.modules)
+        if unusable and isinstance(exc, unusable):
+            from rich.markup import escape
+
+            err.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
+            raise SystemExit(2) from None
+        raise

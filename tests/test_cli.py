@@ -380,3 +380,19 @@ def test_training_progress_bar_shows_steps_and_loss_and_nothing_goes_to_stdout(
     assert seen[-1].loss == pytest.approx(result.metrics["final_train_loss"]) and seen[-1].eval_loss is not None
     final = screen.getvalue().rsplit("\r", 1)[-1]
     assert "training tiny" in final and "2/2" in final and f"loss {seen[-1].loss:.3f} (eval " in final
+
+
+@pytest.mark.parametrize(("args", "label"), [
+    (["corpus", "search", "acme", "--corpus", "bad.sqlite"], "corpus bad.sqlite is not a usable SQLite corpus"),
+    (["traces", "list", "--store", "sqlite:///bad.sqlite"], "store bad.sqlite is not a SQLite database"),
+])
+def test_a_damaged_store_or_corpus_is_one_line_not_a_traceback(tmp_path: Path, args: list[str], label: str) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.sqlite").write_bytes(bytes(range(256)) * 64)  # not a SQLite file
+    done = subprocess.run([sys.executable, "-m", "outreach", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert done.returncode == 2, done.stderr
+    said = " ".join(done.stderr.split())
+    assert label in said and "Traceback" not in done.stderr and "Traceback" not in done.stdout

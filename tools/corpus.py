@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from tools.search import parse_query
 from tools.types import Document, FetchError, SearchHit
 
-__all__ = ["Corpus", "CorpusWeb", "fts_query", "url_key"]
+__all__ = ["Corpus", "CorpusError", "CorpusWeb", "fts_query", "url_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,11 @@ def fts_query(query: str) -> str:
     return " AND ".join(required)
 
 
+class CorpusError(RuntimeError):
+    """The corpus file is unusable (not a SQLite database, damaged, cannot be opened); the message is one
+    line that names the file and what to do."""
+
+
 class Corpus:
     """Extracted pages in a SQLite file with an FTS5 index; safe to share between threads and tasks.
 
@@ -116,7 +121,7 @@ class Corpus:
         path: the SQLite file (created with its folder if missing), or ``":memory:"``.
 
     Raises:
-        sqlite3.OperationalError: the file cannot be opened, or this SQLite lacks FTS5.
+        CorpusError: the file cannot be opened, is not a SQLite database, or this SQLite lacks FTS5.
 
     Example:
         >>> corpus = Corpus(tmp_path / "corpus.sqlite")
@@ -130,12 +135,19 @@ class Corpus:
         if self.path != ":memory:":
             Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        if self.path != ":memory:":
-            self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=30000")
-        self._conn.executescript(_SCHEMA)
+        try:
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            if self.path != ":memory:":
+                self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise CorpusError(
+                f"corpus {self.path} is not a usable SQLite corpus ({exc}); point --corpus (setting corpus_path) "
+                "at the corpus file, or move this file aside and import the pages again with `outreach corpus "
+                "import`"
+            ) from exc
 
     # -- writing -------------------------------------------------------------------------------
     def add(self, doc: Document) -> None:
