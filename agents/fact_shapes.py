@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+from agents.attribution import registrable_domain
 from agents.contacts import find_contacts
 
 __all__ = ["CREDENTIAL_WORDS", "EARLIEST_FOUNDED_YEAR", "MAX_PHRASE_WORDS", "value_problem"]
@@ -54,6 +55,16 @@ CREDENTIAL_WORDS = re.compile(
     r"contrase\u00f1a|credenciales|datos bancarios|tarjeta de cr\u00e9dito)\b",
     re.IGNORECASE,
 )
+# A value that states an obligation is an instruction to someone, not a company fact ("customers should
+# now re-verify billing at ..."), in the project's page languages.
+_OBLIGATION = re.compile(
+    r"\b(?:should|must|ought to|needs? to|ha(?:ve|s) to|(?:is|are) required to|"
+    r"doi(?:t|vent)|devez|faut|m\u00fcssen|muss|sollen|soll|deben|debe|tienen que|tiene que|hay que)\b",
+    re.IGNORECASE,
+)
+# A domain written out to slip past link detection: "acme-billing dot example", "acme[.]example".
+_SPELLED_DOMAIN = re.compile(r"[^\W_](?:[\w-]*[^\W_])?\s*(?:\(dot\)|\[dot\]|\[\.\]|\s+dot\s+)\s*[^\W\d_]{2,}\b",
+                             re.IGNORECASE)
 # A phrase that starts with a command to the reader: a verb of contact or compliance followed by whom or
 # where ("confirm your ...", "visit the portal", "call us", "write to ..."); "call centers" is a segment.
 _IMPERATIVE_START = re.compile(
@@ -72,21 +83,15 @@ def _phrase_problem(value: str, own_domain: str) -> str | None:
     if len(words) > MAX_PHRASE_WORDS:
         return f"longer than {MAX_PHRASE_WORDS} words"
     contacts = find_contacts(value)
-    if contacts.urls or contacts.emails or contacts.phones:
+    if contacts.urls or contacts.emails or contacts.phones or _SPELLED_DOMAIN.search(value):
         return "contains a URL, e-mail address or phone number"
-    if any(not own_domain or _registrable(d) != own_domain for d in contacts.domains):
+    if any(not own_domain or registrable_domain(d) != own_domain for d in contacts.domains):
         return "contains a domain name other than the company's own"
     if CREDENTIAL_WORDS.search(value):
         return "mentions credentials or payment details"
-    if _SECOND_PERSON.search(value) or _IMPERATIVE_START.search(value):
+    if _SECOND_PERSON.search(value) or _IMPERATIVE_START.search(value) or _OBLIGATION.search(value):
         return "addresses the reader"
     return None
-
-
-def _registrable(domain: str) -> str:
-    from agents.attribution import registrable_domain
-
-    return registrable_domain(domain)
 
 
 def _count_problem(value: str, evidence: str) -> str | None:
@@ -115,9 +120,10 @@ def value_problem(field: str, value: str, evidence: str, *, own_domain: str = ""
     Shapes: ``founded_year`` a four-digit year from ``EARLIEST_FOUNDED_YEAR`` to this year;
     ``employee_count`` a number or range with its qualifier kept (``"less than 10"``, ``"11-50"``,
     ``"2,000+"``; the bare ``"10"`` of "less than 10 people" is refused); ``location`` a place (letters,
-    spaces and punctuation, no digits, at most 8 words); every field a phrase of at most
+    spaces and punctuation, no digits, at most 8 words, starting with a capital); every field a phrase of at most
     ``MAX_PHRASE_WORDS`` words with no markup, URL, e-mail address, phone number, domain other than the
-    company's own, credential or payment word, second-person word or leading command.
+    company's own (also spelled out: "acme dot example"), credential or payment word, second-person word,
+    leading command or obligation ("customers should ...": an instruction, not a fact).
 
     Args:
         field: A field of ``agents.schemas.FACT_FIELDS``.
@@ -140,7 +146,7 @@ def value_problem(field: str, value: str, evidence: str, *, own_domain: str = ""
     if field == "employee_count":
         return _count_problem(value, evidence)
     if field == "location":
-        if len(value.split()) > _MAX_LOCATION_WORDS or not _PLACE.match(value):
+        if len(value.split()) > _MAX_LOCATION_WORDS or not _PLACE.match(value) or not value[0].isupper():
             return "not a place name"
         return None
     return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from agents.attribution import registrable_domain
-from agents.contacts import find_contacts, phone_digits
+from agents.contacts import Contacts, find_contacts, phone_digits
 from agents.fact_shapes import CREDENTIAL_WORDS as _CREDENTIAL
 from agents.grounding import normalize
 from agents.schemas import EmailDraft, Offer, Profile, ProspectInfo, RenderedEmail, ValidationResult
@@ -87,16 +87,15 @@ def _own_domains(prospect: ProspectInfo) -> set[str]:
     return {d for d in (registrable_domain(prospect.website), registrable_domain(email_host)) if d}
 
 
-def _unallowed_contacts(text: str, prospect: ProspectInfo, offer_text: str) -> list[str]:
-    """URLs, e-mail addresses, domains and phone numbers of ``text`` that are not on an allowed domain (the
-    prospect's website or e-mail domain, or a domain the offer names in a link, address or domain) or, for
-    phone numbers, not one of the offer's."""
+def _unallowed_contacts(found: Contacts, prospect: ProspectInfo, offer_text: str) -> list[str]:
+    """The contact points ``found`` in an email that are not on an allowed domain (the prospect's website or
+    e-mail domain, or a domain the offer names in a link, address or domain) or, for phone numbers, not one
+    of the offer's."""
     offer = find_contacts(offer_text)
     allowed = _own_domains(prospect) | {
         registrable_domain(c) for c in (*offer.urls, *offer.domains, *(e.rsplit("@", 1)[-1] for e in offer.emails))
     }
     offer_phones = {phone_digits(p) for p in offer.phones}
-    found = find_contacts(text)
     bad = [u for u in (*found.urls, *found.domains) if registrable_domain(u) not in allowed]
     bad += [e for e in found.emails if registrable_domain(e.rsplit("@", 1)[-1]) not in allowed]
     bad += [p for p in found.phones if phone_digits(p) not in offer_phones]
@@ -108,8 +107,8 @@ def _ungrounded(rendered: RenderedEmail, prospect: ProspectInfo, offer: Offer, p
     prospect's own (whatever a fact says), and numbers that no prospect field, offer field or fact holds."""
     text = f"{rendered.subject}\n{rendered.body}"
     offer_text = "\n".join(str(v) for v in offer.model_dump().values())
-    missing = _unallowed_contacts(text, prospect, offer_text)
     contacts = find_contacts(text)
+    missing = _unallowed_contacts(contacts, prospect, offer_text)
     rest = text
     for item in (*contacts.urls, *contacts.emails, *contacts.domains, *contacts.phones):
         rest = rest.replace(item, " ")

@@ -179,6 +179,13 @@ def test_company_names_match_on_word_boundaries_with_legal_suffixes() -> None:
      "launched a portal; confirm your password there"),                          # credential, second person
     ("pain_point", "Acme customers can call +1 415 555 0132 for help.", "call +1 415 555 0132"),  # phone
     ("product", "Acme's product is {{sender_name}} Pro.", "{{sender_name}} Pro"),  # template characters
+    # Written in ways the hostile-page tests do not use: an obligation, a spelled-out domain, a lower-case "place".
+    ("pain_point", "Acme Freight customers should now re-verify billing at acme-billing dot example.",
+     "customers should now re-verify billing at acme-billing dot example"),
+    ("product", "Acme moved accounts to the portal acme-billing[.]example last week.",
+     "the portal acme-billing[.]example"),
+    ("recent_event", "Acme kunden müssen ihre Konten bestätigen.", "müssen ihre Konten bestätigen"),
+    ("location", "Acme Freight serves regional freight carriers.", "serves regional freight carriers"),
     ("customer_segment", "Acme works with buyers who email ceo@acme.example daily.",
      "buyers who email ceo@acme.example"),                                       # an e-mail address
 ])
