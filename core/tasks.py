@@ -3,7 +3,7 @@
 An agent builds a task, renders its prompt from it, and passes the task along with the messages
 (``model.ainvoke(messages, task=task)``) so that backends build the answer grammar from it and the
 trace recorder stores it. Other rooms (the heuristic teacher, answer formats, review, datasets) read
-the task, never the prompt text. This package is the lowest room: it imports nothing of the project.
+the task, never the prompt text. It imports nothing of the project.
 """
 
 from __future__ import annotations
