@@ -20,7 +20,10 @@ from urllib.parse import urlsplit
 
 from agents.attribution import CompanyMatcher
 from agents.fact_shapes import value_problem
+from agents.prompts import render_sentences
 from agents.schemas import DROP_REASONS, FACT_FIELDS, ExtractedFact, ExtractionOutput, Fact
+from core.tasks import ExtractionTask
+from core.tasks import Sentence as TaskSentence
 from tools.textnorm import normalize_page_text
 from tools.types import Document
 
@@ -374,8 +377,6 @@ _FACT_CUE = re.compile(
     re.IGNORECASE,
 )
 _TABLE_CELL = re.compile(r"(?<!\\)\|")
-_PROMPT_SOURCE = re.compile(r"^Source (\d+):\s*(\S*)\s*$")
-_PROMPT_SENTENCE = re.compile(r"^(S\d+): ?(.*)$")
 _SENTENCE_ID = re.compile(r"^\[?\s*S\s*(\d+)\s*\]?$", re.IGNORECASE)
 
 
@@ -486,38 +487,28 @@ class NumberedSentences:
         """Return the sentence with id ``sid`` (``"S12"``, case-insensitive), or None."""
         return self._by_id.get(sid.strip().upper())
 
+    def task_sentences(self) -> tuple[TaskSentence, ...]:
+        """The sentences as an extraction task holds them (``core.tasks.Sentence``), in prompt order."""
+        return tuple(TaskSentence(id=s.sid, text=s.text, source_url=s.url) for s in self.sentences)
+
     def format(self) -> str:
-        """Render the sentences for the prompt: ``Source k: <url>`` then ``S<i>: <text>`` lines,
-        sources separated by a blank line. Returns ``"(no sentences)"`` when empty."""
-        if not self.sentences:
-            return "(no sentences)"
-        lines: list[str] = []
-        current = -1
-        for s in self.sentences:
-            if s.source_index != current:
-                if lines:
-                    lines.append("")
-                current = s.source_index
-                lines.append(f"Source {current}: {s.url}")
-            lines.append(f"{s.sid}: {s.text}")
-        return "\n".join(lines)
+        """Render the sentences as the extraction prompt shows them (``agents.prompts.render_sentences``):
+        ``Source k: <url>`` then ``S<i>: <text>`` lines, sources separated by a blank line;
+        ``"(no sentences)"`` when empty."""
+        return render_sentences(self.task_sentences())
 
     @classmethod
-    def parse(cls, text: str) -> NumberedSentences:
-        """Read sentences back from text made by ``format`` (e.g. an extraction prompt, as traces store it).
-
-        ``Source k: <url>`` lines set the source of the ``S<i>: <text>`` lines after them; other lines
-        are ignored. The inverse of ``format`` up to whitespace at the ends of sentences.
-        """
+    def from_task(cls, task: ExtractionTask) -> NumberedSentences:
+        """The numbered sentences of an extraction task (e.g. a stored trace's), sources numbered from 1 by
+        runs of consecutive sentences of one page, as the prompt shows them."""
         sentences: list[Sentence] = []
         sources: list[str] = []
-        source, url = 0, ""
-        for line in text.splitlines():
-            if m := _PROMPT_SENTENCE.match(line):
-                sentences.append(Sentence(m.group(1), m.group(2).strip(), url, source))
-            elif m := _PROMPT_SOURCE.match(line):
-                source, url = int(m.group(1)), m.group(2)
+        url: str | None = None
+        for s in task.sentences:
+            if s.source_url != url or not sources:
+                url = s.source_url
                 sources.append(url)
+            sentences.append(Sentence(s.id, s.text, s.source_url, len(sources)))
         return cls(sentences, sources)
 
 

@@ -2,20 +2,21 @@
 
 It is a rule-based researcher and writer packaged as a langchain-core chat model, so the campaign
 graph, tracing, curation and fine-tuning all run without network or weights (DESIGN.md, "Offline
-defaults"). It knows the agents' prompt formats (``agents.prompts``) and recognises its task by the
-system message:
+defaults"). It reads the typed task an agent passes with the call (``core.tasks``; DESIGN.md, "Typed
+tasks, one grammar"), never the prompt text; a call without one has its task read back from the
+messages by ``agents.legacy_tasks``:
 
-* ``EXTRACTION_SYSTEM_PROMPT``: regex rules and lexicons over the numbered sentences pick one best
+* ``ExtractionTask``: regex rules and lexicons over the numbered sentences pick one best
   sentence per profile field (own-site sources and explicit phrasings first) and answer
   ``{"facts": [{"field", "value", "evidence": "S<i>"}]}`` where ``value`` is an exact span of the
   sentence. A rule says only what its sentence says of the prospect: lexicons match whole words, an
   event's subject is "we" or the company's name, a head count is the company's staff and keeps its
   qualifier, "since 2015" is no founding year, and every value has the shape grounding demands
   (``agents.fact_shapes``). Instruction-like sentences are never used.
-* ``WRITER_SYSTEM_PROMPT``: one of several subject and body templates, chosen by a stable SHA-256 hash
-  of the prompt (which is built from the prospect, profile and offer), filled only with merge tags
-  that the prompt lists, with exactly the offer's call to action and its opt-out line at the end.
-  Validation feedback in a later user message is fixed where a rule can fix it.
+* ``WritingTask``: one of several subject and body templates, chosen by a stable SHA-256 hash of the
+  task's rendered user message (built from the prospect, profile and offer), filled only with merge tags
+  that the task lists, with exactly the offer's call to action and its opt-out line at the end. The
+  task's feedback (failed checks, by code) is fixed where a rule can fix it.
 
 Token counts in ``usage_metadata`` are estimates: ``ceil(characters / 4)``, the usual rule of thumb
 for English text with BPE tokenizers; there is no tokenizer here.
@@ -28,7 +29,7 @@ import json
 import math
 import re
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -36,15 +37,17 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
 from agents.attribution import CompanyMatcher, company_core_name
 from agents.fact_shapes import MAX_PHRASE_WORDS, value_problem
 from agents.grounding import host_of, is_instruction
-from agents.prompts import EXTRACTION_SYSTEM_PROMPT, WRITER_SYSTEM_PROMPT
+from agents.legacy_tasks import task_from_messages
+from agents.prompts import render_writer_user
 from agents.prose import GATED_FIELDS, grammatical_number, lower_first, prose_problem, relevant_problem
 from agents.schemas import FACT_FIELDS
+from core.tasks import ExtractionTask, FailedCheck, WritingTask, load_task
 
 __all__ = ["HEURISTIC_MODEL_NAME", "HeuristicChatModel", "estimate_tokens"]
 
@@ -527,49 +530,27 @@ class _Numbered:
     order: int
 
 
-@dataclass
-class _ExtractionTask:
-    company: str = ""
-    website: str = ""
-    sentences: list[_Numbered] = field(default_factory=list)
+def _numbered(task: ExtractionTask) -> list[_Numbered]:
+    """The task's sentences with their source numbers (runs of consecutive sentences of one page, from 1,
+    as the prompt numbers them)."""
+    out: list[_Numbered] = []
+    source, url = 0, None
+    for s in task.sentences:
+        if s.source_url != url or not source:
+            source, url = source + 1, s.source_url
+        out.append(_Numbered(s.id, s.text.strip(), source, s.source_url, len(out)))
+    return out
 
 
-_SOURCE_LINE = re.compile(r"^Source (\d+):\s*(\S*)")
-_SENTENCE_LINE = re.compile(r"^(S\d+):\s?(.*)$")
-
-
-def _parse_extraction(user: str) -> _ExtractionTask:
-    task = _ExtractionTask()
-    source, url = 0, ""
-    in_sentences = False
-    for line in user.splitlines():
-        if not in_sentences:
-            if line.startswith("Company:"):
-                task.company = line[8:].strip()
-            elif line.startswith("Website:"):
-                w = line[8:].strip()
-                task.website = "" if w == "(unknown)" else w
-            elif line.startswith("Sentences:"):
-                in_sentences = True
-            continue
-        m = _SENTENCE_LINE.match(line)
-        if m:
-            task.sentences.append(_Numbered(m.group(1), m.group(2).strip(), source, url, len(task.sentences)))
-            continue
-        m = _SOURCE_LINE.match(line)
-        if m:
-            source, url = int(m.group(1)), m.group(2)
-    return task
-
-def extract_facts(user: str) -> dict[str, list[dict[str, str]]]:
-    """Answer an extraction prompt (the user message of ``EXTRACTION_USER_TEMPLATE``) by rules.
+def extract_facts(task: ExtractionTask) -> dict[str, list[dict[str, str]]]:
+    """Answer an extraction task by rules.
 
     Returns:
-        ``{"facts": [{"field", "value", "evidence"}]}``, at most one fact per field, in
+        ``{"facts": [{"field", "value", "evidence"}]}``, at most one fact per field of the task, in
         ``FACT_FIELDS`` order; ``value`` is an exact span of the sentence cited in ``evidence``.
     """
-    task = _parse_extraction(user)
-    sentences = task.sentences
+    wanted = set(task.field_names)
+    sentences = _numbered(task)
     if not sentences:
         return {"facts": []}
     matcher = _matcher(task.company, task.website)
@@ -609,6 +590,8 @@ def extract_facts(user: str) -> dict[str, list[dict[str, str]]]:
     best: dict[str, tuple[tuple[int, int, int, int], str, str]] = {}
     # Strongest rules first, so that weaker ones are skipped once an own-site fact outranks them.
     for rule in sorted((*_RULES, *_company_rules(task.company)), key=lambda r: -r.priority):
+        if rule.field not in wanted:
+            continue
         current = best.get(rule.field)
         if current is not None and current[0][:2] >= (1, rule.priority):
             continue
@@ -636,7 +619,7 @@ def extract_facts(user: str) -> dict[str, list[dict[str, str]]]:
             if key[1] == rule.priority:  # a bound keeps looking for an exact count under the same rule
                 break
     facts = [
-        {"field": f, "evidence": best[f][2], "value": best[f][1]} for f in FACT_FIELDS if f in best
+        {"field": f, "evidence": best[f][2], "value": best[f][1]} for f in FACT_FIELDS if f in best and f in wanted
     ]
     return {"facts": facts}
 
@@ -645,9 +628,10 @@ def extract_facts(user: str) -> dict[str, list[dict[str, str]]]:
 # Writing
 # --------------------------------------------------------------------------------------------------
 
-_TAG_LINE = re.compile(r"^\{\{([\w.]+)\}\}:\s?(.*)$")
 _BAD_TAGS = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
-_FEEDBACK_LINE = re.compile(r"^-\s*(\w+):\s*(.*)$")
+#: Failures after which the email leaves out the offer's own texts (value proposition, proof point): a spam
+#: phrase or an unsourced mention may come from them.
+_OFFER_TEXT_CODES = frozenset({"spam", "no_fact", "ungrounded"})
 _WORDS = re.compile(r"\S+")
 #: ``<plural form|singular form>`` in a template: the verb agrees with the slot's noun phrase.
 _AGREE = re.compile(r"<([^<>|]+)\|([^<>|]+)>")
@@ -658,7 +642,6 @@ _TAG_WORDS = {"first_name": 1, "last_name": 1, "company": 2, "title": 2, "sender
 #: the margin covers company names longer than the two words assumed).
 _BAND = (56, 84)
 _SUBJECT_WORDS = 5
-_NONE = {"(none)", "(not given)", "(unknown)"}
 
 # Each piece is a template using merge tags and, in angle brackets, offer text (<problem>, <pred>, <np>,
 # <sentence>, <proof>) or agreement (<are|is>); a piece is only used when all its tags are available.
@@ -839,34 +822,23 @@ class _WritingTask:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def _parse_writing(user: str) -> _WritingTask:
-    task = _WritingTask()
-    labels: dict[str, Callable[[str], None]] = {
-        "Product:": lambda v: setattr(task, "product", v),
-        "Value proposition:": lambda v: setattr(task, "value_proposition", v),
-        "Problems solved:": lambda v: setattr(task, "problems", [p.strip() for p in v.split(";") if p.strip()]),
-        "Proof point:": lambda v: setattr(task, "proof_point", v),
-        "Call to action:": lambda v: setattr(task, "call_to_action", v),
-        "Opt-out line:": lambda v: setattr(task, "opt_out_line", v),
-        "Prospect title:": lambda v: setattr(task, "title", v),
-    }
-    for line in user.splitlines():
-        m = _TAG_LINE.match(line)
-        if m:
-            task.tags[m.group(1)] = m.group(2).strip()
-            continue
-        for label, setter in labels.items():
-            if line.startswith(label):
-                value = line[len(label):].strip()
-                setter("" if value in _NONE else value)
-                break
-    return task
+def _writing(task: WritingTask) -> _WritingTask:
+    """The parts of ``task`` the templates use (texts stripped; a fact tag maps to its value, a name tag to
+    its description)."""
+    offer = task.offer
+    return _WritingTask(
+        product=offer.product.strip(), value_proposition=offer.value_proposition.strip(),
+        problems=[p.strip() for p in offer.problems_solved if p.strip()], proof_point=offer.proof_point.strip(),
+        call_to_action=offer.call_to_action.strip(), opt_out_line=offer.opt_out_line.strip(),
+        title=task.prospect_title.strip(),
+        tags={t.name: (t.value if t.is_fact else t.description).strip() for t in task.merge_tags},
+    )
 
 
 @dataclass
 class _Feedback:
     rounds: int = 0
-    checks: set[str] = field(default_factory=set)
+    codes: set[str] = field(default_factory=set)
     too_long: bool = False
     too_short: bool = False
     subject_too_long: bool = False
@@ -874,30 +846,15 @@ class _Feedback:
     spam: set[str] = field(default_factory=set)
 
 
-def _parse_feedback(messages: Sequence[str]) -> _Feedback:
-    fb = _Feedback()
-    for text in messages:
-        if "Validation feedback" not in text and "merge tags that cannot be filled" not in text:
-            continue
-        fb.rounds += 1
-        for line in text.splitlines():
-            m = _FEEDBACK_LINE.match(line.strip())
-            if not m:
-                continue
-            check, msg = m.group(1), m.group(2)
-            fb.checks.add(check)
-            if check == "length":
-                fb.too_long |= "too long" in msg
-                fb.too_short |= "too short" in msg
-            if check == "subject_length" and "too long" in msg:
-                fb.subject_too_long = True
-            if check == "spam":
-                fb.spam |= {p.lower() for p in re.findall(r"'([^']+)'", msg)}
-        for line in text.splitlines():
-            if "cannot be filled" in line:
-                head = line.split("cannot be filled", 1)[1].split("Allowed tags", 1)[0]
-                fb.bad_tags |= set(_BAD_TAGS.findall(head))
-    return fb
+def _feedback(failed: Sequence[FailedCheck]) -> _Feedback:
+    """What the templates must change after ``failed`` (read by code and subject, never by wording)."""
+    codes = {c.code for c in failed}
+    return _Feedback(
+        rounds=1 if failed else 0, codes=codes, too_long="too_long" in codes, too_short="too_short" in codes,
+        subject_too_long="subject_too_long" in codes,
+        bad_tags={c.subject for c in failed if c.code == "unknown_merge_tag"},
+        spam={c.subject.lower() for c in failed if c.code == "spam" and c.subject},
+    )
 
 
 def _sentence(text: str) -> str:
@@ -1005,8 +962,8 @@ def _observation(comp: _Composer, task: _WritingTask, facts: list[str]) -> tuple
     return name, opener, problem
 
 
-def write_email(user: str, followups: Sequence[str] = ()) -> dict[str, str]:
-    """Answer a writer prompt (the user message of ``WRITER_USER_TEMPLATE``) with templates.
+def write_email(task: WritingTask) -> dict[str, str]:
+    """Answer a writing task with templates.
 
     The email follows the writer's rules of craft (``agents.prompts.WRITER_SYSTEM_PROMPT``): an opener
     about the prospect through one listed fact (a relevant event or pain point first), a sentence tying
@@ -1015,25 +972,28 @@ def write_email(user: str, followups: Sequence[str] = ()) -> dict[str, str]:
     read as a predicate, a sentence or a phrase), the proof point when there is one, the call to action
     and a sign-off; 56 to 84 words from greeting to call to action; a subject of at most five words with
     no product or first name. Verbs agree with plural noun phrases; every piece has several variants,
-    chosen by a stable SHA-256 hash of the prompt, so sentences vary across a campaign.
+    chosen by a stable SHA-256 hash of the task's user message (``agents.prompts.render_writer_user``, which
+    holds the prospect, the facts and the offer), so sentences vary across a campaign.
 
     Args:
-        user: The writer user message.
-        followups: Later user messages (validation feedback, merge-tag errors); fixed by rule where
-            possible (shorter or longer body, shorter subject, no offer text, no rejected tags).
+        task: The writing task; its ``feedback`` (the checks an earlier draft failed) is fixed by rule
+            where possible, read by code: a longer (``too_short``) or shorter (``too_long``) body, a short
+            subject (``subject_too_long``), no offer text after ``spam``, ``no_fact`` or ``ungrounded``,
+            no phrase named by ``spam`` and no tag named by ``unknown_merge_tag``.
 
     Returns:
         ``{"subject": ..., "body": ...}`` written with merge tags.
     """
-    task = _parse_writing(user)
-    fb = _parse_feedback(followups)
+    fb = _feedback(task.feedback)
+    user = render_writer_user(task)  # the first user message, without the feedback
     seed = int.from_bytes(hashlib.sha256(user.encode("utf-8")).digest()[:8], "big") + 7919 * fb.rounds
-    comp = _Composer(task, seed, fb)
+    brief = _writing(task)
+    comp = _Composer(brief, seed, fb)
     facts = [f for f in FACT_FIELDS if f"fact.{f}" in comp.values]
-    problems = task.problems
+    problems = brief.problems
 
     if facts:
-        name, opener, problem = _observation(comp, task, facts)
+        name, opener, problem = _observation(comp, brief, facts)
     else:
         name, problem = "", None
         opener = comp.pick(_NO_FACT_OPENERS, 3) or "Most teams in your position are busy, so this note is short."
@@ -1047,9 +1007,9 @@ def write_email(user: str, followups: Sequence[str] = ()) -> dict[str, str]:
     refers = bool(bridge) or name == "pain_point"
     title_line = (comp.pick(_TITLE_LINES, 5) or "") if refers else ""
 
-    offer_text_ok = not fb.checks & {"spam", "grounded"}
-    kind, text = _pitch_parts(task.value_proposition, task.product) if offer_text_ok else ("", "")
-    proof = _sentence(task.proof_point) if task.proof_point and offer_text_ok else ""
+    offer_text_ok = not fb.codes & _OFFER_TEXT_CODES
+    kind, text = _pitch_parts(brief.value_proposition, brief.product) if offer_text_ok else ("", "")
+    proof = _sentence(brief.proof_point) if brief.proof_point and offer_text_ok else ""
     if proof:
         frame = comp.pick(_PROOFS, 6) or _PROOFS[0]
         proof = _fill(frame, "singular", proof=lower_first(proof) if "," in frame else proof)
@@ -1077,7 +1037,7 @@ def write_email(user: str, followups: Sequence[str] = ()) -> dict[str, str]:
 
     subject = _subject(comp, name, fb)
     greeting = comp.pick(_GREETINGS, 2) or "Hello,"
-    cta = _sentence(task.call_to_action) if task.call_to_action else ""
+    cta = _sentence(brief.call_to_action) if brief.call_to_action else ""
     signoff = comp.pick(_SIGNOFFS, 10) or "Best,"
     sender = "\n".join(x for x in ("{{sender_name}}", "{{sender_company}}") if comp.usable(x))
     low, high = (50, 70) if fb.too_long else ((80, 95) if fb.too_short else _BAND)
@@ -1087,7 +1047,7 @@ def write_email(user: str, followups: Sequence[str] = ()) -> dict[str, str]:
         para2 = " ".join(x for x in (parts["pitch"], proof, *fill) if x)
         head = [greeting, para1, para2, cta]
         body = "\n\n".join(p for p in [*head, "\n".join(x for x in (signoff, sender) if x),
-                                       task.opt_out_line.strip()] if p)
+                                       brief.opt_out_line.strip()] if p)
         return body, comp.words(" ".join(head))
 
     # Half of the emails say only the first clause of the value proposition, and any email that is too
@@ -1129,16 +1089,19 @@ def _subject(comp: _Composer, name: str, fb: _Feedback) -> str:
 class HeuristicChatModel(BaseChatModel):
     """A deterministic, rule-based researcher and writer behind the chat-model interface. NOT an LLM.
 
-    Recognises the task by the system message (``agents.prompts.EXTRACTION_SYSTEM_PROMPT`` or
-    ``WRITER_SYSTEM_PROMPT``) and answers with the JSON the agent expects (see the module docstring).
-    The first user message is the task; later user messages are read as validation feedback.
+    Answers the typed task an agent passes as ``task=`` (``invoke(messages, task=task)``: a
+    ``core.tasks.ExtractionTask`` or ``WritingTask``, or its ``dump_task`` JSON) with the JSON the agent
+    expects (see the module docstring); the messages are not read then. Called without a task (a stored
+    call replayed, a raw call), it reads the task back from the messages with the one legacy parser
+    (``agents.legacy_tasks.task_from_messages``).
     Each call takes well under 2 ms for a typical prompt; ``_agenerate`` runs inline (no thread pool).
 
     The returned ``AIMessage`` carries ``usage_metadata`` with token counts estimated as
     ``ceil(characters / 4)`` (not a tokenizer count) and ``response_metadata={"model_name": "heuristic"}``.
 
     Raises (from ``invoke``/``ainvoke``):
-        ValueError: the system message is not one of the two agent prompts, or no user message follows it.
+        ValueError: no task is given and the messages are not an agent's prompt.
+        pydantic.ValidationError: ``task`` is a mapping that is not a stored task.
     """
 
     @property
@@ -1149,28 +1112,23 @@ class HeuristicChatModel(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {"model_name": HEURISTIC_MODEL_NAME}
 
-    def _answer(self, messages: list[BaseMessage]) -> dict[str, Any]:
+    def _answer(self, messages: list[BaseMessage], task: Any) -> dict[str, Any]:
+        if task is None:
+            task = task_from_messages(messages)
+        elif isinstance(task, Mapping):
+            task = load_task(task)
+        if isinstance(task, ExtractionTask):
+            return extract_facts(task)
+        if isinstance(task, WritingTask):
+            return write_email(task)
         system = next((m.text for m in messages if isinstance(m, SystemMessage)), "")
-        users = [m.text for m in messages if isinstance(m, HumanMessage)]
-        if system.strip() == EXTRACTION_SYSTEM_PROMPT.strip():
-            task = "extraction"
-        elif system.strip() == WRITER_SYSTEM_PROMPT.strip():
-            task = "writing"
-        else:
-            raise ValueError(
-                "HeuristicChatModel is a rule-based stand-in, not an LLM: it only answers the researcher's "
-                "extraction prompt (agents.prompts.EXTRACTION_SYSTEM_PROMPT) and the writer's prompt "
-                "(agents.prompts.WRITER_SYSTEM_PROMPT); got a system message starting "
-                f"{system[:80]!r}. Use an LLM backend (openai:..., ollama:...) for other prompts."
-            )
-        if not users:
-            raise ValueError(
-                f"HeuristicChatModel got the {task} system prompt but no user message with the task; "
-                "send the agent's user message after the system message"
-            )
-        if task == "extraction":
-            return extract_facts(users[0])
-        return write_email(users[0], users[1:])
+        raise ValueError(
+            "HeuristicChatModel is a rule-based stand-in, not an LLM: it only answers the researcher's and the "
+            "writer's tasks (core.tasks.ExtractionTask, WritingTask, passed as task=, or their prompts from "
+            "agents.prompts); got "
+            + (f"task={type(task).__name__}" if task is not None else f"a system message starting {system[:80]!r}")
+            + ". Use an LLM backend (openai:..., ollama:...) for other prompts."
+        )
 
     def _generate(
         self,
@@ -1179,7 +1137,7 @@ class HeuristicChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        content = json.dumps(self._answer(messages), ensure_ascii=False)
+        content = json.dumps(self._answer(messages, kwargs.get("task")), ensure_ascii=False)
         input_tokens = estimate_tokens("".join(m.text for m in messages))
         output_tokens = estimate_tokens(content)
         usage = {"input_tokens": input_tokens, "output_tokens": output_tokens,

@@ -2,8 +2,10 @@
 
 Models (teachers and miniatures alike) wrap JSON in code fences or prose; ``extract_json_object``
 finds the first JSON object in the text, and ``parse_model_output`` validates it with pydantic.
-``ainvoke_structured`` calls a chat model, and when the answer cannot be parsed it calls the model
-once more with its answer and the error appended, then gives up with ``ModelOutputError``.
+``ainvoke_structured`` calls a chat model with the agent's typed task (``task=`` of every call, which
+backends read to constrain the answer and the trace recorder stores), and when the answer cannot be
+parsed it calls the model once more with its answer and the error appended, then gives up with
+``ModelOutputError``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from agents.errors import ModelOutputError
 from agents.prompts import RETRY_TEMPLATE
+from core.tasks import ExtractionTask, WritingTask
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -105,19 +108,23 @@ async def ainvoke_structured(
     *,
     agent: str,
     config: RunnableConfig | None = None,
+    task: ExtractionTask | WritingTask | None = None,
 ) -> T:
     """Call ``model`` and parse its answer into ``schema``, retrying once on a bad answer.
 
     On a parse or validation failure the model is called once more with the conversation extended
     by its answer (as an AI message) and a user message (``RETRY_TEMPLATE``) saying what was wrong.
-    ``config`` is forwarded to every call so trace callbacks see both.
+    ``config`` and ``task`` are forwarded to every call (``model.ainvoke(messages, config=config,
+    task=task)``), so trace callbacks see both calls and their task, and backends build the answer's
+    constraints from the task; with ``task=None`` no ``task`` keyword is sent.
 
     Args:
-        model: Any langchain-core chat model.
-        messages: The prompt (system message first).
+        model: Any langchain-core chat model (a project model reads ``task`` from its ``_agenerate`` kwargs).
+        messages: The prompt (system message first), rendered from ``task``.
         schema: The pydantic output format.
         agent: Agent name for errors and logs (``"researcher"``, ``"writer"``).
         config: Run config of the calling graph node.
+        task: The typed task the messages were rendered from.
 
     Returns:
         The parsed answer.
@@ -128,7 +135,8 @@ async def ainvoke_structured(
     from langchain_core.messages import AIMessage, HumanMessage
 
     convo = list(messages)
-    answer = await model.ainvoke(convo, config=config)
+    extra: dict[str, Any] = {} if task is None else {"task": task}
+    answer = await model.ainvoke(convo, config=config, **extra)
     raw = answer.text
     try:
         return parse_model_output(raw, schema)
@@ -136,7 +144,7 @@ async def ainvoke_structured(
         logger.info("%s model answer could not be parsed (%s); retrying once", agent, exc)
         error = str(exc)
     convo += [AIMessage(content=raw), HumanMessage(content=RETRY_TEMPLATE.format(error=error))]
-    answer = await model.ainvoke(convo, config=config)
+    answer = await model.ainvoke(convo, config=config, **extra)
     raw = answer.text
     try:
         return parse_model_output(raw, schema)

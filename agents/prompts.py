@@ -1,8 +1,10 @@
-"""Prompts of the agents, as named constants (DESIGN.md, "Habits").
+"""Prompts of the agents: named constants (DESIGN.md, "Habits") and the renderers of typed tasks.
 
-The user messages have a fixed, line-oriented layout that the offline ``heuristic`` backend parses
-(``agents.heuristic``) and that miniatures learn from traces, so change the layout only together
-with the heuristic and expect to retrain miniatures.
+An agent builds a typed task (``core.tasks.ExtractionTask`` or ``WritingTask``) and renders its user
+messages here (``render_extraction_user``, ``render_writer_user``, ``render_feedback``); every other room
+reads the task, not this text. The layout is what miniatures learn from traces, so change it only
+knowing that miniatures must be retrained; traces stored before tasks were recorded are read back by
+``agents.legacy_tasks``, the one parser of this layout, which must follow any change.
 
 Extraction user message (``EXTRACTION_USER_TEMPLATE``)::
 
@@ -24,7 +26,7 @@ Writer user message (``WRITER_USER_TEMPLATE``): the offer as ``Label: value`` li
 joined by ``"; "``; ``(none)`` for an empty optional field), the prospect's title, then one line per
 available merge tag (``{{tag}}: description`` for names, ``{{fact.x}}: value`` for the facts the writer
 may use, ``agents.writer.writable_facts``); when there is no fact tag, ``WRITER_NO_FACTS_NOTE`` follows
-the tags (the system prompt stays the same for every call: the heuristic recognises the writer by it).
+the tags (the system prompt stays the same for every call).
 The writer's rules of craft (opener, one observation tied to a problem, proof point, one call to action,
 50 to 90 words, a short plain subject, the product named once) are those the rubric measures
 (``evals.rubric``).
@@ -32,16 +34,30 @@ The writer's rules of craft (opener, one observation tied to a problem, proof po
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from core.tasks import ExtractionTask, FailedCheck, Sentence, WritingTask
+
 __all__ = [
     "EXTRACTION_SYSTEM_PROMPT",
     "EXTRACTION_USER_TEMPLATE",
+    "FEEDBACK_HEADER",
     "FEEDBACK_TEMPLATE",
     "FIELD_DESCRIPTIONS",
     "NAME_TAG_DESCRIPTIONS",
+    "NONE_MARK",
+    "NOT_GIVEN_MARK",
+    "NO_SENTENCES_MARK",
     "RETRY_TEMPLATE",
+    "UNKNOWN_MARK",
     "WRITER_NO_FACTS_NOTE",
     "WRITER_SYSTEM_PROMPT",
     "WRITER_USER_TEMPLATE",
+    "feedback_details",
+    "render_extraction_user",
+    "render_feedback",
+    "render_sentences",
+    "render_writer_user",
 ]
 
 EXTRACTION_SYSTEM_PROMPT = """\
@@ -150,8 +166,90 @@ RETRY_TEMPLATE = """\
 Your previous answer could not be used: {error}
 Answer again with only the JSON object in the required format, no prose and no code fences."""
 
+#: The first line of ``FEEDBACK_TEMPLATE`` (how a feedback message is told apart from a retry).
+FEEDBACK_HEADER = "Validation feedback: your previous email failed these checks:"
+
 #: Sent (as a user message) when an earlier email failed validation; ``{errors}`` is a bullet list.
-FEEDBACK_TEMPLATE = """\
-Validation feedback: your previous email failed these checks:
+FEEDBACK_TEMPLATE = FEEDBACK_HEADER + """
 {errors}
 Write a corrected email that fixes every point, following all the rules. Answer with the JSON object only."""
+
+#: What the prompts write for an empty optional offer field, an unknown title or website, an unset call
+#: to action style, and an extraction task without sentences.
+NONE_MARK, UNKNOWN_MARK, NOT_GIVEN_MARK, NO_SENTENCES_MARK = "(none)", "(unknown)", "(not given)", "(no sentences)"
+
+
+def render_sentences(sentences: Sequence[Sentence]) -> str:
+    """The numbered sentences as the extraction prompt shows them.
+
+    A ``Source k: <url>`` line opens each run of consecutive sentences from one page (``k`` counts the
+    runs from 1), then one ``S<i>: <text>`` line per sentence; runs are separated by a blank line.
+
+    Returns:
+        The block, or ``"(no sentences)"`` for none.
+    """
+    if not sentences:
+        return NO_SENTENCES_MARK
+    lines: list[str] = []
+    source = 0
+    url: str | None = None
+    for sentence in sentences:
+        if sentence.source_url != url or not source:
+            if lines:
+                lines.append("")
+            source += 1
+            url = sentence.source_url
+            lines.append(f"Source {source}: {url}")
+        lines.append(f"{sentence.id}: {sentence.text}")
+    return "\n".join(lines)
+
+
+def render_extraction_user(task: ExtractionTask) -> str:
+    """The researcher's user message for ``task`` (``EXTRACTION_USER_TEMPLATE``): company, website
+    (``(unknown)`` when empty), one ``- <field>: <description>`` line per field, the sentences
+    (``render_sentences``)."""
+    return EXTRACTION_USER_TEMPLATE.format(
+        company=task.company,
+        website=task.website or UNKNOWN_MARK,
+        fields="\n".join(f"- {f.name}: {f.description}" for f in task.fields),
+        sentences=render_sentences(task.sentences),
+    )
+
+
+def render_writer_user(task: WritingTask) -> str:
+    """The writer's first user message for ``task`` (``WRITER_USER_TEMPLATE``), without its feedback.
+
+    The offer as ``Label: value`` lines (problems joined by ``"; "``; ``(none)`` for an empty optional
+    field, ``(not given)`` for no call to action style), the prospect's title (``(unknown)`` when empty),
+    one ``{{tag}}: description`` line per merge tag in task order (a fact tag's description is its value),
+    then ``WRITER_NO_FACTS_NOTE`` when the task offers no fact tag.
+    """
+    offer = task.offer
+    return WRITER_USER_TEMPLATE.format(
+        sender_title=offer.sender_title or NONE_MARK,
+        product=offer.product,
+        value_proposition=offer.value_proposition,
+        problems_solved="; ".join(offer.problems_solved) or NONE_MARK,
+        proof_point=offer.proof_point or NONE_MARK,
+        call_to_action=offer.call_to_action,
+        cta_style=offer.cta_style or NOT_GIVEN_MARK,
+        opt_out_line=offer.opt_out_line,
+        title=task.prospect_title or UNKNOWN_MARK,
+        merge_tags="\n".join(f"{{{{{tag.name}}}}}: {tag.description}" for tag in task.merge_tags),
+        facts_note="" if task.fact_tags else WRITER_NO_FACTS_NOTE,
+    )
+
+
+def feedback_details(feedback: Sequence[FailedCheck]) -> list[str]:
+    """The distinct non-blank details of ``feedback``, stripped, in first-seen order (several checks of one
+    validation message, such as one per spam phrase, share its detail and are shown once)."""
+    return list(dict.fromkeys(d for d in (c.detail.strip() for c in feedback) if d))
+
+
+def render_feedback(feedback: Sequence[FailedCheck]) -> str | None:
+    """The writer's feedback message (``FEEDBACK_TEMPLATE``, one ``- <detail>`` line per distinct detail),
+    or None when ``feedback`` has no detail to show."""
+    details = feedback_details(feedback)
+    if not details:
+        return None
+    return FEEDBACK_TEMPLATE.format(errors="\n".join(f"- {d}" for d in details))

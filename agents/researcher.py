@@ -3,8 +3,8 @@
 Steps (DESIGN.md, "Grounding by construction"): plan 2-3 search queries by rule, search, rank
 candidate URLs (the prospect's own domain first; other pages only when they name the company; never a
 near-namesake's site), fetch concurrently, split and filter the untrusted page text into numbered
-sentences, make one model call that cites sentence ids, and keep only facts whose evidence resolves
-and contains the value.
+sentences, make one model call that cites sentence ids (its typed task, ``core.tasks.ExtractionTask``,
+goes with the call), and keep only facts whose evidence resolves and contains the value.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from agents.attribution import CompanyMatcher, company_core_name, registrable_domain
-from agents.grounding import ground_facts, host_of, number_sentences
+from agents.grounding import NumberedSentences, ground_facts, host_of, number_sentences
 from agents.parsing import ainvoke_structured
-from agents.prompts import EXTRACTION_SYSTEM_PROMPT, EXTRACTION_USER_TEMPLATE, FIELD_DESCRIPTIONS
+from agents.prompts import EXTRACTION_SYSTEM_PROMPT, FIELD_DESCRIPTIONS, render_extraction_user
 from agents.schemas import FACT_FIELDS, ExtractionOutput, Profile, ProspectInfo, ResearchResult
+from core.tasks import ExtractionTask, FieldSpec
 from tools.search import quote_phrase
 from tools.types import Document, FetchError, SearchError, SearchHit, Web
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "attributed_documents",
     "build_extraction_messages",
+    "extraction_task",
     "plan_queries",
     "rank_urls",
     "research",
@@ -193,19 +195,36 @@ def attributed_documents(matcher: CompanyMatcher, documents: Sequence[Document])
     return kept
 
 
-def build_extraction_messages(prospect: ProspectInfo, sentences_block: str) -> list[BaseMessage]:
-    """Build the extraction prompt: ``EXTRACTION_SYSTEM_PROMPT`` and a user message from
-    ``EXTRACTION_USER_TEMPLATE`` (company, website, field list, numbered sentences by source)."""
+def extraction_task(prospect: ProspectInfo, numbered: NumberedSentences,
+                    fields: Sequence[str] = FACT_FIELDS) -> ExtractionTask:
+    """The researcher's typed task: fill ``fields`` about the prospect's company from ``numbered``.
+
+    Args:
+        prospect: whose company (name and website as given, outer whitespace removed).
+        numbered: the numbered sentences shown to the model (``agents.grounding.number_sentences``).
+        fields: the profile fields asked for, in prompt order, each described by ``FIELD_DESCRIPTIONS``.
+
+    Raises:
+        ValueError: a field is not one of ``agents.schemas.FACT_FIELDS``.
+    """
+    unknown = [f for f in fields if f not in FIELD_DESCRIPTIONS]
+    if unknown:
+        raise ValueError(f"unknown profile field(s) {unknown}; ask for fields of {', '.join(FACT_FIELDS)}")
+    return ExtractionTask(
+        company=prospect.company.strip(),
+        website=prospect.website.strip(),
+        fields=tuple(FieldSpec(name=f, description=FIELD_DESCRIPTIONS[f]) for f in fields),
+        sentences=numbered.task_sentences(),
+    )
+
+
+def build_extraction_messages(task: ExtractionTask) -> list[BaseMessage]:
+    """Build the extraction prompt of ``task``: ``EXTRACTION_SYSTEM_PROMPT`` and the user message
+    ``agents.prompts.render_extraction_user`` renders (company, website, field list, numbered sentences
+    by source)."""
     from langchain_core.messages import HumanMessage, SystemMessage
 
-    fields = "\n".join(f"- {name}: {FIELD_DESCRIPTIONS[name]}" for name in FACT_FIELDS)
-    user = EXTRACTION_USER_TEMPLATE.format(
-        company=prospect.company.strip(),
-        website=prospect.website.strip() or "(unknown)",
-        fields=fields,
-        sentences=sentences_block,
-    )
-    return [SystemMessage(content=EXTRACTION_SYSTEM_PROMPT), HumanMessage(content=user)]
+    return [SystemMessage(content=EXTRACTION_SYSTEM_PROMPT), HumanMessage(content=render_extraction_user(task))]
 
 
 async def _search(web: Web, query: str) -> list[SearchHit] | SearchError:
@@ -284,8 +303,9 @@ async def research(
                        prospect.company, len(documents))
         return ResearchResult(profile=profile, queries=queries, fetch_errors=errors)
 
-    messages = build_extraction_messages(prospect, numbered.format())
-    output = await ainvoke_structured(model, messages, ExtractionOutput, agent="researcher", config=config)
+    task = extraction_task(prospect, numbered)
+    output = await ainvoke_structured(model, build_extraction_messages(task), ExtractionOutput,
+                                      agent="researcher", config=config, task=task)
     facts, drops = ground_facts(output, numbered, documents, matcher=matcher)
     profile.facts = facts
     profile.drop_reasons = drops

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
+from core.tasks import FailedCheck
+
 __all__ = [
     "DROP_REASONS",
     "FACT_FIELDS",
@@ -193,10 +195,17 @@ class RenderedEmail(BaseModel):
 
 
 class ValidationResult(BaseModel):
-    """Named checks (True = passed) and a human-readable reason for each failure."""
+    """Named checks (True = passed), a human-readable reason for each failure, and the failures as data.
+
+    ``failed`` holds one ``core.tasks.FailedCheck`` per thing to fix (a stable ``code`` from
+    ``agents.validation.FAILURE_CODES``, the ``errors`` line it belongs to as ``detail``, and what it is
+    about as ``subject``: one per spam phrase, unknown merge tag or unsourced mention); it is what the
+    writer's next task carries as feedback.
+    """
 
     checks: dict[str, bool] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list)
+    failed: list[FailedCheck] = Field(default_factory=list)
 
     @property
     def ok(self) -> bool:

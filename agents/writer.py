@@ -2,7 +2,9 @@
 
 The model never types a name or a fact (DESIGN.md, "Grounding by construction"): it writes
 ``{{first_name}}``, ``{{company}}``, ``{{fact.<field>}}`` ...; ``render`` fills them from the prospect,
-the offer and the profile, and a tag that cannot be filled is a ``MergeTagError``, never a blank.
+the offer and the profile, and a tag that cannot be filled is a ``MergeTagError``, never a blank. The
+model is asked with a typed task (``core.tasks.WritingTask``: offer, title, allowed merge tags, limits,
+the checks an earlier draft failed), rendered into the prompt by ``agents.prompts``.
 """
 
 from __future__ import annotations
@@ -14,15 +16,10 @@ from typing import TYPE_CHECKING
 
 from agents.errors import MergeTagError
 from agents.parsing import ainvoke_structured
-from agents.prompts import (
-    FEEDBACK_TEMPLATE,
-    NAME_TAG_DESCRIPTIONS,
-    WRITER_NO_FACTS_NOTE,
-    WRITER_SYSTEM_PROMPT,
-    WRITER_USER_TEMPLATE,
-)
+from agents.prompts import NAME_TAG_DESCRIPTIONS, WRITER_SYSTEM_PROMPT, render_feedback, render_writer_user
 from agents.prose import GATED_FIELDS, prose_problem, prose_value, relevant_problem
 from agents.schemas import FACT_FIELDS, EmailDraft, Offer, Profile, ProspectInfo, RenderedEmail
+from core.tasks import FailedCheck, MergeTag, OfferBrief, WritingTask
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -37,6 +34,8 @@ __all__ = [
     "used_merge_tags",
     "writable_facts",
     "write",
+    "writer_messages",
+    "writing_task",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,44 +101,61 @@ def used_merge_tags(text: str) -> list[str]:
     return list(dict.fromkeys(m.group(1) for m in MERGE_TAG_PATTERN.finditer(text)))
 
 
-def build_writer_messages(
-    offer: Offer, prospect: ProspectInfo, profile: Profile, feedback: Sequence[str] = ()
-) -> list[BaseMessage]:
-    """Build the writer prompt.
+def writing_task(
+    offer: Offer, prospect: ProspectInfo, profile: Profile, feedback: Sequence[FailedCheck] = ()
+) -> WritingTask:
+    """The writer's typed task for one prospect.
 
-    ``WRITER_SYSTEM_PROMPT``; a user message from ``WRITER_USER_TEMPLATE`` with the offer (sender
-    title, product, value proposition, problems solved, proof point, call to action and its style,
-    opt-out line; the sender's and the prospect's names only as tags), the prospect's title and the
-    available merge tags (names described, the facts of ``writable_facts`` shown with their value),
-    followed by ``WRITER_NO_FACTS_NOTE`` when no fact tag is available (a non-personalised email: the
-    system prompt's rule to mention a fact then does not apply); and, when ``feedback`` is given, a
-    second user message (``FEEDBACK_TEMPLATE``) listing it.
+    The offer without the sender's identity (``OfferBrief``), the prospect's title, the merge tags that can
+    be filled (``merge_tag_values``: name tags with ``NAME_TAG_DESCRIPTIONS``, then the facts of
+    ``writable_facts``, each described by its value), the prompt's limits, and ``feedback``: the checks an
+    earlier draft failed (``ValidationResult.failed``).
+
+    Raises:
+        TypeError: a feedback item is not a ``core.tasks.FailedCheck`` (validation's error strings are
+            not feedback: pass ``ValidationResult.failed``).
     """
+    bad = [type(item).__name__ for item in feedback if not isinstance(item, FailedCheck)]
+    if bad:
+        raise TypeError(f"writer feedback takes core.tasks.FailedCheck items (ValidationResult.failed), got {bad[0]}")
+    values = merge_tag_values(prospect, profile, offer)
+    names = [MergeTag(name=tag, description=NAME_TAG_DESCRIPTIONS[tag]) for tag in values
+             if not tag.startswith("fact.")]
+    facts = [MergeTag(name=tag, description=value, value=value)
+             for tag, value in writable_facts(prospect, profile, offer).items()]
+    brief = OfferBrief(
+        sender_title=offer.sender_title, product=offer.product, value_proposition=offer.value_proposition,
+        problems_solved=tuple(offer.problems_solved), proof_point=offer.proof_point,
+        call_to_action=offer.call_to_action, cta_style=offer.cta_style, opt_out_line=offer.opt_out_line,
+    )
+    return WritingTask(offer=brief, prospect_title=prospect.title, merge_tags=(*names, *facts),
+                       feedback=tuple(feedback))
+
+
+def writer_messages(task: WritingTask) -> list[BaseMessage]:
+    """The writer prompt of ``task``: ``WRITER_SYSTEM_PROMPT``, the user message
+    ``agents.prompts.render_writer_user`` renders (followed by ``WRITER_NO_FACTS_NOTE`` when no fact tag is
+    offered: a non-personalised email, the system prompt's rule to mention a fact then does not apply), and,
+    when the task carries feedback, a second user message (``agents.prompts.render_feedback``) listing it."""
     from langchain_core.messages import HumanMessage, SystemMessage
 
-    values = merge_tag_values(prospect, profile, offer)
-    facts = writable_facts(prospect, profile, offer)
-    lines = [f"{{{{{tag}}}}}: {NAME_TAG_DESCRIPTIONS[tag]}" for tag in values if not tag.startswith("fact.")]
-    lines += [f"{{{{{tag}}}}}: {value}" for tag, value in facts.items()]
-    user = WRITER_USER_TEMPLATE.format(
-        sender_title=offer.sender_title or "(none)",
-        product=offer.product,
-        value_proposition=offer.value_proposition,
-        problems_solved="; ".join(offer.problems_solved) or "(none)",
-        proof_point=offer.proof_point or "(none)",
-        call_to_action=offer.call_to_action,
-        cta_style=offer.cta_style or "(not given)",
-        opt_out_line=offer.opt_out_line,
-        title=prospect.title or "(unknown)",
-        merge_tags="\n".join(lines),
-        facts_note="" if facts else WRITER_NO_FACTS_NOTE,
-    )
-    messages: list[BaseMessage] = [SystemMessage(content=WRITER_SYSTEM_PROMPT), HumanMessage(content=user)]
-    items = [f.strip() for f in feedback if f and f.strip()]
-    if items:
-        errors = "\n".join(f"- {f}" for f in items)
-        messages.append(HumanMessage(content=FEEDBACK_TEMPLATE.format(errors=errors)))
+    messages: list[BaseMessage] = [SystemMessage(content=WRITER_SYSTEM_PROMPT),
+                                   HumanMessage(content=render_writer_user(task))]
+    feedback = render_feedback(task.feedback)
+    if feedback is not None:
+        messages.append(HumanMessage(content=feedback))
     return messages
+
+
+def build_writer_messages(
+    offer: Offer, prospect: ProspectInfo, profile: Profile, feedback: Sequence[FailedCheck] = ()
+) -> list[BaseMessage]:
+    """The writer prompt for one prospect: ``writer_messages(writing_task(offer, prospect, profile, feedback))``.
+
+    Raises:
+        TypeError: see ``writing_task``.
+    """
+    return writer_messages(writing_task(offer, prospect, profile, feedback))
 
 
 async def write(
@@ -148,7 +164,7 @@ async def write(
     profile: Profile,
     *,
     model: BaseChatModel,
-    feedback: Sequence[str] = (),
+    feedback: Sequence[FailedCheck] = (),
     config: RunnableConfig | None = None,
 ) -> EmailDraft:
     """Ask the writer model for an email draft with merge tags.
@@ -157,8 +173,10 @@ async def write(
         offer: What is sold and how (call to action, opt-out line).
         prospect: Who receives the email (only the title is shown as text; names are tags).
         profile: The researcher's grounded facts (offered as ``{{fact.<field>}}`` tags).
-        model: The writer's chat model (teacher or miniature); never built here.
-        feedback: Validation errors of an earlier attempt, sent as an extra user message.
+        model: The writer's chat model (teacher or miniature); never built here. It is called with the
+            typed task (``writing_task``) as ``task=``.
+        feedback: The checks an earlier attempt failed (``ValidationResult.failed``), carried by the task
+            and shown as an extra user message.
         config: Run config of the graph node, forwarded to every model call.
 
     Returns:
@@ -166,9 +184,11 @@ async def write(
 
     Raises:
         ModelOutputError: the model's answer was not valid JSON twice.
+        TypeError: a feedback item is not a ``FailedCheck``.
     """
-    messages = build_writer_messages(offer, prospect, profile, feedback)
-    draft = await ainvoke_structured(model, messages, EmailDraft, agent="writer", config=config)
+    task = writing_task(offer, prospect, profile, feedback)
+    draft = await ainvoke_structured(model, writer_messages(task), EmailDraft, agent="writer", config=config,
+                                     task=task)
     logger.debug("writer draft for %s: subject %r, %d tag(s)", prospect.email, draft.subject,
                  len(used_merge_tags(draft.subject + draft.body)))
     return draft

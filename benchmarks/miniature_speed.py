@@ -15,7 +15,7 @@ on the text of a small demo world, ChatML tokenizer trained on that text; preset
    weights once, so the bound is ``bandwidth / (n_params * bytes per param)`` tokens/s, with the bandwidth
    measured here by a numpy copy of a large array.
 
-Usage: python benchmarks/miniature_speed.py [--quick] [--threads N] [--presets 2m,10m]
+Usage: python benchmarks/miniature_speed.py [--smoke] [--quick] [--threads N] [--presets 2m,10m]
        [--out benchmarks/results/miniature_speed.md]
 """
 
@@ -307,20 +307,32 @@ class PresetResult:
     train: list[dict[str, Any]] = field(default_factory=list)
 
 
-async def _sequential(engine: Any, chats: list[tuple[str, list[dict[str, str]]]], new_tokens: int) -> tuple[
-        list[Any], float, int]:
+async def _sequential(engine: Any, chats: list[tuple[str, list[dict[str, str]]]], new_tokens: int,
+                      grammar: str | None = None) -> tuple[list[Any], float, int]:
     calls = engine.generate_calls
     started = time.perf_counter()
-    out = [await engine.generate(adapter, chat, max_new_tokens=new_tokens) for adapter, chat in chats]
+    out = [await engine.generate(adapter, chat, max_new_tokens=new_tokens, grammar=grammar) for adapter, chat in chats]
     return out, time.perf_counter() - started, engine.generate_calls - calls
 
 
-async def _gathered(engine: Any, chats: list[tuple[str, list[dict[str, str]]]], new_tokens: int) -> tuple[
-        list[Any], float, int]:
+async def _gathered(engine: Any, chats: list[tuple[str, list[dict[str, str]]]], new_tokens: int,
+                    grammar: str | None = None) -> tuple[list[Any], float, int]:
     calls = engine.generate_calls
     started = time.perf_counter()
-    out = await asyncio.gather(*[engine.generate(adapter, chat, max_new_tokens=new_tokens) for adapter, chat in chats])
+    out = await asyncio.gather(*[engine.generate(adapter, chat, max_new_tokens=new_tokens, grammar=grammar)
+                                 for adapter, chat in chats])
     return list(out), time.perf_counter() - started, engine.generate_calls - calls
+
+
+def _writer_grammar() -> str:
+    """The email answer grammar of a writing task with the demo's merge tags (``miniatures.grammar``)."""
+    from core.tasks import MergeTag, OfferBrief, WritingTask
+    from miniatures.grammar import answer_grammar
+
+    offer = OfferBrief(sender_title="AE", product="Ledgerline", value_proposition="v", call_to_action="c",
+                       opt_out_line="o")
+    tags = ("first_name", "company", "sender_name", "fact.location", "fact.industry")
+    return answer_grammar(WritingTask(offer=offer, merge_tags=tuple(MergeTag(name=t, description=t) for t in tags)))
 
 
 async def run_inference(result: PresetResult, base_path: Path, adapters: dict[str, Path],
@@ -358,6 +370,13 @@ async def run_inference(result: PresetResult, base_path: Path, adapters: dict[st
     result.mean_prompt_tokens = statistics.mean(g.input_tokens for g in gens)
     gens, seconds, calls = await _gathered(engine, [(BASE_ADAPTER, c) for c in batch], new)
     row(f"base, {len(batch)} gathered", gens, seconds, calls)
+
+    # The same with the writer's answer grammar (llguidance masks, ``miniatures.grammar``) on every request.
+    grammar = _writer_grammar()
+    gens, seconds, calls = await _sequential(engine, [(BASE_ADAPTER, c) for c in seq], new, grammar)
+    row("base + grammar, batch 1", gens, seconds, calls, "email grammar")
+    gens, seconds, calls = await _gathered(engine, [(BASE_ADAPTER, c) for c in batch], new, grammar)
+    row(f"base + grammar, {len(batch)} gathered", gens, seconds, calls, "email grammar")
 
     names = list(adapters)
     for name, path in adapters.items():
@@ -415,6 +434,8 @@ def _ratios(r: PresetResult) -> list[tuple[str, float]]:
     out = []
     if "base/b1" in by and "base/bN" in by:
         out.append(("base", by["base/bN"].tokens_per_s / by["base/b1"].tokens_per_s))
+    if "base + grammar/b1" in by and "base + grammar/bN" in by:
+        out.append(("base + grammar", by["base + grammar/bN"].tokens_per_s / by["base + grammar/b1"].tokens_per_s))
     if "LoRA/b1" in by and "LoRA/bN" in by:
         out.append(("LoRA", by["LoRA/bN"].tokens_per_s / by["LoRA/b1"].tokens_per_s))
     if "LoRA/b1" in by and "2 LoRAs mixed/bN" in by:
@@ -535,6 +556,8 @@ def report(results: list[PresetResult], machine: dict[str, str], bandwidth: floa
         "(`LocalEngine`'s docstring measured 70 vs 10 tokens/s with 1 vs 2 threads on a 2-core machine with one "
         "core busy); compare with `--threads 1`.",
     ]
+    if args.smoke:
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     console.print(f"wrote {args.out}")
@@ -556,6 +579,10 @@ def _load(load: tuple[float, float, float]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="smallest run that checks the script works (2m, 8 new tokens, batch 2, no training, "
+                             "nothing written)")
+    parser.add_argument("--skip-training", action="store_true", help="generation and bandwidth only")
     parser.add_argument("--quick", action="store_true",
                         help="smaller run: preset 2m only, 48 new tokens, 1 batch-1 request, 24 rows and 3 training steps")
     parser.add_argument("--presets", default=None, help="comma-separated bootstrap presets (default 2m,10m)")
@@ -576,6 +603,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bandwidth-mb", type=int, default=512, help="array size of the bandwidth copy, MiB")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "miniature_speed.md")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quick = args.skip_training = True
+        args.new_tokens, args.batch, args.companies, args.prompt_tokens = 8, 2, 6, 120
+        args.bandwidth_mb = 16
     quick = args.quick
     args.presets = [p.strip() for p in (args.presets or ("2m" if quick else "2m,10m")).split(",") if p.strip()]
     args.threads = args.threads or os.cpu_count() or 1
@@ -629,8 +660,10 @@ def main(argv: list[str] | None = None) -> None:
             adapters = {name: make_lora_adapter(base_dir, root / f"lora-{preset}-{name}", seed)
                         for seed, name in enumerate(("writer-a", "writer-b"))}
             asyncio.run(run_inference(result, base_dir, adapters, chats, args))
-            dataset = write_dataset(root / f"dataset-{preset}", world, args.train_rows, tokenizer, args.prompt_tokens)
-            run_training(result, base_dir, dataset, root / f"train-{preset}", args)
+            if not (args.smoke or args.skip_training):
+                dataset = write_dataset(root / f"dataset-{preset}", world, args.train_rows, tokenizer,
+                                        args.prompt_tokens)
+                run_training(result, base_dir, dataset, root / f"train-{preset}", args)
             results.append(result)
     load_end = os.getloadavg()
     report(results, machine, bandwidth, (load_start, load_end), args, world.pages, time.perf_counter() - started)

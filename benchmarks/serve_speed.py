@@ -23,7 +23,7 @@ throughput at least 3x the sequential one.
    long request asks for the cap. The long request's prompt is the first that does not end within 48 tokens.
    Then ``/health`` is polled every 20 ms while a 3.9 MB prompt is tokenised (and refused as too long).
 
-Usage: python benchmarks/serve_speed.py [--scenario all|throughput|long] [--requests 128] [--clients 16]
+Usage: python benchmarks/serve_speed.py [--smoke] [--scenario all|throughput|long] [--requests 128] [--clients 16]
        [--max-tokens 32] [--preset 2m] [--threads 1] [--out benchmarks/results/serve_speed.md]
 """
 
@@ -360,6 +360,9 @@ def long_lines(results: list[dict[str, Any]], args: argparse.Namespace) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="smallest run that checks the script works (throughput only, 4 requests of 4 tokens, "
+                             "2 clients, no pretraining, nothing written)")
     parser.add_argument("--scenario", default="all", choices=["all", "throughput", "long"])
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--clients", type=int, default=16)
@@ -377,6 +380,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--max-tokens-cap", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.scenario, args.requests, args.clients, args.max_tokens, args.pretrain_steps = "throughput", 4, 2, 4, 0
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -422,8 +427,9 @@ def main() -> None:
         lines += throughput_lines(sequential, served, requests, args)
     if long is not None:
         lines += long_lines(long, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    if not args.smoke:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines))
     print("\n".join(lines))  # noqa: T201 - a script's report
 
 

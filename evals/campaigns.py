@@ -11,7 +11,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from agents.schemas import DROP_REASONS, Fact, Profile, ProspectInfo
-from evals.costs import percentile
+from evals.costs import DEFAULT_COST_BASIS, CostBasis, cost_figures, percentile
+from miniatures.pricing import DEFAULT_PRICES, Price
 from store.models import Campaign, EmailRecord, FactRecord, ProfileRecord, Prospect, Run, RunStatus, Trace
 
 __all__ = ["CampaignRow", "CampaignSummary", "campaign_predictions", "campaign_summary", "collect_rows",
@@ -60,6 +61,9 @@ class CampaignSummary:
         dropped_facts: model facts dropped by grounding, in all; ``drop_reasons`` splits them by reason
             (every key of ``agents.schemas.DROP_REASONS``, 0 when none). Profiles stored before reasons
             were recorded count in ``dropped_facts`` only, so the reasons may sum to less.
+        cost_usd: recorded trace costs (API models' tokens at their list prices).
+        stand_in_cost_usd: the heuristic's tokens priced as the API teacher it stands in for
+            (``stand_in_model``, None when the campaign made no heuristic call; ``evals.costs``), not in ``cost_usd``.
     """
 
     runs: int
@@ -78,10 +82,19 @@ class CampaignSummary:
     latency_p50_ms: float
     latency_p95_ms: float
     cost_usd: float
+    stand_in_cost_usd: float = 0.0
+    stand_in_model: str | None = None
 
 
-def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
+def campaign_summary(engine: Engine, campaign: str, *, prices: Mapping[str, Price] = DEFAULT_PRICES,
+                     basis: CostBasis = DEFAULT_COST_BASIS) -> CampaignSummary:
     """Summarise a campaign from the store.
+
+    Args:
+        engine: the store.
+        campaign: its name.
+        prices: per-token price table (to price the heuristic's stand-in).
+        basis: the model the heuristic stands in for (settings ``[costs]``).
 
     Raises:
         KeyError: no campaign of that name.
@@ -97,6 +110,11 @@ def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
             col(FactRecord.profile_id).in_([p.id for p in profiles]))).all())
         traces = session.exec(select(Trace).where(col(Trace.run_id).in_(run_ids))).all()
     latencies = [t.latency_ms for t in traces]
+    priced = cost_figures(backends=[], emails=0,  # the token part only: a campaign's wall time is not recorded
+                          call_tokens=[(t.input_tokens, t.output_tokens) for t in traces],
+                          call_costs_usd=[t.cost_usd for t in traces], call_latencies_ms=latencies,
+                          run_latencies_ms=[], wall_s=0.0, prices=prices, call_backends=[t.backend for t in traces],
+                          basis=basis)
     return CampaignSummary(
         runs=len(statuses),
         done=sum(s == RunStatus.DONE for s in statuses),
@@ -114,6 +132,8 @@ def campaign_summary(engine: Engine, campaign: str) -> CampaignSummary:
         latency_p50_ms=percentile(latencies, 50),
         latency_p95_ms=percentile(latencies, 95),
         cost_usd=sum(t.cost_usd for t in traces),
+        stand_in_cost_usd=priced.stand_in_cost_usd,
+        stand_in_model=priced.stand_in_model,
     )
 
 

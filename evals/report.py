@@ -12,6 +12,17 @@ against cost per 1,000 emails: the model-size trade-off view of "How Small Can Y
 against the reference with its Wilson interval) and ``latency`` (p50 and p95 per email). Plots that have
 no data (e.g. win rate with one configuration) are left out.
 
+The cost table prices every configuration (``evals.costs``): API models at their tokens' list prices, the
+heuristic stand-in as the API teacher it stands in for (marked ``*``, with the model, its list price and its
+source), local miniatures at a named instance's price per hour times their wall time; each priced part is
+listed under the table.
+
+The A/B section (``EvalResult.ab_tests``, ``evals.abtest.ab_section``) has, for each campaign of the store
+run with arms: the arms (share, backends, valid emails, messages with events), per-arm rates with Wilson
+intervals, each arm against the control (z-test, Fisher's exact test, lift with its Katz interval), and per
+metric the sends a conclusive result needs (``sample_size`` at the control's rate, or the reference reply
+rate before any reply, for a +20% lift) against what the smallest arm has. The JSON holds the same figures.
+
 The research table gives facts kept and dropped, the drops split by reason (``ungrounded``,
 ``misattributed``: the source is not about the prospect's company, ``bad_value``); the overview counts
 prospects whose research kept no verified fact (``no_facts``) apart from failed ones.
@@ -25,6 +36,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +67,11 @@ class ReportFiles:
     html: Path
     json: Path
     plots: dict[str, Path]
+
+
+def _missing(value: float | None) -> bool:
+    """None or NaN (an undefined statistic, e.g. a lift against a rate of 0): shown as ``-``."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _ok(result: EvalResult) -> list[ConfigResult]:
@@ -204,8 +221,8 @@ def render_html(result: EvalResult, plots: dict[str, bytes] | None = None) -> st
     plots = render_plots(result) if plots is None else plots
     env = Environment(loader=FileSystemLoader(_TEMPLATES), autoescape=select_autoescape(["html", "j2"]),
                       trim_blocks=True, lstrip_blocks=True)
-    env.filters["pct"] = lambda v: "-" if v is None else f"{v:.1%}"
-    env.filters["num"] = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"
+    env.filters["pct"] = lambda v: "-" if _missing(v) else f"{v:.1%}"
+    env.filters["num"] = lambda v, d=3: "-" if _missing(v) else f"{v:.{d}f}"
     images = [{"name": n, "title": PLOT_TITLES.get(n, n),
                "src": "data:image/png;base64," + base64.b64encode(png).decode("ascii")} for n, png in plots.items()]
     return env.get_template("report.html.j2").render(r=result, ok=_ok(result), images=images,

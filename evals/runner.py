@@ -41,8 +41,10 @@ from sqlalchemy import Engine
 
 from agents.parsing import OutputParseError, parse_model_output
 from agents.schemas import FACT_FIELDS, EmailDraft, ExtractionOutput, Offer, Profile, ProspectInfo, RenderedEmail
+from core.errors import UserError
+from evals.abtest import ABSection, ab_sections
 from evals.campaigns import CampaignRow, collect_rows, sum_drop_reasons
-from evals.costs import DEFAULT_INSTANCE_PRICES, CostFigures, cost_figures
+from evals.costs import DEFAULT_COST_BASIS, DEFAULT_INSTANCE_PRICES, CostBasis, CostFigures, cost_figures
 from evals.judge import Judge, JudgeItem, LLMJudge, PairwiseResult, RubricJudge, judge_pairs
 from evals.rubric import RUBRIC_CHECKS, RubricResult, RubricSummary, score_email, summarize_rubric
 from evals.scoring import ExtractionScores, profile_values, score_profiles
@@ -77,7 +79,7 @@ logger.addFilter(RedactingFilter())  # a failed configuration's traceback may qu
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class EvalSpecError(ValueError):
+class EvalSpecError(UserError, ValueError):
     """A configuration option or evaluation file is malformed; the message shows the accepted form."""
 
 
@@ -383,6 +385,8 @@ class EvalResult(BaseModel):
     instance_prices: dict[str, float] = Field(default_factory=dict)
     configs: list[ConfigResult] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    #: The A/B section of every campaign of the store that has arms (``evals.abtest.ab_sections``).
+    ab_tests: list[ABSection] = Field(default_factory=list)
 
     def config(self, name: str) -> ConfigResult:
         """The result of the configuration called ``name``.
@@ -520,6 +524,7 @@ async def run_eval(
     judge: str = "rubric",
     prices: Mapping[str, Price] = DEFAULT_PRICES,
     instance_prices: Mapping[str, float] = DEFAULT_INSTANCE_PRICES,
+    cost_basis: CostBasis = DEFAULT_COST_BASIS,
     concurrency: int = 4,
     probe: int = 3,
     prospect_timeout_s: float = 120.0,
@@ -541,6 +546,7 @@ async def run_eval(
         judge: ``"rubric"`` (offline) or any backend spec (an LLM judge, ``evals.judge``).
         prices: per-token price table (US dollars per million tokens).
         instance_prices: USD per instance hour for local backends (``evals.costs``).
+        cost_basis: the heuristic's stand-in model and the local miniatures' instance (settings ``[costs]``).
         concurrency: prospects in flight at once within a configuration (configurations run one after
             another, so their timings do not disturb each other), >= 1.
         probe: prospects run first; when all of them fail the configuration is reported failed (0: no probe).
@@ -619,7 +625,8 @@ async def run_eval(
                 backends=config.backends, emails=len(written),
                 call_tokens=[(t.input_tokens, t.output_tokens) for t in traces],
                 call_costs_usd=[t.cost_usd for t in traces], call_latencies_ms=[t.latency_ms for t in traces],
-                run_latencies_ms=run_ms, wall_s=wall_s, prices=prices, instance_prices=instance_prices)
+                run_latencies_ms=run_ms, wall_s=wall_s, prices=prices, instance_prices=instance_prices,
+                call_backends=[t.backend for t in traces], basis=cost_basis)
         logger.info("configuration %s: %s (%d done, %d failed, %.1f s)", config.name, result.status, result.done,
                     result.failed_runs, wall_s)
         results.append(result)
@@ -650,4 +657,5 @@ async def run_eval(
     return EvalResult(
         run_name=run_name, eval_set=eval_set.name, n_prospects=len(eval_set.prospects),
         created_at=datetime.now(UTC), elapsed_s=time.perf_counter() - started, reference=reference, judge=judge,
-        confidence=confidence, instance_prices=dict(instance_prices), configs=results, notes=notes)
+        confidence=confidence, instance_prices=dict(instance_prices), configs=results, notes=notes,
+        ab_tests=ab_sections(engine, confidence=confidence))

@@ -35,10 +35,12 @@ __all__ = [
     "PAD_TOKEN",
     "PRESETS",
     "BaseModelInfo",
+    "base_name",
     "bootstrap_base",
     "build_tokenizer",
     "corpus_texts",
     "load_base",
+    "load_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -388,16 +390,63 @@ def bootstrap_base(
     return info
 
 
+def base_name(model_id_or_path: str | Path) -> str:
+    """The name to load a base by: an existing local folder as its absolute path (so an adapter's
+    ``base_model_name_or_path`` works from any folder), else the Hugging Face model id as given.
+
+    Raises:
+        FileNotFoundError: a path-like argument (``./x``, ``/x``, ``~/x``, a ``Path``) that does not exist.
+    """
+    name = str(model_id_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or isinstance(model_id_or_path, Path):
+        raise FileNotFoundError(
+            f"base model folder {path} not found; pass a Hugging Face model id or a folder made by bootstrap_base"
+        )
+    return name
+
+
+def load_tokenizer(model_id_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a base's tokenizer only (no weights), with a pad token (its EOS when it had none).
+
+    Raises:
+        FileNotFoundError: a path-like argument that does not exist (``base_name``).
+        ValueError: the tokenizer has no chat template.
+        OSError: transformers cannot find or download the tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    name = base_name(model_id_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of {name!r} has no chat template; miniatures are trained and served on chat messages, "
+            "so pass a model that has one (an instruct/chat model, or a folder made by bootstrap_base)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base(
-    model_id_or_path: str | Path, *, device: str | None = None, dtype: str | None = None
+    model_id_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, from a Hugging Face model id or a local folder.
+
+    Vision-language bases whose checkpoints ``AutoModelForCausalLM`` maps to a conditional-generation class
+    (Gemma 3 4B and up: ``Gemma3ForConditionalGeneration``) load as that class; train them on text with LoRA on
+    the language model only (``finetune.train``).
 
     Args:
         model_id_or_path: e.g. ``"Qwen/Qwen2.5-0.5B-Instruct"`` (downloaded through the Hugging Face cache)
             or a folder written by ``bootstrap_base`` / ``save_pretrained``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:0"``...; default CUDA when available, else CPU.
-        dtype: see ``pick_dtype``; default bf16 on CUDA (fp16 where bf16 is unsupported), float32 on CPU.
+        dtype: see ``pick_dtype``; default bf16 on CUDA (fp16 where bf16 is unsupported, float32 for Gemma),
+            float32 on CPU.
+        tokenizer: the base's tokenizer when already loaded (``load_tokenizer``), else it is loaded here.
 
     Returns:
         ``(model, tokenizer)``: the model on ``device`` in eval mode, the tokenizer with a pad token
@@ -409,26 +458,14 @@ def load_base(
         OSError: transformers cannot find or download the model.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    name = str(model_id_or_path)
-    path = Path(name).expanduser()
-    if path.exists():
-        name = str(path.resolve())  # absolute, so an adapter's base_model_name_or_path works from anywhere
-    elif name.startswith((".", "/", "~")) or isinstance(model_id_or_path, Path):
-        raise FileNotFoundError(
-            f"base model folder {path} not found; pass a Hugging Face model id or a folder made by bootstrap_base"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"the tokenizer of {name!r} has no chat template; miniatures are trained and served on chat messages, "
-            "so pass a model that has one (an instruct/chat model, or a folder made by bootstrap_base)"
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    name = base_name(model_id_or_path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name)
     dev = pick_device(device)
-    torch_dtype = getattr(torch, pick_dtype(dtype, dev))
+    model_type = getattr(AutoConfig.from_pretrained(name), "model_type", None)
+    torch_dtype = getattr(torch, pick_dtype(dtype, dev, model_type=model_type))
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
     model.to(dev)  # type: ignore[arg-type]  # transformers types .to() loosely
     model.eval()

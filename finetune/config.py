@@ -16,11 +16,22 @@ from typing import Any, Literal
 
 from miniatures.formats import ANSWER_FORMATS
 
-__all__ = ["DEFAULT_LEARNING_RATES", "DEFAULT_TARGET_MODULES", "TrainConfig"]
+__all__ = ["CHECKPOINTING_MIN_PARAMS", "DEFAULT_LEARNING_RATES", "DEFAULT_TARGET_MODULES", "TrainConfig"]
 
-#: The projection layers of Llama/Qwen2/Mistral/Gemma-style decoders: LoRA on all linear layers, as in
-#: QLoRA (Dettmers et al. 2023, arXiv 2305.14314), which found that adapting every layer matters most.
-DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: The projection layers of Llama/Qwen2/Mistral/Gemma-style decoders (and Phi-3's fused ``qkv_proj`` and
+#: ``gate_up_proj``): LoRA on all linear layers, as in QLoRA (Dettmers et al. 2023, arXiv 2305.14314), which found
+#: that adapting every layer matters most. Names a model lacks are skipped.
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                           "qkv_proj", "gate_up_proj")
+
+#: ``gradient_checkpointing=None`` turns activation checkpointing on for bases with more parameters than this.
+#: Activations, not weights, fill memory in LoRA training: measured on this 2-core CPU with
+#: ``benchmarks/train_speed.py`` (batch 1, 1,311 tokens per row, ``benchmarks/results/train_speed.md``), the
+#: Qwen2-0.5B shape (494M parameters) peaks at 10.3 GiB RSS without checkpointing and 6.6 GiB with it (0.64x), at
+#: 0.77x the tokens/s; the project's own bootstrapped bases (2M-30M parameters) stay near 0.5 GiB either way
+#: (``tests/test_finetune_templates.py`` stand-ins), where recomputing activations only costs time. Every real
+#: instruct base (SmolLM2-135M and up) is above the line, so checkpointing is on for them.
+CHECKPOINTING_MIN_PARAMS = 100_000_000
 
 #: Learning rates used when ``learning_rate`` is None: the common LoRA default (PEFT/TRL examples) and a
 #: conservative full fine-tuning rate.
@@ -72,10 +83,26 @@ class TrainConfig:
     learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate; None means 2e-4 for lora and 5e-5 for full."}
     )
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per step."})
+    per_device_train_batch_size: int = field(
+        default=1, metadata={"help": "Sequences per device per micro-batch. 1 keeps activation memory lowest; the "
+                             "effective batch is this times gradient_accumulation_steps."})
     gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches accumulated per optimizer step."}
+        default=8, metadata={"help": "Micro-batches accumulated per optimizer step (effective batch 8 by default)."}
     )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in the backward pass (less memory, ~30% more "
+                                "compute). None: on for bases above 100M parameters (CHECKPOINTING_MIN_PARAMS)."})
+    assistant_only_loss: bool = field(
+        default=True, metadata={"help": "Compute the loss on the assistant answers (and their end-of-turn token) "
+                                "only; false trains on the whole conversation."})
+    chat_template: str | None = field(
+        default=None, metadata={"help": "A Jinja file with a training version of the base's chat template (same "
+                                "text, answers inside {% generation %} ... {% endgeneration %}); None: the base's own "
+                                "template, TRL's patched copy, or one derived from it (finetune.templates)."})
+    data_parallel: bool = field(
+        default=False, metadata={"help": "Train on every visible GPU of this process (torch DataParallel). Default: "
+                                 "one GPU (the first of CUDA_VISIBLE_DEVICES); for several, prefer `accelerate "
+                                 "launch` or torchrun."})
     max_length: int | None = field(
         default=None, metadata={"help": "Longest tokenized conversation in tokens; None: the longest training "
                                 "conversation. A longer one is refused, since truncation would cut its answer."}
@@ -113,8 +140,17 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-empty path or model id, got {value!r}")
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
-        if not isinstance(self.system_prompt, bool):
-            raise ValueError(f"system_prompt must be true or false, got {self.system_prompt!r}")
+        for name in ("system_prompt", "assistant_only_loss", "data_parallel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.gradient_checkpointing is not None and not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true, false or unset (auto), got "
+                             f"{self.gradient_checkpointing!r}")
+        if isinstance(self.chat_template, Path):
+            self.chat_template = str(self.chat_template)
+        if self.chat_template is not None and (not isinstance(self.chat_template, str)
+                                               or not self.chat_template.strip()):
+            raise ValueError(f"chat_template must be the path of a Jinja file, got {self.chat_template!r}")
         if not 0.0 < self.negative_fraction <= 1.0:
             raise ValueError(f"negative_fraction must be in (0, 1], got {self.negative_fraction!r}")
         if self.method not in _METHODS:
@@ -222,13 +258,13 @@ class TrainConfig:
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON/TOML-ready dict (tuples as lists; ``learning_rate`` None is kept)."""
+        """The fields as a JSON/TOML-ready dict (tuples as lists; None values are kept)."""
         data = dataclasses.asdict(self)
         data["target_modules"] = list(self.target_modules)
         return data
 
     def to_file(self, path: str | Path) -> Path:
-        """Write the config as TOML (``.toml``; a None ``learning_rate`` is left out) or JSON (``.json``).
+        """Write the config as TOML (``.toml``; None values are left out) or JSON (``.json``).
 
         Raises:
             ValueError: an unsupported extension.

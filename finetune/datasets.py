@@ -1,9 +1,13 @@
 """Supervised fine-tuning (SFT) datasets per agent, built from the traces in the store.
 
 One example per qualifying model call, in OpenAI chat format: ``{"messages": [system?, user, ...,
-assistant]}``, the last message the answer to learn (the teacher's recorded output, or a reviewer's
-edit). This is the format TRL's ``SFTTrainer`` reads for conversational data and the JSONL format of
-OpenAI chat fine-tuning, so the same rows serve local LoRA training and hosted fine-tuning.
+assistant], "task": {...}}``, the last message the answer to learn (the teacher's recorded output, or a
+reviewer's edit), ``task`` the call's typed task (``core.tasks.dump_task`` JSON: the stored one, or for a
+trace recorded before tasks were stored the one ``agents.legacy_tasks`` reads back from its prompt), which
+answer formats such as ``sentence-tags`` read instead of the prompt text. ``messages`` is the format TRL's
+``SFTTrainer`` reads for conversational data and the JSONL format of OpenAI chat fine-tuning, so the same
+rows serve local LoRA training and hosted fine-tuning (a trainer reads ``messages`` only; a file for a
+hosted service can be written without ``task``).
 
 **Chat template.** The rows stay in ``messages`` form: nothing here renders a prompt string. The
 trainer applies the tokenizer's chat template (TRL calls ``tokenizer.apply_chat_template`` on
@@ -27,7 +31,7 @@ common source of silent quality loss; see DESIGN.md, "The one interface for mode
 3. *Parse*: rows whose messages are not a valid chat (see ``validate_example``) are skipped and counted.
    A researcher row's target is the answer filtered to the facts grounding keeps
    (``check_extraction_answer``: ``agents.grounding.check_fact`` re-run on the sentences of the trace's
-   own prompt, for the run's prospect), so a miniature never learns a fact that was dropped as ungrounded,
+   own task, for the run's prospect), so a miniature never learns a fact that was dropped as ungrounded,
    misattributed (another company's page) or of a bad value; rows whose target lost facts are counted
    (``filtered_targets``, ``filtered_facts``), and a researcher answer that does not parse is skipped.
 4. *Exact duplicates*: sha256 of the canonical JSON of the normalised messages (roles, Unicode NFC,
@@ -49,6 +53,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import re
 import unicodedata
 from collections import Counter, defaultdict
@@ -63,8 +68,11 @@ from sqlmodel import SQLModel, col, select
 
 from agents.attribution import CompanyMatcher
 from agents.grounding import NumberedSentences, check_fact
+from agents.legacy_tasks import task_from_messages, trace_task
 from agents.parsing import OutputParseError, extract_json_object, parse_model_output
 from agents.schemas import ExtractionOutput
+from core.errors import UserError
+from core.tasks import ExtractionTask, WritingTask, dump_task
 from miniatures.redaction import redact
 from store import session_scope
 from store.exports import trace_to_openai_example
@@ -80,13 +88,14 @@ __all__ = [
     "check_extraction_answer",
     "content_hash",
     "extraction_json",
-    "extraction_prompt_sentences",
     "flatten_content",
     "latest_reviews",
     "load_dataset_dir",
     "near_duplicate_indices",
     "read_openai_jsonl",
     "save_dataset",
+    "sentence_tag_rows",
+    "task_sentences",
     "validate_example",
     "write_openai_jsonl",
 ]
@@ -115,7 +124,7 @@ _WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError, ValueError):
     """A training row (or a JSONL line) is not a valid OpenAI chat example.
 
     Attributes:
@@ -417,15 +426,10 @@ def near_duplicate_indices(rows: Sequence[Mapping[str, Any]], threshold: float) 
 # --------------------------------------------------------------------------- researcher targets
 
 
-def extraction_prompt_sentences(messages: Any) -> NumberedSentences:
-    """The numbered sentences of an extraction prompt (``Trace.messages``, OpenAI chat format): the
-    ``Sentences:`` block of its user message, read back with ``NumberedSentences.parse``; empty when no
-    user message has one."""
-    for message in flatten_content(messages) or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if message.get("role") == "user" and isinstance(content, str) and "\nSentences:\n" in f"\n{content}":
-            return NumberedSentences.parse(content.split("Sentences:", 1)[1])
-    return NumberedSentences()
+def task_sentences(task: ExtractionTask | WritingTask | None) -> NumberedSentences:
+    """The numbered sentences of a call's task (``agents.legacy_tasks.trace_task`` of a trace) as grounding
+    reads them; empty for a writing task or none."""
+    return NumberedSentences.from_task(task) if isinstance(task, ExtractionTask) else NumberedSentences()
 
 
 def extraction_json(output: ExtractionOutput, text: str, keep: Iterable[int] | None = None) -> str:
@@ -452,7 +456,7 @@ def extraction_json(output: ExtractionOutput, text: str, keep: Iterable[int] | N
 
 @dataclass(frozen=True)
 class ExtractionCheck:
-    """A researcher answer checked against the sentences of its own prompt, as grounding checks it.
+    """A researcher answer checked against the sentences of its own task, as grounding checks it.
 
     Attributes:
         text: the answer's text.
@@ -472,14 +476,16 @@ class ExtractionCheck:
         return extraction_json(self.output, self.text, self.kept)
 
 
-def check_extraction_answer(text: str, messages: Any, matcher: CompanyMatcher) -> ExtractionCheck:
+def check_extraction_answer(text: str, task: ExtractionTask | WritingTask | None,
+                            matcher: CompanyMatcher) -> ExtractionCheck:
     """Check each fact of a researcher answer with ``agents.grounding.check_fact`` against the numbered
-    sentences of the prompt it answered, with no documents (so evidence must be a sentence id of that
-    prompt, not a quote) and the first kept fact of a field taking it, as ``ground_facts`` does.
+    sentences of the task it answered, with no documents (so evidence must be a sentence id of that
+    task, not a quote) and the first kept fact of a field taking it, as ``ground_facts`` does.
 
     Args:
         text: the answer (a model output or a reviewer's edit; prose or fences around the JSON tolerated).
-        messages: the extraction prompt in OpenAI chat format (``Trace.messages``).
+        task: the call's typed task (``agents.legacy_tasks.trace_task(trace)``); no sentences without an
+            extraction task, so every fact is then dropped.
         matcher: the run's prospect (``CompanyMatcher(company, website)``): whose facts count.
 
     Returns:
@@ -489,7 +495,7 @@ def check_extraction_answer(text: str, messages: Any, matcher: CompanyMatcher) -
         agents.parsing.OutputParseError: ``text`` is not ``ExtractionOutput`` JSON.
     """
     output = parse_model_output(text, ExtractionOutput)
-    numbered = extraction_prompt_sentences(messages)
+    numbered = task_sentences(task)
     kept: list[int] = []
     drops: list[tuple[int, str, str]] = []
     taken: set[str] = set()
@@ -501,6 +507,34 @@ def check_extraction_answer(text: str, messages: Any, matcher: CompanyMatcher) -
         kept.append(i)
         taken.add(fact.field.strip())
     return ExtractionCheck(text, output, kept, drops)
+
+
+def sentence_tag_rows(rows: Iterable[Mapping[str, Any]], *, negative_fraction: float,
+                      rng: random.Random) -> list[dict[str, Any]]:
+    """The ``sentence-tags`` training rows of extraction ``rows`` (``miniatures.formats.sentence_rows``).
+
+    Each row's task is the one it carries (``row["task"]``, as ``build_sft_dataset`` writes it), else, for a
+    row of a dataset built before rows carried tasks, the one ``agents.legacy_tasks.task_from_messages``
+    reads back from its messages; rows that are no extraction give none.
+
+    Args:
+        rows: chat rows ``{"messages": [...], "task"?: {...}}``.
+        negative_fraction: share of ``-`` rows kept, in [0, 1].
+        rng: the random source of that choice (seeded by the caller), consumed in row order.
+
+    Returns:
+        Rows ``{"messages": [user, assistant]}``, in row and sentence order.
+    """
+    from miniatures.formats import row_task, sentence_rows
+
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        task = row_task(row)
+        if task is None and not row.get("task"):
+            legacy = task_from_messages(row.get("messages") or [])
+            task = legacy if isinstance(legacy, ExtractionTask) else None
+        out += sentence_rows(row, negative_fraction=negative_fraction, rng=rng, task=task)
+    return out
 
 
 # --------------------------------------------------------------------------- building
@@ -626,7 +660,7 @@ def _researcher_target(trace: Trace, target: str | None, prospect: Prospect | No
     """
     text = trace.output if target is None else target
     matcher = CompanyMatcher(prospect.company, prospect.website) if prospect is not None else CompanyMatcher("", "")
-    check = check_extraction_answer(text, trace.messages, matcher)
+    check = check_extraction_answer(text, trace_task(trace), matcher)
     if not check.drops:
         return text
     counts["filtered_targets"] += 1
@@ -726,6 +760,9 @@ def build_sft_dataset(
                 example = trace_to_openai_example(trace, output=target)
                 example["messages"] = flatten_content(example["messages"])
                 validate_example(example)
+                task = trace_task(trace)
+                if task is not None:
+                    example["task"] = dump_task(task)
             except (ValueError, AttributeError, TypeError) as exc:  # DatasetFormatError is a ValueError
                 logger.warning("trace %s skipped: %s", trace.id, exc)
                 counts["unparseable"] += 1

@@ -111,9 +111,17 @@ def distill(
     Raises:
         ValueError: the filters leave no training example (the message names the filters).
         miniatures.registry.MiniatureNotFoundError: ``parent`` is not registered (checked before training).
+        finetune.templates.ChatTemplateError: the base's chat template cannot train (checked before the dataset
+            is built, on the tokenizer alone).
     """
     if parent is not None:
         get_miniature(engine, *parent)  # an unknown parent fails now, not after training
+    preview: dict[str, Any] = {"base_model": base_model, "dataset_dir": str(work_dir / "datasets" / name),
+                               "output_dir": str(work_dir / "runs"), "method": method}
+    planned = TrainConfig.from_file(config_file).with_overrides(**preview) if config_file else TrainConfig(**preview)
+    from finetune.train import check_base_template
+
+    check_base_template(planned.with_overrides(**(train_overrides or {})))  # a template that cannot train fails now
     dataset = build_sft_dataset(engine, agent=agent, campaigns=campaigns, backends=backends, review=review)
     if not dataset.train:
         raise ValueError(

@@ -45,6 +45,7 @@ from pydantic import ConfigDict
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from core.errors import UserError
 from graphs.models import ModelPool
 from graphs.recorder import TraceRecorder
 from graphs.runner import CampaignReport, RunEvent, run_campaign
@@ -80,11 +81,11 @@ RECORDED = "recorded"
 FINISHED_STATUSES = (RunStatus.DONE, RunStatus.NO_FACTS, RunStatus.FAILED)
 
 
-class ReplayError(ValueError):
+class ReplayError(UserError, ValueError):
     """A replay cannot start: unknown campaign, nothing selected, no agent to replay."""
 
 
-class ReplayInputChangedError(RuntimeError):
+class ReplayInputChangedError(UserError, RuntimeError):
     """An agent kept with its recorded answers got a call whose messages were never recorded, and
     there is no original backend to ask instead."""
 
@@ -135,7 +136,7 @@ class RecordedAnswers(BaseChatModel):
             return result
         if self.fallback is None:
             raise self._no_record()
-        answer = self.fallback().invoke(messages, config={"callbacks": []}, stop=stop)
+        answer = self.fallback().invoke(messages, config={"callbacks": []}, stop=stop, **kwargs)  # task= too
         return ChatResult(generations=[ChatGeneration(message=answer)])
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -145,7 +146,7 @@ class RecordedAnswers(BaseChatModel):
             return result
         if self.fallback is None:
             raise self._no_record()
-        answer = await self.fallback().ainvoke(messages, config={"callbacks": []}, stop=stop)
+        answer = await self.fallback().ainvoke(messages, config={"callbacks": []}, stop=stop, **kwargs)
         return ChatResult(generations=[ChatGeneration(message=answer)])
 
 

@@ -11,11 +11,15 @@ researcher's ``ExtractionOutput`` JSON citing sentence ids).
 
 Edits are checked before anything is written, with the agents' own functions:
 
-* writer: the text parses as ``EmailDraft`` (``agents.parsing.parse_model_output``) and renders with the
-  run's prospect, profile and offer (``agents.writer.render``: an unknown merge tag is an error naming it);
+* writer: the text parses as ``EmailDraft`` (``agents.parsing.parse_model_output``), renders with the
+  run's prospect, profile and offer (``agents.writer.render``: an unknown merge tag is an error naming it)
+  and uses only the merge tags the trace's task offered the writer (``core.tasks.WritingTask.merge_tags``);
 * researcher: the text parses as ``ExtractionOutput`` and every fact survives ``agents.grounding.ground_facts``
-  against the numbered sentences of the trace's own prompt, with no documents: the evidence must be a
-  sentence id of that prompt whose sentence contains the value.
+  against the numbered sentences of the trace's own task, with no documents: the evidence must be a
+  sentence id of that task whose sentence contains the value.
+
+A trace's task is ``agents.legacy_tasks.trace_task``: the stored one, or read back from the prompt of a
+trace recorded before tasks were stored.
 
 Terminal and web front ends (``outreach review``) share ``editable_text`` / ``output_from_editable``: an
 email is edited as a ``Subject: ...`` line, a blank line and the body (merge tags included); a profile as
@@ -38,9 +42,12 @@ from sqlmodel import col, select
 
 from agents.attribution import CompanyMatcher
 from agents.errors import MergeTagError
+from agents.legacy_tasks import trace_task
 from agents.parsing import OutputParseError, parse_model_output
 from agents.schemas import DROP_REASONS, EmailDraft, ExtractionOutput, Fact, Offer, Profile, ProspectInfo
-from agents.writer import render
+from agents.writer import render, used_merge_tags
+from core.errors import UserError
+from core.tasks import ExtractionTask, WritingTask
 from finetune.datasets import (
     REVIEW_STATUSES,
     by_ids,
@@ -98,7 +105,7 @@ _HINT = "Run `outreach review` to list what is left to review"
 _SUBJECT_LINE = re.compile(r"^subject:[ \t]?(.*)$", re.IGNORECASE)
 
 
-class ReviewNotFoundError(LookupError):
+class ReviewNotFoundError(UserError, LookupError):
     """The trace does not exist (any more), or it is not a queue item (an errored or superseded call).
 
     Attributes:
@@ -110,7 +117,7 @@ class ReviewNotFoundError(LookupError):
         super().__init__(f"trace {trace_id} {reason}, so it cannot be reviewed; nothing was written. {_HINT}")
 
 
-class ReviewInputError(ValueError):
+class ReviewInputError(UserError, ValueError):
     """A review action or an edit is not acceptable; the message says what is wrong and nothing was written."""
 
 
@@ -510,7 +517,7 @@ def load_item(engine: Engine, trace_id: int) -> ReviewItem:
 
 def _check_extraction(text: str, trace: Trace, prospect: ProspectInfo) -> str:
     try:
-        check = check_extraction_answer(text, trace.messages, CompanyMatcher(prospect.company, prospect.website))
+        check = check_extraction_answer(text, trace_task(trace), CompanyMatcher(prospect.company, prospect.website))
     except OutputParseError as exc:
         raise ReviewInputError(f'the edited profile is not researcher output JSON '
                                f'{{"facts": [{{"field", "value", "evidence": "S12"}}]}}: {exc}') from exc
@@ -547,7 +554,7 @@ def _run_context(session: Any, run_id: int) -> tuple[ProspectInfo, Profile, Offe
                              dropped_facts=record.dropped_facts, sources=list(record.sources or [])), offer
 
 
-def _check_email(text: str, session: Any, run_id: int) -> str:
+def _check_email(text: str, session: Any, run_id: int, task: ExtractionTask | WritingTask | None) -> str:
     try:
         draft = parse_model_output(text, EmailDraft)
     except OutputParseError as exc:
@@ -560,15 +567,23 @@ def _check_email(text: str, session: Any, run_id: int) -> str:
         render(draft, prospect, profile, offer)
     except MergeTagError as exc:
         raise ReviewInputError(str(exc)) from exc
+    if isinstance(task, WritingTask):
+        offered = set(task.tag_names)
+        extra = [t for t in used_merge_tags(f"{draft.subject}\n{draft.body}") if t not in offered]
+        if extra:
+            raise ReviewInputError(
+                f"the edited email uses merge tags the writer was not offered for this prospect: "
+                f"{', '.join('{{' + t + '}}' for t in extra)}; use only "
+                f"{', '.join('{{' + t + '}}' for t in task.tag_names)}")
     return json.dumps(draft.model_dump(), ensure_ascii=False)
 
 
 def _validated_edit(session: Any, key: _Key, edited_output: str | None) -> str:
     if edited_output is None or not edited_output.strip():
         raise ReviewInputError("an edit needs the edited output (the agent's JSON answer); it is empty")
-    if AGENT_KINDS[key.agent] == "email":
-        return _check_email(edited_output, session, key.run_id)
     trace = session.get(Trace, key.trace_id)
+    if AGENT_KINDS[key.agent] == "email":
+        return _check_email(edited_output, session, key.run_id, trace_task(trace) if trace is not None else None)
     prospect, _profile, _offer = _run_context(session, key.run_id)
     return _check_extraction(edited_output, trace, prospect)
 

@@ -2,8 +2,9 @@
 
 The TRL habit (DESIGN.md, "Habits"): a config dataclass (``finetune.config.TrainConfig``), a ``main(config)``
 that does the work, heavy imports inside the function. The loss is computed on the assistant turns only
-(``assistant_only_loss=True``), which needs the ``{% generation %}`` markers of the base's chat template with
-the end-of-turn token inside them (``finetune.base.CHATML_TEMPLATE``; DESIGN.md, "Known traps").
+(``assistant_only_loss=True``, unless set off), which needs a chat template whose answers and end-of-turn tokens
+are inside ``{% generation %}`` markers: ``finetune.templates`` picks or derives one from the base's own template
+and checks it on the tokenizer before any weights are loaded (DESIGN.md, "Known traps").
 
 Output folder layout::
 
@@ -22,17 +23,20 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.config import TrainConfig
+from core.errors import UserError
+from finetune.config import CHECKPOINTING_MIN_PARAMS, TrainConfig
+from finetune.templates import OPTION_HINT, ChatTemplateError, TrainingTemplate
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["TrainProgress", "TrainResult", "linear_module_names", "load_chat_jsonl", "main", "progress_callback"]
+__all__ = ["TrainProgress", "TrainResult", "TrainingMemoryError", "check_base_template", "linear_module_names",
+           "load_chat_jsonl", "main", "progress_callback", "training_template", "use_checkpointing"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +133,8 @@ def load_chat_jsonl(path: Path) -> list[dict[str, Any]]:
         path: the JSONL file.
 
     Returns:
-        Rows ``{"messages": [{"role": str, "content": str}, ...]}``.
+        Rows ``{"messages": [{"role": str, "content": str}, ...]}``, with the row's ``task`` (a typed task as
+        ``finetune.datasets`` writes it) when it has one.
 
     Raises:
         ValueError: a line that is not JSON, has no ``messages`` list, has a message with an unknown role or
@@ -166,7 +171,10 @@ def load_chat_jsonl(path: Path) -> list[dict[str, Any]]:
                 clean.append({"role": str(role), "content": content})
             if not any(m["role"] == "assistant" and m["content"] for m in clean):
                 raise ValueError(f"{where}: no non-empty assistant message, so nothing to train on")
-            rows.append({"messages": clean})
+            row: dict[str, Any] = {"messages": clean}
+            if isinstance(obj.get("task"), dict):  # the typed task finetune.datasets writes with each row
+                row["task"] = obj["task"]
+            rows.append(row)
     return rows
 
 
@@ -179,7 +187,18 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def _resolve_targets(model: nn.Module, wanted: tuple[str, ...]) -> list[str]:
+def _resolve_targets(model: nn.Module, wanted: tuple[str, ...]) -> list[str] | str:
+    """The LoRA targets: the ``wanted`` short names present in ``model``; for a model whose language model is one
+    part of several (``Gemma3ForConditionalGeneration``: a vision tower with its own ``q_proj`` ...), a regex that
+    PEFT matches against full module names, so that only the language model (``model.get_decoder()``) is adapted.
+
+    Raises:
+        ValueError: none of ``wanted`` is a linear layer of the model.
+    """
+    import re
+
+    from torch import nn
+
     present = set(linear_module_names(model))
     targets = [m for m in wanted if m in present]
     missing = [m for m in wanted if m not in present]
@@ -190,7 +209,18 @@ def _resolve_targets(model: nn.Module, wanted: tuple[str, ...]) -> list[str]:
         )
     if missing:
         logger.info("LoRA target modules not in this model, skipped: %s", ", ".join(missing))
-    return targets
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    prefix = next((name for name, mod in model.named_modules() if mod is decoder and name), None)
+    if prefix is None:
+        return targets
+    outside = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
+               and name.rsplit(".", 1)[-1] in targets and not name.startswith(prefix + ".")]
+    if not outside:
+        return targets
+    logger.info("LoRA on the language model (%s) only; %d matching layers outside it (e.g. %s) stay frozen", prefix,
+                len(outside), outside[0])
+    return rf"^{re.escape(prefix)}\..*\.(?:{'|'.join(re.escape(t) for t in targets)})$"
 
 
 def _checked_max_length(tokenizer: Any, rows: list[dict[str, Any]], max_length: int | None) -> int:
@@ -217,41 +247,18 @@ def _checked_max_length(tokenizer: Any, rows: list[dict[str, Any]], max_length: 
 
 
 def _sentence_rows(rows: list[dict[str, Any]], config: TrainConfig) -> list[dict[str, Any]]:
-    """The ``sentence-tags`` rows of extraction ``rows`` (``miniatures.formats.sentence_rows``), seeded."""
+    """The ``sentence-tags`` rows of extraction ``rows`` (``finetune.datasets.sentence_tag_rows``: from each row's
+    task, or the one read back from an old row's messages), seeded."""
     import random
 
-    from miniatures.formats import sentence_rows
+    from finetune.datasets import sentence_tag_rows
 
-    rng = random.Random(config.seed)
-    return [r for row in rows for r in sentence_rows(row, negative_fraction=config.negative_fraction, rng=rng)]
+    return sentence_tag_rows(rows, negative_fraction=config.negative_fraction, rng=random.Random(config.seed))
 
 
-def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | None = None) -> TrainResult:
-    """Fine-tune ``config.base_model`` on the chat dataset in ``config.dataset_dir``.
-
-    Loads the base with ``finetune.base.load_base`` (CUDA when available: bf16 weights for LoRA, float32
-    master weights with bf16 autocast for full fine-tuning; CPU: float32), the JSONL splits with
-    ``datasets`` (turned into one row per sentence for ``answer_format="sentence-tags"``, see
-    ``miniatures.formats``), and trains with TRL ``SFTTrainer`` (assistant-only loss, sequences up to
-    ``max_length``, checkpoints every ``save_steps``, eval loss every ``eval_steps`` when ``eval.jsonl`` has
-    rows). Nothing is printed: the Trainer's tqdm bar and log printing are off, its log records go to
-    ``logger.info`` and ``TrainProgress`` updates to ``on_progress``. LoRA (Hu et al. 2021, arXiv 2106.09685) via
-    ``peft.LoraConfig(task_type="CAUSAL_LM")`` on the configured modules that exist in the model; or every
-    weight for ``method="full"``.
-
-    Args:
-        config: the run's settings.
-        on_progress: called with a ``TrainProgress`` at the start, after every optimizer step and every log
-            (see ``progress_callback``), e.g. to draw a progress bar.
-
-    Returns:
-        ``TrainResult``; the artefacts are in ``config.output_dir`` (see the module docstring).
-
-    Raises:
-        FileNotFoundError: ``dataset_dir`` or its ``train.jsonl`` is missing, or a local base folder is missing.
-        ValueError: a malformed dataset line, an empty training split, a conversation longer than
-            ``max_length``, no LoRA target module in the model, or a base whose tokenizer has no chat template.
-    """
+def _load_rows(config: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The train and eval rows of ``config.dataset_dir`` (system messages dropped, sentence rows made, as the
+    config says) and its manifest. Raises ``FileNotFoundError`` / ``ValueError`` as ``main`` documents."""
     dataset_dir = Path(config.dataset_dir).expanduser()
     if not dataset_dir.is_dir():
         raise FileNotFoundError(
@@ -281,14 +288,122 @@ def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | 
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     else:
         logger.warning("%s not found; training without dataset provenance", manifest_file)
+    return train_rows, eval_rows, manifest
+
+
+def training_template(tokenizer: Any, config: TrainConfig, rows: Sequence[dict[str, Any]] = ()) -> TrainingTemplate:
+    """The checked chat template ``config`` trains with (``finetune.templates.resolve_training_template``), from
+    the base's tokenizer alone, so a template that cannot train fails before weights are loaded.
+
+    Raises:
+        ChatTemplateError: ``chat_template`` cannot be read, or no template passes the checks.
+    """
+    from finetune.templates import read_chat_template_file, resolve_training_template
+
+    user = read_chat_template_file(config.chat_template) if config.chat_template else None
+    return resolve_training_template(tokenizer, [r["messages"] for r in rows], system=config.system_prompt,
+                                     assistant_only_loss=config.assistant_only_loss, user_template=user)
+
+
+def check_base_template(config: TrainConfig) -> TrainingTemplate:
+    """Check, on probe conversations and the base's tokenizer alone, that ``config`` can train its base's chat
+    template (``training_template``); ``finetune.distill`` calls it before building a dataset.
+
+    Raises:
+        ChatTemplateError: see ``training_template``.
+        FileNotFoundError, ValueError, OSError: see ``finetune.base.load_tokenizer``.
+    """
+    from finetune.base import load_tokenizer
+
+    return training_template(load_tokenizer(config.base_model), config)
+
+
+def use_checkpointing(config: TrainConfig, n_params: int) -> bool:
+    """``config.gradient_checkpointing``, or (None) whether the base has more than ``CHECKPOINTING_MIN_PARAMS``."""
+    if config.gradient_checkpointing is not None:
+        return config.gradient_checkpointing
+    return n_params > CHECKPOINTING_MIN_PARAMS
+
+
+def _one_device(args: Any, config: TrainConfig) -> int:
+    """Keep the Trainer on one GPU unless ``data_parallel``: without a distributed launch transformers wraps the
+    model in ``torch.nn.DataParallel`` over every visible GPU; returns the GPUs used (0 on CPU)."""
+    from transformers.training_args import ParallelMode
+
+    if args.parallel_mode == ParallelMode.NOT_DISTRIBUTED and not config.data_parallel:
+        logger.info("%d GPUs visible: training on the first only (set data_parallel=true, or launch with "
+                    "torchrun / accelerate, for more)", args.n_gpu)
+        args._n_gpu = 1
+    return int(args.n_gpu)
+
+
+def _trainer_error(exc: Exception) -> UserError | None:
+    """A one-line ``UserError`` for what TRL or torch raise for a cause the user can fix, else None."""
+    text = str(exc)
+    if "chat template" in text.lower() or "assistant_only_loss" in text or "assistant tokens" in text:
+        return ChatTemplateError(f"TRL refused the chat template: {text.splitlines()[0]}; {OPTION_HINT}")
+    if "out of memory" in text.lower() or "can't allocate memory" in text or "not enough memory" in text.lower():
+        return TrainingMemoryError(
+            f"training ran out of memory ({text.splitlines()[0][:200]}); keep per_device_train_batch_size=1, set "
+            "gradient_checkpointing=true, lower max_length or use a smaller base")
+    return None
+
+
+class TrainingMemoryError(UserError, RuntimeError):
+    """Training ran out of memory; the message says which settings lower it."""
+
+
+def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | None = None) -> TrainResult:
+    """Fine-tune ``config.base_model`` on the chat dataset in ``config.dataset_dir``.
+
+    Steps: read the JSONL splits (turned into one row per sentence for ``answer_format="sentence-tags"``, see
+    ``miniatures.formats``); load the base's tokenizer and pick and check the training chat template on it
+    (``training_template``; before any weights are loaded); check the lengths; load the base with
+    ``finetune.base.load_base`` (CUDA when available: bf16 weights for LoRA, float32 master weights with bf16
+    autocast for full fine-tuning, fp16 only where bf16 is unsupported and never for Gemma; CPU: float32); train
+    with TRL ``SFTTrainer`` (loss on the assistant answers and their end-of-turn token unless
+    ``assistant_only_loss=False``; batch ``per_device_train_batch_size`` with ``gradient_accumulation_steps``;
+    activation checkpointing per ``use_checkpointing``; one GPU unless ``data_parallel``; checkpoints every
+    ``save_steps``, eval loss every ``eval_steps`` when ``eval.jsonl`` has rows), with the peak memory measured
+    (``miniatures.device.PeakMemory``: CUDA allocator peak, or the process's RSS on CPU). Nothing is printed: the
+    Trainer's tqdm bar and log printing are off, its log records go to ``logger.info`` and ``TrainProgress``
+    updates to ``on_progress``. LoRA (Hu et al. 2021, arXiv 2106.09685) via ``peft.LoraConfig(task_type=
+    "CAUSAL_LM")`` on the configured modules that exist in the model (of the language model only, for a
+    vision-language base); or every weight for ``method="full"``. The saved tokenizer keeps the base's own chat
+    template (the one the miniature is asked with).
+
+    Args:
+        config: the run's settings.
+        on_progress: called with a ``TrainProgress`` at the start, after every optimizer step and every log
+            (see ``progress_callback``), e.g. to draw a progress bar.
+
+    Returns:
+        ``TrainResult``; the artefacts are in ``config.output_dir`` (see the module docstring).
+
+    Raises:
+        FileNotFoundError: ``dataset_dir`` or its ``train.jsonl`` is missing, or a local base folder is missing.
+        ValueError: a malformed dataset line, an empty training split, a conversation longer than
+            ``max_length``, no LoRA target module in the model, or a base whose tokenizer has no chat template.
+        finetune.templates.ChatTemplateError: no chat template can train the rows (a ``UserError`` and a
+            ``ValueError``), or TRL refused the template.
+        TrainingMemoryError: training ran out of memory.
+    """
+    train_rows, eval_rows, manifest = _load_rows(config)
+    dataset_dir = Path(config.dataset_dir).expanduser()
+
+    from finetune.base import load_base, load_tokenizer
+
+    tokenizer = load_tokenizer(config.base_model)
+    template = training_template(tokenizer, config, train_rows)
+    max_length = _checked_max_length(tokenizer, train_rows + eval_rows, config.max_length)
 
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.base import load_base, pick_device
     from finetune.plots import plot_losses
+    from miniatures.device import PeakMemory, fp16_safe, pick_device
 
     out_dir = Path(config.output_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,9 +414,11 @@ def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | 
     on_cuda = device.startswith("cuda")
     bf16 = bool(on_cuda and torch.cuda.is_bf16_supported())
     load_dtype = "auto" if config.method == "lora" else "float32"
-    model, tokenizer = load_base(config.base_model, device=device, dtype=load_dtype)
-    max_length = _checked_max_length(tokenizer, train_rows + eval_rows, config.max_length)
+    model, tokenizer = load_base(config.base_model, device=device, dtype=load_dtype, tokenizer=tokenizer)
+    model_type = str(getattr(model.config, "model_type", ""))
+    fp16 = bool(on_cuda and not bf16 and fp16_safe(model_type))
     total_params = int(sum(p.numel() for p in model.parameters()))
+    checkpointing = use_checkpointing(config, total_params)
 
     peft_config = None
     if config.method == "lora":
@@ -316,13 +433,12 @@ def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | 
             bias="none",
         )
 
-    train_ds = Dataset.from_list(train_rows)
-    eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
-    # TRL turns activation (gradient) checkpointing on by default: off here (small models; CPU). transformers 5.x
-    # renamed the option; older 5.x releases only know the deprecated name.
+    train_ds = Dataset.from_list([{"messages": r["messages"]} for r in train_rows])  # TRL trains on messages only
+    eval_ds = Dataset.from_list([{"messages": r["messages"]} for r in eval_rows]) if eval_rows else None
+    # transformers 5.x renamed gradient checkpointing to activation checkpointing; older 5.x only know the old name.
     checkpointing_field = "activation_checkpointing" if "activation_checkpointing" in {
         f.name for f in dataclasses.fields(SFTConfig)} else "gradient_checkpointing"
-    extra: dict[str, Any] = {checkpointing_field: False}
+    extra: dict[str, Any] = {checkpointing_field: checkpointing}
     args = SFTConfig(
         **extra,
         output_dir=str(out_dir / "checkpoints"),
@@ -334,7 +450,7 @@ def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | 
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         warmup_steps=float(config.warmup_ratio),  # transformers 5: a float in [0, 1) is a ratio of the steps
         max_length=max_length,
-        assistant_only_loss=True,
+        assistant_only_loss=config.assistant_only_loss,
         seed=config.seed,
         data_seed=config.seed,
         logging_steps=config.logging_steps,
@@ -347,30 +463,52 @@ def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | 
         report_to="none",
         use_cpu=not on_cuda,
         bf16=bf16,
-        fp16=bool(on_cuda and not bf16),
+        fp16=fp16,
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=on_cuda,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[progress_callback(on_progress)],
-    )
+    n_gpu = _one_device(args, config)
+    tokenizer.chat_template = template.training  # marked: TRL takes it as it is (no swap of its own)
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[progress_callback(on_progress)],
+        )
+    except (ValueError, RuntimeError) as exc:
+        tokenizer.chat_template = template.inference
+        mapped = _trainer_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
     trainer.remove_callback(PrinterCallback)  # it prints every log dict on standard output
     trained_model: Any = trainer.model
     trainable = int(sum(p.numel() for p in trained_model.parameters() if p.requires_grad))
     logger.info(
-        "training %s on %s: %d train / %d eval conversations, %d of %d parameters trainable, %s%s",
+        "training %s on %s: %d train / %d eval conversations, %d of %d parameters trainable, %s%s, batch %d x %d "
+        "accumulated, checkpointing %s, template %s",
         config.method, config.base_model, len(train_rows), len(eval_rows), trainable, total_params, device,
-        " bf16" if bf16 else "",
+        " bf16" if bf16 else (" fp16" if fp16 else ""), config.per_device_train_batch_size,
+        config.gradient_accumulation_steps, "on" if checkpointing else "off", template.source,
     )
     started = time.perf_counter()
-    output = trainer.train()
+    try:
+        with PeakMemory(device) as peak:
+            output = trainer.train()
+    except (RuntimeError, MemoryError) as exc:
+        mapped = _trainer_error(exc) if isinstance(exc, RuntimeError) else TrainingMemoryError(
+            "training ran out of memory; keep per_device_train_batch_size=1, set gradient_checkpointing=true, "
+            "lower max_length or use a smaller base")
+        if mapped is None:
+            raise
+        raise mapped from exc
+    finally:
+        tokenizer.chat_template = template.inference  # what the miniature is asked with
     seconds = time.perf_counter() - started
     final_eval: float | None = None
     if eval_ds is not None:
@@ -396,8 +534,21 @@ def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | 
         "n_train": len(train_rows),
         "n_eval": len(eval_rows),
         "device": device,
+        "n_gpu": n_gpu,
         "bf16": bf16,
+        "fp16": fp16,
         "learning_rate": config.effective_learning_rate,
+        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "effective_batch_size": config.per_device_train_batch_size * config.gradient_accumulation_steps
+        * max(1, n_gpu),
+        "gradient_checkpointing": checkpointing,
+        "assistant_only_loss": config.assistant_only_loss,
+        "chat_template": template.to_json(),
+        "max_length": max_length,
+        "peak_memory_bytes": peak.peak_bytes,
+        "peak_memory_gib": round(peak.peak_gib, 3),
+        "peak_memory_kind": peak.kind,
         "global_step": int(trainer.state.global_step),
         "epochs": float(trainer.state.epoch or 0.0),
         "train_loss": float(output.training_loss),
@@ -420,8 +571,8 @@ def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | 
         title = f"{config.method} on {Path(config.base_model).name}"
         loss_png = plot_losses(history, out_dir / "loss.png", title=title)
     logger.info(
-        "trained %d steps in %.1f s (%.0f tokens/s), train loss %.4f%s; saved %s",
-        trainer.state.global_step, runtime, tokens_per_s, output.training_loss,
+        "trained %d steps in %.1f s (%.0f tokens/s, peak memory %.2f GiB %s), train loss %.4f%s; saved %s",
+        trainer.state.global_step, runtime, tokens_per_s, peak.peak_gib, peak.kind, output.training_loss,
         f", eval loss {final_eval:.4f}" if final_eval is not None else "", final_dir,
     )
     return TrainResult(

@@ -21,13 +21,13 @@ from langgraph.types import Command
 from agents import (
     MergeTagError,
     ModelOutputError,
-    ValidationResult,
     render,
     research,
     validate_email,
     write,
 )
 from agents.schemas import DROP_REASONS
+from agents.validation import merge_tag_failure, output_failure
 from graphs.context import CampaignContext
 from graphs.state import CampaignInput, CampaignOutput, CampaignState
 from store.models import RunStatus
@@ -66,13 +66,11 @@ async def write_node(state: CampaignState, runtime: Runtime[CampaignContext]) ->
             feedback=state.get("feedback", []), config=get_config(),
         )
     except ModelOutputError as exc:
-        return {"attempts": 1, "draft": None, "rendered": None, "error": str(exc),
-                "validation": ValidationResult(checks={"json": False}, errors=[str(exc)])}
+        return {"attempts": 1, "draft": None, "rendered": None, "error": str(exc), "validation": output_failure(exc)}
     try:
         rendered = render(draft, prospect, profile, ctx.offer)
     except MergeTagError as exc:
-        return {"attempts": 1, "draft": draft, "rendered": None, "error": None,
-                "validation": ValidationResult(checks={"merge_tags": False}, errors=[str(exc)])}
+        return {"attempts": 1, "draft": draft, "rendered": None, "error": None, "validation": merge_tag_failure(exc)}
     return {"attempts": 1, "draft": draft, "rendered": rendered, "error": None, "validation": None}
 
 
@@ -90,7 +88,7 @@ async def validate_node(
         return Command(goto="save", update={"validation": validation, "feedback": []})
     if state.get("attempts", 0) < ctx.max_write_attempts:
         logger.debug("retrying writer for %s: %s", state["prospect"].email, validation.errors)
-        return Command(goto="write", update={"validation": validation, "feedback": validation.errors})
+        return Command(goto="write", update={"validation": validation, "feedback": validation.failed})
     return Command(goto="save", update={"validation": validation})
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from agents.schemas import Offer
@@ -21,8 +20,9 @@ SaveHook = Callable[[dict[str, Any]], Awaitable[None]]
 class CampaignContext:
     """Everything a run needs besides its prospect.
 
-    ``researcher`` and ``writer`` are backend specs; left at their defaults they fall back to the
-    environment variables ``OUTREACH_RESEARCHER`` and ``OUTREACH_WRITER``.
+    ``researcher`` and ``writer`` are backend specs, used as given: the environment
+    (``OUTREACH_RESEARCHER``, ``OUTREACH_WRITER``) is read once, by ``outreach.settings``, so the run, its
+    traces and the model that answers always name the same backend.
     """
 
     offer: Offer = field(metadata={"description": "The campaign's offer (sender, product, call to action)."})
@@ -36,8 +36,3 @@ class CampaignContext:
         "description": "When research finds no verified fact, still write an email without company facts "
                        "(stored as not personalised); when False such a run ends ``no_facts`` with no email."})
     on_save: SaveHook | None = field(default=None, metadata={"description": "Persists the final state."})
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            if f.name in ("researcher", "writer") and getattr(self, f.name) == f.default:
-                setattr(self, f.name, os.environ.get(f"OUTREACH_{f.name.upper()}", f.default))

@@ -21,6 +21,7 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import ValidationError
 
 from agents.schemas import Offer, ProspectInfo
+from core.errors import UserError
 
 __all__ = [
     "OFFER_LIMITS",
@@ -62,7 +63,7 @@ NO_WEBSITE_COLUMN = (
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A whole input file is unusable (missing, unreadable, missing columns, invalid offer)."""
 
 

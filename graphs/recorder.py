@@ -3,7 +3,9 @@ is saved, so results and traces are committed in one transaction (a run killed h
 nothing behind and is redone whole on resume: nothing duplicated, nothing lost).
 
 Agents are not changed to be traced (DESIGN.md): the recorder is passed in the run config's
-``callbacks`` and learns the agent from the LangGraph node that made the call.
+``callbacks`` and learns the agent from the LangGraph node that made the call, and the call's typed task
+(``core.tasks``, passed as ``model.ainvoke(..., task=task)``) from the call's invocation parameters;
+it stores the task with the trace (``Trace.task``, ``core.tasks.dump_task`` JSON).
 """
 
 from __future__ import annotations
@@ -17,18 +19,43 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from langchain_core.outputs import LLMResult
+from pydantic import ValidationError
 
+from core.tasks import ExtractionTask, WritingTask, dump_task, load_task
 from miniatures.pricing import DEFAULT_PRICES, Price, call_cost_usd
 from miniatures.redaction import redact
 from store.models import ToolCall, Trace
 from tools.types import Document, SearchHit, Web
 
-__all__ = ["NODE_AGENTS", "RecordingWeb", "TraceRecorder"]
+__all__ = ["NODE_AGENTS", "RecordingWeb", "TraceRecorder", "call_task"]
 
 logger = logging.getLogger(__name__)
 
 #: Which agent a graph node's model calls belong to.
 NODE_AGENTS = {"research": "researcher", "write": "writer"}
+
+
+def call_task(invocation_params: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None = None
+              ) -> dict[str, Any] | None:
+    """The typed task of a chat-model call as ``Trace.task`` stores it (``core.tasks.dump_task``), or None.
+
+    The task is the call's ``task`` keyword (``invocation_params["task"]``, which langchain-core fills with
+    the call's keyword arguments), else ``metadata["task"]``; a task object or its JSON is accepted.
+    Anything else is logged and not stored.
+    """
+    for source in (invocation_params or {}, metadata or {}):
+        task = source.get("task")
+        if task is None:
+            continue
+        if isinstance(task, ExtractionTask | WritingTask):
+            return dump_task(task)
+        try:
+            return dump_task(load_task(task))
+        except ValidationError as exc:
+            logger.warning("a model call's task is not a core.tasks task (%s); the trace stores none",
+                           exc.errors()[0]["msg"] if exc.errors() else exc)
+            return None
+    return None
 
 
 class TraceRecorder(BaseCallbackHandler):
@@ -72,6 +99,7 @@ class TraceRecorder(BaseCallbackHandler):
             step=str(metadata.get("step") or node),
             backend=self.backends.get(agent, "unknown"),
             messages=convert_to_openai_messages(messages[0]) if messages else [],  # type: ignore[arg-type]
+            task=call_task(kwargs.get("invocation_params"), metadata),
         )
         self._open[run_id] = (time.perf_counter(), trace)
 

@@ -6,6 +6,7 @@ import operator
 from typing import Annotated, TypedDict
 
 from agents.schemas import EmailDraft, Profile, ProspectInfo, RenderedEmail, ValidationResult
+from core.tasks import FailedCheck
 
 __all__ = ["CampaignInput", "CampaignOutput", "CampaignState"]
 
@@ -37,9 +38,10 @@ class CampaignOutput(TypedDict, total=False):
 
 class CampaignState(CampaignInput, CampaignOutput, total=False):
     """Working state. ``attempts`` counts writer attempts (summed by ``operator.add``);
-    ``feedback`` carries the last validation errors to the next writer attempt."""
+    ``feedback`` carries the checks the last draft failed (``ValidationResult.failed``) to the next writer
+    attempt's task."""
 
     queries: list[str]
     fetch_errors: list[str]
-    feedback: list[str]
+    feedback: list[FailedCheck]
     attempts: Annotated[int, operator.add]  # type: ignore[misc]

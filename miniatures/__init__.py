@@ -1,4 +1,5 @@
-"""Layer 1: backend specs -> langchain-core chat models (OpenAI-compatible, Ollama, vLLM, local miniatures)."""
+"""Layer 1: backend specs -> langchain-core chat models (OpenAI-compatible, Ollama, vLLM, local miniatures),
+and the answer grammars every engine enforces."""
 
 from typing import TYPE_CHECKING
 
@@ -7,6 +8,7 @@ from miniatures.remote import OLLAMA_DEFAULT_URL, build_remote_chat_model
 from miniatures.specs import BACKEND_KINDS, BackendSpec, BackendSpecError, parse_backend_spec
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers
+    from miniatures.grammar import GrammarError, GrammarLogitsProcessor, answer_grammar, json_schema, tag_grammar
     from miniatures.local import (
         BASE_ADAPTER,
         AdapterPathError,
@@ -49,6 +51,11 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers
 # Loaded on first use (PEP 562) so that importing the package stays cheap for the CLI's start-up:
 # miniatures.local pulls in langchain-core, miniatures.registry the store.
 _LAZY = {
+    "GrammarError": "miniatures.grammar",
+    "GrammarLogitsProcessor": "miniatures.grammar",
+    "answer_grammar": "miniatures.grammar",
+    "json_schema": "miniatures.grammar",
+    "tag_grammar": "miniatures.grammar",
     "BASE_ADAPTER": "miniatures.local",
     "AdapterPathError": "miniatures.local",
     "Generation": "miniatures.local",
@@ -101,6 +108,11 @@ __all__ = [
     "call_cost_usd",
     "parse_backend_spec",
     "price_for",
+    "GrammarError",
+    "GrammarLogitsProcessor",
+    "answer_grammar",
+    "json_schema",
+    "tag_grammar",
     "BASE_ADAPTER",
     "AdapterPathError",
     "Generation",

@@ -2,9 +2,8 @@
 
 ``json`` (the default): the miniature gets the agent's messages and answers in the agent's JSON format.
 
-``sentence-tags`` (researcher): the extraction prompt (``agents.prompts``: ``Company:``, ``- <field>:``
-lines, then ``Source k: <url>`` and ``S<i>: <text>`` lines) is split into one short prompt per numbered
-sentence::
+``sentence-tags`` (researcher): the extraction task (``core.tasks.ExtractionTask``: company, listed fields,
+numbered sentences with their pages) is split into one short prompt per numbered sentence::
 
     Company: Amberbrook Analytics
     Source: amberbrook.example
@@ -12,87 +11,72 @@ sentence::
 
 answered ``employee_count | 6`` (the field it states and the value, a span of the sentence) or ``-``.
 The answers are assembled into the agent's JSON (``{"facts": [{"field", "evidence", "value"}]}``): the
-first tagged sentence per field wins, in prompt order, where the company's own pages come first. The
+first tagged sentence per field wins, in task order, where the company's own pages come first. The
 researcher agent, its grounding check and the trace store see the same call and answer as with any
-backend (tokens summed over the sentence prompts, latency of the slowest).
+backend (tokens summed over the sentence prompts, latency of the slowest). Everything here reads the
+typed task, never the agent's prompt text.
 
 Why: a model of a few million parameters trained for minutes did not learn to point into a long prompt
 (issue 3: with the whole prompt it cited the first sentence for every field, whether asked for JSON or
 for one tag line per sentence), but telling what one short sentence states is a classification a small
 model learns; the sentence prompts are also about 30x shorter, so they batch well. Training rows are made
 from the teacher's answers by ``sentence_rows`` (sentences citing nothing become ``-`` examples, a share
-of them kept), and ``TagGrammar`` holds each answer to ``-`` or a listed field and a span of its sentence
-(``miniatures.constrained``).
+of them kept); ``miniatures.grammar.tag_grammar`` holds each answer to ``-`` or a listed field and a span
+of its sentence.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from miniatures.constrained import AnswerGrammar, State, listed_fields, word_span
+from pydantic import ValidationError
+
+from core.tasks import ExtractionTask, load_task
 
 __all__ = [
     "ANSWER_FORMATS",
-    "ExtractionPrompt",
-    "TagGrammar",
     "assemble_extraction",
-    "parse_extraction_prompt",
     "parse_tag",
+    "row_task",
     "sentence_messages",
     "sentence_rows",
 ]
 
+logger = logging.getLogger(__name__)
+
 #: Answer formats a miniature can be trained for (recorded in its training config).
 ANSWER_FORMATS = ("json", "sentence-tags")
 
-_COMPANY = re.compile(r"^Company: (.*)$", re.MULTILINE)
-_SOURCE = re.compile(r"^Source \d+: ?(\S*)\s*$")
-_SENTENCE = re.compile(r"^(S\d+): ?(.*)$")
 _TAG = re.compile(r"^([a-z_][a-z0-9_]*) \| (.+)$")
 _MIN_PROPAGATED_CHARS = 4
 
 
-@dataclass(frozen=True)
-class ExtractionPrompt:
-    """The parts of an extraction prompt a sentence prompt needs.
-
-    Attributes:
-        company: the prospect's company name.
-        fields: the listed field names, in order.
-        sentences: ``(sentence id, source URL, text)`` in prompt order.
-    """
-
-    company: str
-    fields: tuple[str, ...]
-    sentences: tuple[tuple[str, str, str], ...]
-
-
-def parse_extraction_prompt(messages: Sequence[Mapping[str, Any]]) -> ExtractionPrompt | None:
-    """Read the first user message that numbers sentences; None when no message does (not an extraction)."""
-    for message in messages:
-        content = str(message.get("content") or "")
-        if message.get("role") != "user" or "\nS1: " not in content:
-            continue
-        company = _COMPANY.search(content)
-        url = ""
-        sentences: list[tuple[str, str, str]] = []
-        for line in content.splitlines():
-            if m := _SENTENCE.match(line):
-                sentences.append((m.group(1), url, m.group(2).strip()))
-            elif m := _SOURCE.match(line):
-                url = m.group(1)
-        return ExtractionPrompt(company.group(1).strip() if company else "", listed_fields(content), tuple(sentences))
-    return None
+def row_task(row: Mapping[str, Any]) -> ExtractionTask | None:
+    """The extraction task a training row carries (``row["task"]``, ``core.tasks.dump_task`` JSON, as
+    ``finetune.datasets`` writes it), or None when it carries none, another kind, or one that does not load."""
+    data = row.get("task")
+    if not data:
+        return None
+    try:
+        task = load_task(data)
+    except ValidationError as exc:
+        logger.warning("a training row's task does not load: %s", exc.errors()[0]["msg"] if exc.errors() else exc)
+        return None
+    return task if isinstance(task, ExtractionTask) else None
 
 
 def _host(url: str) -> str:
-    host = (urlsplit(url if "//" in url else f"//{url}").hostname or "").lower()
+    """The lower-case host of ``url`` without ``www.`` ('' when it has none or does not parse)."""
+    try:
+        host = (urlsplit(url if "//" in url else f"//{url}").hostname or "").lower()
+    except ValueError:
+        return ""
     return host[4:] if host.startswith("www.") else host
 
 
@@ -133,95 +117,67 @@ def _norm(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def sentence_rows(row: Mapping[str, Any], *, negative_fraction: float, rng: random.Random) -> list[dict[str, Any]]:
+def sentence_rows(row: Mapping[str, Any], *, negative_fraction: float, rng: random.Random,
+                  task: ExtractionTask | None = None) -> list[dict[str, Any]]:
     """Turn one extraction training row (teacher prompt and JSON answer) into sentence-tag rows.
 
-    Each cited sentence is tagged with its fact's field and value; an uncited sentence that states a cited
-    value word for word (values of at least 4 characters) gets the same tag, so that equal sentences do not
-    teach opposite answers; the other sentences become ``-`` rows, each kept with probability
-    ``negative_fraction``. A row that is not an extraction (no numbered sentences) or whose answer is not
-    JSON gives no rows.
+    The sentences, the company and the listed fields come from the row's typed task (``task``, else the
+    task the row carries, ``row_task``). Each cited sentence is tagged with its fact's field and value
+    (facts of listed fields only). A value belongs to the company its cited sentence is about, the
+    prospect: another sentence that states the value word for word (values of at least 4 characters) gets
+    the same tag only when it is a sentence of the prospect's own site (the task's website host), so that
+    equal sentences do not teach opposite answers; one of another page may be about another company (a
+    directory or news round-up listing several in the same city) and becomes no row at all, neither the
+    label nor ``-``. The other sentences become ``-`` rows, each kept with probability
+    ``negative_fraction``. A row without an extraction task with sentences, or whose answer is not JSON,
+    gives no rows.
 
     Args:
-        row: ``{"messages": [..., {"role": "assistant", "content": <JSON answer>}]}``.
+        row: ``{"messages": [..., {"role": "assistant", "content": <JSON answer>}], "task": {...}}``.
         negative_fraction: share of ``-`` rows kept, in [0, 1].
         rng: the random source of that choice (seeded by the caller).
+        task: the row's extraction task when the caller has it (a row of an old dataset without one: read
+            it with ``agents.legacy_tasks.task_from_messages``).
 
     Returns:
         Rows ``{"messages": [user, assistant]}`` in sentence order.
     """
+    task = task if task is not None else row_task(row)
     messages = list(row.get("messages") or [])
-    prompt = parse_extraction_prompt(messages[:-1])
-    if prompt is None or not messages:
+    if task is None or not task.sentences or not messages:
         return []
     try:
         facts = json.loads(str(messages[-1].get("content") or ""))["facts"]
     except (ValueError, KeyError, TypeError):
         return []
-    texts = {sid: text for sid, _url, text in prompt.sentences}
+    if not isinstance(facts, list):
+        return []
+    texts = {s.id: s.text for s in task.sentences}
+    fields = set(task.field_names)
     label: dict[str, tuple[str, str]] = {}
     for fact in facts:
-        if isinstance(fact, dict) and fact.get("evidence") in texts and fact.get("value"):
+        if (isinstance(fact, dict) and fact.get("evidence") in texts and fact.get("value")
+                and str(fact.get("field")) in fields):
             label.setdefault(str(fact["evidence"]), (str(fact["field"]), str(fact["value"])))
     cited = list(label.values())
-    for sid, text in texts.items():
+    own = _host(task.website)
+    unsure: set[str] = set()
+    for s in task.sentences:
+        if s.id in label:
+            continue
         for field_name, value in cited:
             pattern = r"(?<!\w)" + re.escape(_norm(value)) + r"(?!\w)"
-            if sid not in label and len(value) >= _MIN_PROPAGATED_CHARS and re.search(pattern, _norm(text)):
-                label[sid] = (field_name, value)
+            if len(value) >= _MIN_PROPAGATED_CHARS and re.search(pattern, _norm(s.text)):
+                if own and _host(s.source_url) == own:
+                    label[s.id] = (field_name, value)
+                else:
+                    unsure.add(s.id)
+                break
     out: list[dict[str, Any]] = []
-    for sid, url, text in prompt.sentences:
-        if sid not in label and rng.random() >= negative_fraction:
+    for s in task.sentences:
+        if s.id in unsure or (s.id not in label and rng.random() >= negative_fraction):
             continue
-        answer = f"{label[sid][0]} | {label[sid][1]}" if sid in label else "-"
-        out.append({"messages": [*sentence_messages(prompt.company, url, text),
+        answer = f"{label[s.id][0]} | {label[s.id][1]}" if s.id in label else "-"
+        out.append({"messages": [*sentence_messages(task.company, s.source_url, s.text),
                                  {"role": "assistant", "content": answer}]})
     return out
-
-
-class TagGrammar(AnswerGrammar):
-    """One sentence's answer as a grammar: ``-``, or a listed field, `` | `` and a span of whole words of the sentence.
-
-    Args:
-        sentence: the sentence's text.
-        fields: the field names allowed (empty: any lower-case identifier).
-    """
-
-    def __init__(self, sentence: str, fields: Sequence[str] = ()) -> None:
-        self.sentence = sentence
-        self.fields = frozenset(fields)
-        self._prefixes = {f[:k] for f in self.fields for k in range(len(f) + 1)}
-
-    def start(self) -> State:
-        """The state before the answer's first character."""
-        return ("field", "", "", "", frozenset())
-
-    def partial_ok(self, state: State) -> bool:
-        """True inside a value whose sentence has non-ASCII text."""
-        return state[0] == "span" and any(ord(c) > 127 for c in self.sentence)
-
-    def can_stop(self, state: State) -> bool:
-        """True after ``-`` or inside a non-blank value."""
-        return state[0] == "done" or (
-            state[0] == "span" and bool(state[1].strip()) and word_span(self.sentence, state[1], complete=True))
-
-    def advance(self, state: State, ch: str) -> State | None:
-        """The state after ``ch``, or None when ``ch`` leaves the grammar."""
-        kind, buf, _nxt, _detail, used = state
-        if kind == "field":
-            if not buf and ch == "-":
-                return ("done", "", "", "", used)
-            if ch == " " and buf and (buf in self.fields if self.fields else True):
-                return ("lit", "| ", "span", "", used)
-            grown = buf + ch
-            ok = grown in self._prefixes if self.fields else bool(re.fullmatch(r"[a-z_][a-z0-9_]*", grown))
-            return ("field", grown, "", "", used) if ok else None
-        if kind == "lit":
-            if ch != buf[0]:
-                return None
-            return ("lit", buf[1:], "span", "", used) if len(buf) > 1 else ("span", "", "", "", used)
-        if kind == "span":
-            grown = buf + ch
-            ok = ch != "\n" and word_span(self.sentence, grown, complete=False)
-            return ("span", grown, "", "", used) if ok else None
-        return None

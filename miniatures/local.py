@@ -13,7 +13,9 @@ Requests for different adapters share a batch through peft's mixed-adapter batch
 (``generate(..., adapter_names=[...])``, peft >= 0.10); when the installed peft refuses that, the
 batch is split per adapter. Prompts are rendered with the tokenizer's own chat template
 (``apply_chat_template(messages, add_generation_prompt=True)``), the same template the miniature
-was trained with (DESIGN.md).
+was trained with (DESIGN.md). Decoding is greedy with every setting spelled out
+(``LocalEngine.generation_config``), and an answer is held to the Lark grammar of its task
+(``miniatures.grammar``, llguidance token masks) when the caller passes one.
 
 Heavy imports (torch, transformers, peft) happen inside functions: importing this module is cheap.
 """
@@ -38,16 +40,14 @@ from langchain_core.messages import AIMessage, BaseMessage, convert_to_openai_me
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict, Field
 
-from miniatures.constrained import Grammar, GrammarProcessor, decode_vocabulary, grammar_for
+from core.errors import UserError
+from core.tasks import ExtractionTask, WritingTask
 from miniatures.device import pick_device, torch_dtype
-from miniatures.formats import (
-    ExtractionPrompt,
-    TagGrammar,
-    assemble_extraction,
-    parse_extraction_prompt,
-    sentence_messages,
-)
-from miniatures.registry import get_miniature
+from miniatures.formats import assemble_extraction, sentence_messages
+from miniatures.grammar import GrammarLogitsProcessor, answer_grammar, llg_tokenizer, tag_grammar
+from miniatures.grammar import matcher as grammar_matcher
+from miniatures.registry import check_miniature_paths, get_miniature
+from miniatures.sampling import RowSampling, SeededSampler, prompt_seed
 from miniatures.specs import BackendSpec, BackendSpecError
 
 if TYPE_CHECKING:
@@ -70,12 +70,24 @@ BASE_ADAPTER = "__base__"
 
 #: End-of-turn token of the ChatML template the miniatures are trained with.
 IM_END = "<|im_end|>"
+#: End-of-turn tokens of the chat templates of common families (ChatML/Qwen/SmolLM2, Llama 3.x, Gemma 3,
+#: Phi-3): each one the base's vocabulary has also stops generation, since not every base lists its
+#: end-of-turn token as ``eos`` in its config (a Llama 3 base tokenizer ends turns with ``<|eot_id|>``).
+END_OF_TURN_TOKENS = (IM_END, "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 #: Most new tokens of one sentence's answer in the ``sentence-tags`` format (a field name and a span).
 _TAG_TOKENS = 64
 
 
-class AdapterPathError(FileNotFoundError):
+#: Sampling of a writer miniature's emails (``build_miniature_chat_model``). Greedy decoding of a small writer
+#: gives its single most likely wording to every prospect, so a campaign reads as one template; sampling from
+#: the distribution it learned from the teacher's varied emails keeps the variety (measured with the rubric's
+#: campaign checks, ``evals.rubric``); the grammar still holds every token to valid JSON and listed merge tags.
+WRITER_TEMPERATURE = 0.7
+WRITER_TOP_P = 0.9
+
+
+class AdapterPathError(UserError, FileNotFoundError):
     """A miniature's adapter (or fully fine-tuned model) folder is missing or holds no weights config."""
 
 
@@ -101,10 +113,12 @@ class Generation:
 @dataclass
 class _Request:
     adapter: str
-    grammar: Grammar | None
+    grammar: str | None
     input_ids: list[int]
     max_new_tokens: int
     started: float
+    matcher: Any = None  # the grammar's llguidance matcher, compiled when the request is made
+    sampling: RowSampling | None = None  # None: greedy
     future: asyncio.Future[Generation] | None = None
 
 
@@ -130,10 +144,10 @@ class LocalEngine:
             default. On a CPU shared with other busy processes, 1 is much faster than the default:
             measured on a 2-core machine with one core busy, a 10M-parameter Llama made 70 tokens/s
             with 1 thread and 10 tokens/s with 2 (OpenMP threads wait on each other).
-        constrained: hold answers to the agents' prompts to grammars made from each prompt
-            (``miniatures.constrained``): extraction answers cite existing sentence ids and copy each
-            value from the cited sentence, emails are JSON with only listed merge tags; other prompts are
-            not affected.
+        constrained: hold answers to the grammar of their task (``miniatures.grammar``) when the caller
+            gives one (``task=`` of the chat model): extraction answers cite existing sentence ids and copy
+            each value from the cited sentence, emails are JSON with only listed merge tags. Requests
+            without a task or grammar are not constrained; the prompt text is never read for one.
 
     Attributes:
         tokenizer: the base model's tokenizer (left padding).
@@ -174,7 +188,8 @@ class LocalEngine:
         self.batch_window_ms = batch_window_ms
         self.max_new_tokens = max_new_tokens
         self.constrained = constrained
-        self._vocabulary: list[str] | None = None  # decoded token texts, for constrained decoding
+        self._llg: Any = None  # llguidance's view of the tokenizer, built on first constrained request
+        self._llg_lock = threading.Lock()
         try:
             tokenizer: Any = AutoTokenizer.from_pretrained(self.base_model)
             model: Any = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype)
@@ -214,8 +229,8 @@ class LocalEngine:
         ids: list[int] = []
         if self.tokenizer.eos_token_id is not None:
             ids.append(int(self.tokenizer.eos_token_id))
-        if IM_END in self.tokenizer.get_vocab():
-            ids.append(int(self.tokenizer.convert_tokens_to_ids(IM_END)))
+        vocab = self.tokenizer.get_vocab()
+        ids.extend(int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab)
         config_eos = getattr(self._base.generation_config, "eos_token_id", None)
         for value in config_eos if isinstance(config_eos, list) else [config_eos]:
             if value is not None:
@@ -283,7 +298,7 @@ class LocalEngine:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def _prepare(self, adapter: str, messages: Sequence[Mapping[str, Any]], max_new_tokens: int | None,
-                 grammar: Grammar | None) -> _Request:
+                 grammar: str | None, sampling: RowSampling | None = None) -> _Request:
         if adapter != BASE_ADAPTER and adapter not in self._adapters:
             loaded = ", ".join(self._adapters) or "none"
             raise ValueError(f"adapter {adapter!r} is not loaded on {self.base_model!r} (loaded: {loaded}); "
@@ -301,44 +316,79 @@ class LocalEngine:
                     f"({self.context_length} tokens); shorten the prompt (fewer or shorter pages)"
                 )
             limit = min(limit, room)
-        if grammar is None and self.constrained:
-            grammar = grammar_for(prompt)
         return _Request(adapter=adapter, grammar=grammar, input_ids=ids, max_new_tokens=limit,
-                        started=time.perf_counter())
+                        started=time.perf_counter(), matcher=self.matcher(grammar) if grammar is not None else None,
+                        sampling=sampling)
 
     # ------------------------------------------------------------------ generation
 
     def _generate_ids(self, batch: Sequence[_Request], adapter_names: list[str] | None) -> list[list[int]]:
         """One ``model.generate`` call over ``batch``; returns each row's new tokens (padding stripped)."""
         import torch
-        from transformers import GenerationConfig
 
         pad = int(self.tokenizer.pad_token_id)
         width = max(len(r.input_ids) for r in batch)
         input_ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in batch], device=self.device)
         mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch],
                             device=self.device)
-        config = GenerationConfig(
-            max_new_tokens=max(r.max_new_tokens for r in batch),
-            do_sample=False,
-            eos_token_id=self.stop_token_ids,
-            pad_token_id=pad,
-        )
+        config = self.generation_config(max(r.max_new_tokens for r in batch))
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "generation_config": config}
-        grammars = [r.grammar for r in batch]
-        if any(g is not None for g in grammars):
+        matchers = [r.matcher for r in batch]
+        processors: list[Any] = []
+        if any(m is not None for m in matchers):
+            processors.append(self.grammar_processor(matchers, width))
+        if any(r.sampling is not None for r in batch):  # after the grammar: refused tokens have probability 0
+            processors.append(SeededSampler([r.sampling for r in batch]))
+        if processors:
             from transformers import LogitsProcessorList
 
-            if self._vocabulary is None:
-                self._vocabulary = decode_vocabulary(self.tokenizer)
-            kwargs["logits_processor"] = LogitsProcessorList(
-                [GrammarProcessor(self.tokenizer, grammars, width, self._vocabulary, self.stop_token_ids)])
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         if adapter_names is not None:
             kwargs["adapter_names"] = adapter_names
         with torch.inference_mode():
             out = self._model.generate(**kwargs)
         self.generate_calls += 1
         return [row[width:].tolist() for row in out]
+
+    def generation_config(self, max_new_tokens: int) -> Any:
+        """The decoding settings of every ``generate`` call: greedy, spelled out.
+
+        transformers fills each setting left unset from the base's own ``generation_config`` (Qwen2.5
+        Instruct ships ``repetition_penalty`` 1.1 and ``do_sample`` with top-k/top-p), so every setting that
+        could change a greedy answer is given: no sampling (transformers then applies no temperature, top-k or
+        top-p warper), one beam, no repetition penalty, no n-gram ban, no minimum length.
+        """
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+            no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, temperature=1.0, top_p=1.0,
+            eos_token_id=self.stop_token_ids, pad_token_id=int(self.tokenizer.pad_token_id),
+        )
+
+    def _grammar_tokenizer(self) -> Any:
+        with self._llg_lock:
+            if self._llg is None:
+                self._llg = llg_tokenizer(self.tokenizer, self.stop_token_ids)
+        return self._llg
+
+    def grammar_processor(self, grammars: Sequence[Any], prompt_width: int) -> GrammarLogitsProcessor:
+        """A logits processor holding each row to its Lark grammar or matcher (``miniatures.grammar``); None rows
+        are free.
+
+        Raises:
+            GrammarError: a grammar does not compile.
+        """
+        tokenizer = self._grammar_tokenizer()
+        return GrammarLogitsProcessor(tokenizer, grammars, prompt_width, self.stop_token_ids)
+
+    def matcher(self, grammar: str) -> Any:
+        """An llguidance matcher of ``grammar`` (Lark text) over this engine's tokenizer (about 1 ms to compile).
+
+        Raises:
+            GrammarError: the grammar does not compile.
+        """
+        return grammar_matcher(self._grammar_tokenizer(), grammar)
 
     def _run_group(self, batch: Sequence[_Request], adapter: str) -> list[list[int]]:
         from peft import PeftModel
@@ -391,7 +441,7 @@ class LocalEngine:
 
     def generate_sync(
         self, adapter: str, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None,
-        grammar: Grammar | None = None,
+        grammar: str | None = None, sampling: RowSampling | None = None,
     ) -> Generation:
         """Answer one request now, blocking (no batching with other requests).
 
@@ -399,27 +449,28 @@ class LocalEngine:
             adapter: a loaded adapter's name, or ``BASE_ADAPTER`` for the bare base model.
             messages: the chat in OpenAI format, ``[{"role": ..., "content": ...}, ...]``.
             max_new_tokens: cap on generated tokens (default: the engine's).
-            grammar: the grammar the answer must follow (``miniatures.constrained``); default: the
-                prompt's own (``grammar_for``) when the engine is ``constrained``, else none.
+            grammar: the Lark grammar the answer must follow (``miniatures.grammar``); None: free.
+            sampling: draw tokens with this temperature, top-p and seed (``miniatures.sampling``); None: greedy.
 
         Raises:
             ValueError: unknown adapter, empty messages, or a prompt longer than the model's context.
         """
-        request = self._prepare(adapter, messages, max_new_tokens, grammar)
+        request = self._prepare(adapter, messages, max_new_tokens, grammar, sampling)
         if threading.current_thread().name.startswith("miniature-engine"):
             return self._run_batch([request])[0]
         return self._executor.submit(self._run_batch, [request]).result()[0]
 
     async def generate(
         self, adapter: str, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None,
-        grammar: Grammar | None = None,
+        grammar: str | None = None, sampling: RowSampling | None = None,
     ) -> Generation:
         """Queue one request and await its answer; concurrent requests are batched.
 
-        Same arguments and errors as ``generate_sync``. Greedy decoding makes the answer the same as
-        ``generate_sync`` would give (up to floating-point ties), whatever it was batched with.
+        Same arguments and errors as ``generate_sync``. Greedy decoding, and sampling with a row's own seeded
+        generator, make the answer the same as ``generate_sync`` would give (up to floating-point ties),
+        whatever it was batched with.
         """
-        request = self._prepare(adapter, messages, max_new_tokens, grammar)
+        request = self._prepare(adapter, messages, max_new_tokens, grammar, sampling)
         loop = asyncio.get_running_loop()
         request.future = loop.create_future()
         state = self._loops.get(loop)
@@ -633,10 +684,12 @@ class LocalMiniatureChatModel(BaseChatModel):
     ``response_metadata`` ``{"model_name": "miniature:<name>@<version>", "finish_reason": ...,
     "json_repaired": bool}``. With ``repair_json`` on, an answer that is not valid JSON goes through
     ``repair_json`` (cut to the object, close what truncation left open) before it is returned.
-    With ``answer_format="sentence-tags"`` (``miniatures.formats``) an extraction prompt is split into one
-    prompt per numbered sentence, the sentences are tagged in one batch and the answer is the assembled
-    extraction JSON (usage summed over the sentence prompts); other prompts are answered as they are. A
-    miniature trained with ``system_prompt=False`` is asked without the system messages.
+    The agents pass their typed task (``ainvoke(messages, task=task)``): its answer grammar
+    (``miniatures.grammar``) constrains the answer, and with ``answer_format="sentence-tags"``
+    (``miniatures.formats``) an extraction task is split into one prompt per numbered sentence, the sentences
+    are tagged in one batch and the answer is the assembled extraction JSON (usage summed over the sentence
+    prompts). Without a task the chat is answered as it is, unconstrained. A miniature trained with
+    ``system_prompt=False`` is asked without the system messages.
 
     Raises (from ``invoke``/``ainvoke``):
         ValueError: the adapter is not loaded, or the prompt does not fit the model's context.
@@ -651,6 +704,8 @@ class LocalMiniatureChatModel(BaseChatModel):
     repair_json: bool = True
     answer_format: str = "json"
     system_prompt: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
 
     @property
     def _llm_type(self) -> str:
@@ -691,7 +746,9 @@ class LocalMiniatureChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         max_new = kwargs.get("max_new_tokens", self.max_new_tokens)
-        return self._result(self.answer_sync(_to_chat(messages), max_new_tokens=max_new), stop)
+        answer = self.answer_sync(_to_chat(messages), max_new_tokens=max_new, task=_task(kwargs),
+                                  grammar=kwargs.get("grammar"), **_decoding(kwargs))
+        return self._result(answer, stop)
 
     async def _agenerate(
         self,
@@ -701,56 +758,115 @@ class LocalMiniatureChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         max_new = kwargs.get("max_new_tokens", self.max_new_tokens)
-        return self._result(await self.answer(_to_chat(messages), max_new_tokens=max_new), stop)
+        answer = await self.answer(_to_chat(messages), max_new_tokens=max_new, task=_task(kwargs),
+                                   grammar=kwargs.get("grammar"), **_decoding(kwargs))
+        return self._result(answer, stop)
 
-    def answer_sync(self, chat: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None) -> Generation:
+    def answer_sync(self, chat: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None,
+                    task: ExtractionTask | WritingTask | None = None, grammar: str | None = None,
+                    temperature: float | None = None, top_p: float | None = None,
+                    seed: int | None = None) -> Generation:
         """The miniature's answer to ``chat`` (OpenAI-format messages) in its answer format, blocking.
 
-        Raises:
-            ValueError: see ``LocalEngine.generate_sync``.
-        """
-        prompt = self._sentence_tasks(chat)
-        if prompt is None:
-            return self.engine.generate_sync(self.adapter, self._asked(chat), max_new_tokens=max_new_tokens)
-        return _assembled(prompt, [
-            self.engine.generate_sync(self.adapter, sentence_messages(prompt.company, url, text),
-                                      max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(text, prompt))
-            for _sid, url, text in prompt.sentences])
+        Args:
+            chat: the messages.
+            max_new_tokens: cap on generated tokens (default: the model's, else the engine's).
+            task: the typed task the chat asks for; its answer grammar constrains the answer (when the engine
+                is ``constrained``) and, with ``answer_format="sentence-tags"``, an extraction task is split
+                into its sentences.
+            grammar: a Lark grammar to hold the answer to instead of the task's (a server request's own).
+            temperature, top_p: sampling of a whole answer (default: the model's ``temperature``/``top_p``;
+                temperature 0 is greedy). Sentence-tag prompts are always greedy.
+            seed: the sampling seed (default: ``miniatures.sampling.prompt_seed`` of the chat, so the same
+                request gets the same answer).
 
-    async def answer(self, chat: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None) -> Generation:
+        Raises:
+            ValueError: see ``LocalEngine.generate_sync``; ``GrammarError`` for a grammar that does not compile.
+        """
+        split = self._split(task)
+        if split is None:
+            asked = self._asked(chat)
+            return self.engine.generate_sync(self.adapter, asked, max_new_tokens=max_new_tokens,
+                                             grammar=self._grammar(task, grammar),
+                                             sampling=self._sampling(asked, temperature, top_p, seed))
+        return _assembled(split, [
+            self.engine.generate_sync(self.adapter, sentence_messages(split.company, s.source_url, s.text),
+                                      max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(s.text, split))
+            for s in split.sentences])
+
+    async def answer(self, chat: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None,
+                     task: ExtractionTask | WritingTask | None = None, grammar: str | None = None,
+                     temperature: float | None = None, top_p: float | None = None,
+                     seed: int | None = None) -> Generation:
         """The miniature's answer to ``chat`` in its answer format; the requests are batched by the engine.
 
+        Same arguments as ``answer_sync``.
+
         Raises:
-            ValueError: see ``LocalEngine.generate``.
+            ValueError: see ``LocalEngine.generate``; ``GrammarError`` for a grammar that does not compile.
         """
-        prompt = self._sentence_tasks(chat)
-        if prompt is None:
-            return await self.engine.generate(self.adapter, self._asked(chat), max_new_tokens=max_new_tokens)
-        return _assembled(prompt, await asyncio.gather(*(
-            self.engine.generate(self.adapter, sentence_messages(prompt.company, url, text),
-                                 max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(text, prompt))
-            for _sid, url, text in prompt.sentences)))
+        split = self._split(task)
+        if split is None:
+            asked = self._asked(chat)
+            return await self.engine.generate(self.adapter, asked, max_new_tokens=max_new_tokens,
+                                              grammar=self._grammar(task, grammar),
+                                              sampling=self._sampling(asked, temperature, top_p, seed))
+        return _assembled(split, await asyncio.gather(*(
+            self.engine.generate(self.adapter, sentence_messages(split.company, s.source_url, s.text),
+                                 max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(s.text, split))
+            for s in split.sentences)))
 
     def _asked(self, chat: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
         """``chat`` as the miniature was trained to see it (without system messages when trained so)."""
         return chat if self.system_prompt else [m for m in chat if m.get("role") != "system"]
 
-    def _sentence_tasks(self, chat: Sequence[Mapping[str, Any]]) -> ExtractionPrompt | None:
-        """The extraction prompt to split into sentence prompts, or None to answer the chat as it is."""
-        if self.answer_format != "sentence-tags":
+    def _sampling(self, chat: Sequence[Mapping[str, Any]], temperature: float | None, top_p: float | None,
+                  seed: int | None) -> RowSampling | None:
+        """The request's sampling (None: greedy): the call's settings, else the model's; seeded by the chat."""
+        temp = self.temperature if temperature is None else temperature
+        if temp <= 0:
             return None
-        prompt = parse_extraction_prompt(chat)
-        return prompt if prompt is not None and prompt.sentences else None
+        if seed is None:
+            seed = prompt_seed(json.dumps([[m.get("role"), m.get("content")] for m in chat], ensure_ascii=False))
+        return RowSampling(temperature=temp, top_p=self.top_p if top_p is None else top_p, seed=seed)
 
-    def _tag_grammar(self, sentence: str, prompt: ExtractionPrompt) -> TagGrammar | None:
-        return TagGrammar(sentence, prompt.fields) if self.engine.constrained else None
+    def _grammar(self, task: ExtractionTask | WritingTask | None, grammar: str | None) -> str | None:
+        """The grammar of one whole answer: the one given, else the task's when the engine is constrained."""
+        if grammar is not None:
+            return grammar
+        return answer_grammar(task) if task is not None and self.engine.constrained else None
+
+    def _split(self, task: ExtractionTask | WritingTask | None) -> ExtractionTask | None:
+        """The extraction task to split into sentence prompts, or None to answer the chat as it is."""
+        if self.answer_format != "sentence-tags" or not isinstance(task, ExtractionTask) or not task.sentences:
+            return None
+        return task
+
+    def _tag_grammar(self, sentence: str, task: ExtractionTask) -> str | None:
+        return tag_grammar(sentence, task.field_names) if self.engine.constrained else None
 
 
-def _assembled(prompt: ExtractionPrompt, tagged: Sequence[Generation]) -> Generation:
+def _task(kwargs: Mapping[str, Any]) -> ExtractionTask | WritingTask | None:
+    """The ``task`` keyword of a chat-model call (``model.ainvoke(messages, task=task)``), checked.
+
+    Raises:
+        TypeError: ``task`` is given but is not a typed task.
+    """
+    task = kwargs.get("task")
+    if task is None or isinstance(task, ExtractionTask | WritingTask):
+        return task
+    raise TypeError(f"task must be a core.tasks.ExtractionTask or WritingTask, got {type(task).__name__}")
+
+
+def _decoding(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling keywords of a chat-model call (``temperature``, ``top_p``, ``seed``) that were given."""
+    return {k: kwargs[k] for k in ("temperature", "top_p", "seed") if kwargs.get(k) is not None}
+
+
+def _assembled(task: ExtractionTask, tagged: Sequence[Generation]) -> Generation:
     """One ``Generation`` for a split extraction: the assembled JSON, tokens summed, the slowest latency."""
     return Generation(
-        text=assemble_extraction([sid for sid, _url, _text in prompt.sentences], [g.text for g in tagged],
-                                 prompt.fields),
+        text=assemble_extraction([s.id for s in task.sentences], [g.text for g in tagged], task.field_names),
         input_tokens=sum(g.input_tokens for g in tagged),
         output_tokens=sum(g.output_tokens for g in tagged),
         latency_ms=max(g.latency_ms for g in tagged),
@@ -768,6 +884,8 @@ def build_miniature_chat_model(
     max_new_tokens: int = 512,
     num_threads: int | None = None,
     max_batch_size: int = 32,
+    writer_temperature: float = WRITER_TEMPERATURE,
+    writer_top_p: float = WRITER_TOP_P,
 ) -> LocalMiniatureChatModel:
     """Build the chat model of a ``miniature:<name>[@<version>]`` spec from the registry.
 
@@ -786,24 +904,21 @@ def build_miniature_chat_model(
         num_threads: torch CPU threads of new engines (see ``LocalEngine``).
         max_batch_size: most requests per ``generate`` call of new engines (a ``sentence-tags``
             researcher sends one short request per sentence, dozens per prospect).
+        writer_temperature, writer_top_p: sampling of a writer miniature's emails, seeded by each prompt so a
+            run is reproducible (0: greedy). A researcher miniature is always greedy: its answers copy spans.
 
     Raises:
         BackendSpecError: the spec is not of kind ``miniature``.
         MiniatureNotFoundError: no such miniature is registered.
-        AdapterPathError: the registered adapter (or model) folder is gone.
+        MiniaturePathError: the registered base, adapter or model folder is gone, moved or stored relative
+            (``miniatures.registry.check_miniature_paths``).
     """
     if spec.kind != "miniature":
         raise BackendSpecError(f"{spec.raw or spec.kind!r} is not a miniature spec (miniature:<name>[@<version>])")
     record = get_miniature(engine_store, spec.model, spec.version)
+    check_miniature_paths(record)
     label = f"{record.name}@{record.version}"
-    folder = Path(record.adapter_path).expanduser()
-    marker = "adapter_config.json" if record.method == "lora" else "config.json"
-    if not (folder / marker).is_file():
-        raise AdapterPathError(
-            f"miniature {label}: its {'adapter' if record.method == 'lora' else 'model'} folder "
-            f"{str(folder)!r} is gone (no {marker}); retrain it with `outreach finetune train`, or remove it "
-            f"with `outreach miniatures rm {label}`"
-        )
+    folder = Path(record.adapter_path)
     pool = engines if engines is not None else {}
     key = record.base_model if record.method == "lora" else str(folder)
     engine = pool.get(key)
@@ -817,6 +932,9 @@ def build_miniature_chat_model(
     else:
         adapter = BASE_ADAPTER
     trained = record.training_config or {}
+    writer = record.agent == "writer"
     return LocalMiniatureChatModel(engine=engine, adapter=adapter, model_name=f"miniature:{label}",
                                    answer_format=str(trained.get("answer_format", "json")),
-                                   system_prompt=bool(trained.get("system_prompt", True)))
+                                   system_prompt=bool(trained.get("system_prompt", True)),
+                                   temperature=writer_temperature if writer else 0.0,
+                                   top_p=writer_top_p if writer else 1.0)

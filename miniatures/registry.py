@@ -6,19 +6,27 @@ distilled from, its metrics and, when it was trained from another miniature, its
 count up per name from 1, so ``miniature:writer-small`` means the latest version and
 ``miniature:writer-small@2`` a fixed one (``miniatures.specs``). The registry keeps records only;
 it never writes or deletes adapter files.
+
+Local folders are stored as resolved absolute paths (a Hugging Face model id stays as given), so a
+miniature works from any working folder; ``check_miniature_paths`` is what every loader calls before
+it touches the files, and names a moved, deleted or (in records from before absolute paths) relative
+folder with what to do about it; ``relocate_miniature`` points a record at a folder's new place.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from core.errors import UserError
 from store.engine import session_scope
 from store.models import MiniatureRecord
 
@@ -26,11 +34,15 @@ __all__ = [
     "MINIATURE_METHODS",
     "MiniatureInUseError",
     "MiniatureNotFoundError",
+    "MiniaturePathError",
+    "check_miniature_paths",
     "get_miniature",
     "lineage",
     "list_miniatures",
     "register_miniature",
+    "relocate_miniature",
     "remove_miniature",
+    "resolve_model_location",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,7 +53,7 @@ MINIATURE_METHODS = ("lora", "full")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class MiniatureNotFoundError(LookupError):
+class MiniatureNotFoundError(UserError, LookupError):
     """No registered miniature matches a name (and version).
 
     The message lists the registered miniatures and says how to create one.
@@ -64,8 +76,112 @@ class MiniatureNotFoundError(LookupError):
         )
 
 
-class MiniatureInUseError(ValueError):
+class MiniatureInUseError(UserError, ValueError):
     """A miniature version cannot be removed because other versions name it as their parent."""
+
+
+class MiniaturePathError(UserError, FileNotFoundError):
+    """A registered miniature's base or adapter folder cannot be used: moved, deleted, or stored relative.
+
+    The message names the miniature, the path as stored and what to do (relocate, retrain or remove).
+    """
+
+
+#: How a path that is not there yet is told from a Hugging Face model id (``org/name``): it starts like a
+#: path. The same rule as ``finetune.base.load_base``.
+_PATH_PREFIXES = (".", "/", "~")
+
+
+def resolve_model_location(value: str | Path) -> str:
+    """A base model or adapter location as the registry stores it.
+
+    An existing local folder, or anything that starts like a path (``./``, ``../``, ``/``, ``~``), becomes a
+    resolved absolute path; anything else (``Qwen/Qwen2.5-0.5B-Instruct``) is a Hugging Face model id and is
+    returned as given.
+
+    Args:
+        value: a folder (relative to the current folder, absolute or ``~``) or a model id.
+
+    Returns:
+        The absolute path, or the model id.
+    """
+    text = str(value)
+    path = Path(text).expanduser()
+    if isinstance(value, Path) or path.exists() or text.startswith(_PATH_PREFIXES) or path.is_absolute():
+        return str(path.resolve())
+    return text
+
+
+def _relocate_hint(label: str, option: str) -> str:
+    return (f"if the folder moved, run `outreach miniatures relocate {label} {option} NEW_FOLDER`; otherwise "
+            f"retrain it with `outreach finetune train`, or remove it with `outreach miniatures rm {label}`")
+
+
+def _stored_base_of_adapter(adapter: Path) -> str | None:
+    """``base_model_name_or_path`` of the peft adapter in ``adapter`` (``None`` when unreadable)."""
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return str(base) if base else None
+
+
+def check_miniature_paths(record: MiniatureRecord) -> MiniatureRecord:
+    """Check that ``record``'s folders are where the registry says, before anything loads them.
+
+    The adapter folder (``method="lora"``: holding ``adapter_config.json``; ``"full"``: the model's
+    ``config.json``) must be an absolute path that exists; a LoRA miniature's base must be a Hugging Face
+    model id or an existing absolute folder with a ``config.json``. A relative path (stored by a registry
+    from before paths were made absolute) is refused rather than resolved against the current folder,
+    which would load the wrong folder, or none, depending on where the command runs. A base stored as
+    ``models/base`` is taken for a hub id unless the adapter's own ``adapter_config.json`` names an
+    absolute base folder ending in the same parts, in which case it was a relative folder.
+
+    Args:
+        record: a registry record.
+
+    Returns:
+        ``record`` itself, unchanged.
+
+    Raises:
+        MiniaturePathError: a folder is relative, gone, or holds no config; the message names the path
+            and says how to relocate, retrain or remove the miniature.
+    """
+    label = _label(record)
+    kind = "adapter" if record.method == "lora" else "model"
+    marker = "adapter_config.json" if record.method == "lora" else "config.json"
+    adapter = Path(record.adapter_path).expanduser()
+    if not adapter.is_absolute():
+        raise MiniaturePathError(
+            f"miniature {label}: its {kind} folder was registered as the relative path {record.adapter_path!r}, "
+            "which means a different folder depending on where a command runs; "
+            + _relocate_hint(label, "--adapter-path"))
+    if not (adapter / marker).is_file():
+        raise MiniaturePathError(
+            f"miniature {label}: its {kind} folder {str(adapter)!r} is gone or holds no {marker} (moved or "
+            "deleted?); " + _relocate_hint(label, "--adapter-path"))
+    if record.method != "lora":
+        return record
+    base_text = record.base_model
+    base = Path(base_text).expanduser()
+    if base.is_absolute():
+        if not (base / "config.json").is_file():
+            raise MiniaturePathError(
+                f"miniature {label}: its base model folder {str(base)!r} is gone or holds no config.json "
+                "(moved or deleted?); " + _relocate_hint(label, "--base-model"))
+        return record
+    stored = _stored_base_of_adapter(adapter)
+    looks_relative = base_text.startswith(_PATH_PREFIXES)
+    if not looks_relative and stored and Path(stored).is_absolute():
+        looks_relative = Path(stored).parts[-len(base.parts):] == base.parts
+    if looks_relative:
+        where = f" (its adapter was trained on {stored!r})" if stored and Path(stored).is_absolute() else ""
+        raise MiniaturePathError(
+            f"miniature {label}: its base model was registered as the relative path {base_text!r}{where}, "
+            "which means a different folder depending on where a command runs; "
+            + _relocate_hint(label, "--base-model"))
+    return record  # a Hugging Face model id
 
 
 def _label(record: MiniatureRecord) -> str:
@@ -98,9 +214,10 @@ def register_miniature(
         name: the miniature's name: letters, digits, ``.``, ``_``, ``-`` (no ``:`` or ``@``, which
             the backend spec ``miniature:<name>@<version>`` uses), at most 128 characters.
         agent: the agent it serves (``researcher`` or ``writer``).
-        base_model: a Hugging Face model id or local path of the base model.
+        base_model: a Hugging Face model id or local folder of the base model; a folder is stored as its
+            resolved absolute path (``resolve_model_location``).
         adapter_path: folder of the LoRA adapter (``peft`` ``save_pretrained``), or of the full model
-            and tokenizer for ``method="full"``.
+            and tokenizer for ``method="full"``; stored as its resolved absolute path.
         method: ``"lora"`` or ``"full"``.
         training_config: the training configuration (JSON-serialisable).
         dataset_hash: hash of the training dataset.
@@ -125,6 +242,8 @@ def register_miniature(
             raise ValueError(f"miniature {name!r}: {field_name} is empty; give the {field_name.replace('_', ' ')}")
     if method not in MINIATURE_METHODS:
         raise ValueError(f"miniature {name!r}: method {method!r} is unknown; use one of {MINIATURE_METHODS}")
+    base_model = resolve_model_location(base_model)
+    adapter_path = str(Path(adapter_path).expanduser().resolve())  # always a folder, never a hub id
     for attempt in range(3):
         try:
             with session_scope(engine) as session:
@@ -146,7 +265,7 @@ def register_miniature(
                     agent=agent,
                     version=(latest or 0) + 1,
                     base_model=base_model,
-                    adapter_path=str(adapter_path),
+                    adapter_path=adapter_path,
                     method=method,
                     training_config=dict(training_config),
                     dataset_hash=dataset_hash,
@@ -261,3 +380,51 @@ def lineage(engine: Engine, name: str, version: int | None = None) -> list[Minia
             seen.add(parent.id)
             chain.append(parent)
     return chain
+
+
+def relocate_miniature(
+    engine: Engine,
+    name: str,
+    version: int | None = None,
+    *,
+    adapter_path: str | Path | None = None,
+    base_model: str | Path | None = None,
+) -> MiniatureRecord:
+    """Point miniature ``name`` at ``version`` (latest when ``None``) at its folders' new places.
+
+    The new places are stored as resolved absolute paths (a base given as a hub id stays an id) and must
+    pass ``check_miniature_paths`` before anything is written, so a typo changes nothing.
+
+    Args:
+        engine: the store.
+        name: the miniature's name.
+        version: the version to change (``None``: the latest).
+        adapter_path: the adapter (or fully fine-tuned model) folder's new place, or ``None`` to keep it.
+        base_model: the base model's new folder or model id, or ``None`` to keep it.
+
+    Returns:
+        The updated record.
+
+    Raises:
+        ValueError: neither ``adapter_path`` nor ``base_model`` is given.
+        MiniatureNotFoundError: the miniature is not registered.
+        MiniaturePathError: the record, with the new places, still names a missing or relative folder.
+    """
+    if adapter_path is None and base_model is None:
+        raise ValueError("nothing to relocate: give the new adapter folder (--adapter-path) or base (--base-model)")
+    record = get_miniature(engine, name, version)
+    if adapter_path is not None:
+        record.adapter_path = str(Path(adapter_path).expanduser().resolve())
+    if base_model is not None:
+        record.base_model = resolve_model_location(base_model)
+    check_miniature_paths(record)
+    with session_scope(engine) as session:
+        stored = session.get(MiniatureRecord, record.id)
+        if stored is None:  # removed since we read it
+            raise MiniatureNotFoundError(name, record.version, _registered_labels(engine))
+        stored.adapter_path, stored.base_model = record.adapter_path, record.base_model
+        session.add(stored)
+        session.flush()
+        session.refresh(stored)
+    logger.info("relocated miniature %s: adapter %s, base %s", _label(record), record.adapter_path, record.base_model)
+    return stored

@@ -16,10 +16,16 @@ because a backend spec ``openai:<model>@<base_url>`` splits at the first ``@``
 Generation goes through ``miniatures.local.LocalEngine``: LoRA miniatures on one base share one engine (one
 copy of the base weights, adapters switched per request in mixed-adapter batches), so concurrent requests are
 batched by the engine's dynamic batcher (``max_batch_size`` requests, ``batch_window_ms`` wait window).
-Decoding is greedy only: ``temperature`` 0 or absent is accepted, ``temperature > 0`` is rejected with a 400
-(``param: "temperature"``) rather than silently ignored, so a client that wants samples finds out at once;
-``top_p`` and ``seed`` are accepted and have no effect on greedy decoding. ``stop`` cuts the answer at the
-first stop string, as the in-process backend does.
+Decoding is the request's: ``temperature`` 0 or absent is greedy (whatever the miniature's own default), a
+``temperature > 0`` samples with ``top_p`` and ``seed`` per row (``miniatures.sampling``; without a seed, one
+from the prompt, so the same request gets the same answer); ``repetition_penalty`` other than 1 is refused
+with a 400 rather than silently ignored. ``stop`` cuts the answer at the first stop string, as the in-process
+backend does.
+
+Constrained answers, as vLLM takes them: ``structured_outputs`` ``{"grammar": <Lark>}`` (the llguidance dialect
+``miniatures.grammar`` writes), ``{"json": <schema>}`` or ``{"choice": [...]}``, or ``response_format``
+``{"type": "json_schema", "json_schema": {"schema": ...}}`` / ``{"type": "json_object"}``; the answer is held to
+it by the engine's llguidance token masks. A grammar that does not compile is a 400 (``param`` names the field).
 
 Streaming: the engine generates whole answers in batches, so a stream sends the ``role`` chunk at once, then,
 when the answer is ready, its text in word-sized chunks, the final chunk with ``finish_reason`` and, with
@@ -84,8 +90,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.errors import UserError
+from miniatures.grammar import GrammarError
 from miniatures.local import BASE_ADAPTER, Generation, LocalEngine, LocalMiniatureChatModel, repair_json
 from miniatures.registry import get_miniature, list_miniatures
+from miniatures.sampling import RowSampling, prompt_seed
 from miniatures.specs import parse_backend_spec
 
 if TYPE_CHECKING:
@@ -136,7 +145,7 @@ _HOST = re.compile(r"(?:\[(?P<literal>[0-9A-Fa-f:.]+)\]|(?P<name>(?:[A-Za-z0-9\-
                    r"(?::(?P<port>[0-9]*))?")
 
 
-class InsecureBindError(ValueError):
+class InsecureBindError(UserError, ValueError):
     """The server was asked to listen on a non-loopback address without an API key."""
 
 
@@ -324,8 +333,24 @@ class _StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class _StructuredOutputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grammar: str | None = Field(None, min_length=1)
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    choice: list[str] | None = Field(None, min_length=1)
+
+
+class _ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    json_schema: dict[str, Any] | None = None
+
+
 class ChatCompletionRequest(BaseModel):
-    """The body of ``POST /v1/chat/completions`` (OpenAI's fields; unknown extra fields are ignored)."""
+    """The body of ``POST /v1/chat/completions`` (OpenAI's fields and vLLM's ``structured_outputs``;
+    unknown extra fields are ignored)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -343,6 +368,41 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    structured_outputs: _StructuredOutputs | None = None
+    response_format: _ResponseFormat | None = None
+
+
+def request_grammar(request: ChatCompletionRequest) -> tuple[str | None, str | None]:
+    """The Lark grammar a request asks its answer to follow, and the field it came from (``(None, None)``: free).
+
+    Raises:
+        _APIError: 400 for two constraints at once, or a ``response_format`` type other than ``text``,
+            ``json_object`` and ``json_schema``.
+    """
+    found: list[tuple[str, str]] = []
+    so = request.structured_outputs
+    if so is not None:
+        if so.grammar is not None:
+            found.append((so.grammar, "structured_outputs.grammar"))
+        if so.json_schema is not None:
+            schema = so.json_schema if isinstance(so.json_schema, str) else json.dumps(so.json_schema)
+            found.append((f"start: %json {schema}\n", "structured_outputs.json"))
+        if so.choice is not None:
+            found.append(("start: " + " | ".join(json.dumps(c) for c in so.choice) + "\n", "structured_outputs.choice"))
+    rf = request.response_format
+    if rf is not None and rf.type != "text":
+        if rf.type == "json_object":
+            found.append(('start: %json {"type": "object"}\n', "response_format"))
+        elif rf.type == "json_schema" and rf.json_schema is not None and "schema" in rf.json_schema:
+            found.append((f"start: %json {json.dumps(rf.json_schema['schema'])}\n", "response_format"))
+        else:
+            raise _APIError(400, f"response_format type {rf.type!r} is not supported; use text, json_object or "
+                                 "json_schema with a schema", param="response_format")
+    if len(found) > 1:
+        raise _APIError(400, f"the request gives {len(found)} answer constraints ({', '.join(f for _g, f in found)}); "
+                             "give one", param=found[1][1])
+    return found[0] if found else (None, None)
 
 
 # ---------------------------------------------------------------------- errors
@@ -391,16 +451,16 @@ def _chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
 
 
 def _check_options(request: ChatCompletionRequest, max_tokens_cap: int | None) -> None:
-    if request.temperature:
-        raise _APIError(400, f"temperature {request.temperature} asks for sampling, but miniatures are served with "
-                             "greedy decoding only; send temperature 0 (or leave it out)", param="temperature")
     if request.n not in (None, 1):
-        raise _APIError(400, f"n={request.n}: greedy decoding gives one answer; send n=1", param="n")
+        raise _APIError(400, f"n={request.n}: this server gives one answer per request; send n=1", param="n")
     if request.tools or request.functions:
         raise _APIError(400, "tools and function calling are not supported by this server; send plain messages",
                         param="tools")
     if request.logprobs:
         raise _APIError(400, "logprobs are not supported by this server", param="logprobs")
+    if request.repetition_penalty not in (None, 1.0):
+        raise _APIError(400, f"repetition_penalty {request.repetition_penalty}: miniatures are served with plain "
+                             "greedy decoding; send 1.0 (or leave it out)", param="repetition_penalty")
     stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     if len(stops) > 4:
         raise _APIError(400, f"stop has {len(stops)} strings; give at most 4", param="stop")
@@ -646,10 +706,17 @@ def create_app(
             chunks.append(chunk)
         return await asyncio.to_thread(_parse_body, b"".join(chunks))
 
-    def prepare(body: ChatCompletionRequest) -> tuple[ServedModel, list[dict[str, str]], int | None]:
-        """Check the request and count its prompt's tokens (blocking: the chat template and the tokenizer)."""
+    def prepare(body: ChatCompletionRequest) -> tuple[ServedModel, list[dict[str, str]], int | None, str | None]:
+        """Check the request, its grammar, and count its prompt's tokens (blocking: the chat template, the
+        tokenizer, compiling the grammar)."""
         _check_options(body, max_tokens_cap)
         model = resolve(body.model)
+        grammar, field = request_grammar(body)
+        if grammar is not None:
+            try:
+                model.engine.matcher(grammar)
+            except GrammarError as exc:
+                raise _APIError(400, f"{field} does not compile: {exc}", param=field, code="invalid_grammar") from exc
         chat = _chat_messages(body)
         n_prompt = len(model.engine.prompt_ids(chat))
         limit = max_prompt_tokens or model.engine.context_length or None
@@ -659,13 +726,23 @@ def create_app(
             raise _APIError(400, f"This model's maximum prompt length is {limit} tokens; your messages make "
                                  f"{n_prompt} tokens. Shorten the messages.", param="messages",
                             code="context_length_exceeded")
-        return model, chat, body.max_completion_tokens or body.max_tokens
+        return model, chat, body.max_completion_tokens or body.max_tokens, grammar
 
-    async def generate(model: ServedModel, chat: list[dict[str, str]], max_new: int | None) -> Generation:
+    async def generate(model: ServedModel, chat: list[dict[str, str]], max_new: int | None,
+                       grammar: str | None, body: ChatCompletionRequest) -> Generation:
+        # The request's own decoding: temperature 0 or absent is greedy (whatever the model's default), a
+        # temperature > 0 samples with top_p and the request's seed (else one from the prompt, so repeatable).
+        temperature, top_p = body.temperature or 0.0, body.top_p or 1.0
         try:
             if model.chat is not None:
-                return await model.chat.answer(chat, max_new_tokens=max_new)
-            return await model.engine.generate(model.adapter, chat, max_new_tokens=max_new)
+                return await model.chat.answer(chat, max_new_tokens=max_new, grammar=grammar,
+                                               temperature=temperature, top_p=top_p, seed=body.seed)
+            sampling = None
+            if temperature > 0:
+                seed = body.seed if body.seed is not None else prompt_seed(json.dumps(chat, ensure_ascii=False))
+                sampling = RowSampling(temperature=temperature, top_p=top_p, seed=seed)
+            return await model.engine.generate(model.adapter, chat, max_new_tokens=max_new, grammar=grammar,
+                                               sampling=sampling)
         except ValueError as exc:
             raise _APIError(400, str(exc), param="messages") from exc
 
@@ -682,11 +759,11 @@ def create_app(
             body = await read_body(request)
         except ClientDisconnect:
             return gone("while sending its request")
-        model, chat, max_new = await asyncio.to_thread(prepare, body)
+        model, chat, max_new, grammar = await asyncio.to_thread(prepare, body)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if not body.stream:
-            generation = await _unless_disconnected(request, generate(model, chat, max_new))
+            generation = await _unless_disconnected(request, generate(model, chat, max_new, grammar, body))
             if generation is None:
                 return gone("before its answer")
             text, finish = finish_text(generation, body.stop)
@@ -710,7 +787,7 @@ def create_app(
         async def events() -> AsyncIterator[str]:
             yield chunk({"role": "assistant", "content": ""})
             try:
-                generation = await generate(model, chat, max_new)
+                generation = await generate(model, chat, max_new, grammar, body)
             except _APIError as exc:  # after the 200 header: report in the stream, as vLLM does
                 app.state.stats["errors"] += 1
                 yield f"data: {json.dumps(exc.body())}\n\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.errors import UserError
 from miniatures.redaction import redact
 
 __all__ = ["BACKEND_KINDS", "BackendSpec", "BackendSpecError", "parse_backend_spec"]
@@ -24,7 +25,7 @@ __all__ = ["BACKEND_KINDS", "BackendSpec", "BackendSpecError", "parse_backend_sp
 BACKEND_KINDS = ("heuristic", "openai", "ollama", "miniature", "vllm")
 
 
-class BackendSpecError(ValueError):
+class BackendSpecError(UserError, ValueError):
     """A backend spec string does not follow the grammar; the message shows the accepted forms."""
 
 

@@ -2,19 +2,34 @@
 
 vLLM serves one base model per process and LoRA adapters on it by name::
 
-    vllm serve BASE --enable-lora --lora-modules writer@2=/path/a writer=/path/a ... \\
-        --max-lora-rank 16 --max-loras 2
+    vllm serve BASE --enable-lora --lora-modules writer=/path/w2 writer@1=/path/w1 researcher=/path/r1 \\
+        --max-lora-rank 16 --max-loras 3 --generation-config vllm --override-generation-config '{...}'
+
+Each adapter is listed once, because vLLM gives every ``--lora-modules`` entry its own adapter id, so two
+names for one folder load it twice and take two of the ``--max-loras`` slots in a batch. The highest
+selected version of each name is listed under the plain name (``writer``), the id an agent's backend spec
+can carry (``openai:writer@http://host:8000/v1``: the spec grammar takes the first ``@`` as the start of the
+URL, so ``writer@2`` cannot be named there); other selected versions of the same name keep
+``<name>@<version>`` (for clients that pin one). The project's own server (``miniatures.server``) answers
+both ids for every miniature, since it loads each adapter once whatever it is called.
 
 ``--max-lora-rank`` must be at least the largest adapter rank (vLLM refuses to load an adapter above it) and
 one of the values vLLM accepts (``VLLM_LORA_RANKS``); ``--max-loras`` is how many adapters can be in one batch
-(see vLLM's "LoRA Adapters" docs and ``vllm.config.LoRAConfig``). Each miniature is listed as
-``<name>@<version>``, and the highest selected version of each name also as ``<name>``, the same ids the
-project's own server (``miniatures.server``) answers for; the alias points at the same folder and is not
-counted in ``--max-loras``.
+(see vLLM's "LoRA Adapters" docs and ``vllm.config.LoRAConfig``).
+
+Decoding is set explicitly: vLLM's default ``--generation-config auto`` reads the base's
+``generation_config.json`` and applies its ``temperature``, ``top_p``, ``top_k`` and ``repetition_penalty`` to
+every request that does not set them (an instruct base often ships sampling and a repetition penalty), which
+the miniatures were never evaluated with. ``--generation-config vllm`` loads none of it, and
+``--override-generation-config`` then sets the server's defaults to greedy decoding without penalties
+(``DECODING``), the decoding of the in-process engine (``miniatures.local``) and of the project's server
+(vLLM docs, "Engine Arguments": ``--generation-config``, ``--override-generation-config``).
 
 A fully fine-tuned miniature is a whole model, not an adapter: it is served by its own ``vllm serve <its
-folder> --served-model-name <name>@<version> <name>`` process, on the next port. LoRA miniatures on different
-bases cannot share a process; building a command for them is refused (serve them in separate selections).
+folder> --served-model-name <name>@<version> <name>`` process, on the next port (one model with several
+served names costs nothing extra). LoRA miniatures on different bases cannot share a process; building a
+command for them is refused (serve them in separate selections). Every record's folders are checked first
+(``miniatures.registry.check_miniature_paths``), so a moved adapter is named here, not by vLLM at start-up.
 
 vLLM itself is an optional extra (``pip install '.[vllm]'``), installed in its own CUDA environment because
 its wheels pin their own torch and transformers (DESIGN.md, known traps); this module only builds the
@@ -30,10 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.errors import UserError
+
 if TYPE_CHECKING:
     from store.models import MiniatureRecord
 
 __all__ = [
+    "DECODING",
     "VLLM_LORA_RANKS",
     "VllmCommand",
     "VllmCommandError",
@@ -42,11 +60,15 @@ __all__ = [
     "vllm_lora_rank",
 ]
 
+#: The server-wide decoding defaults passed as ``--override-generation-config`` (with ``--generation-config vllm``):
+#: greedy, no nucleus cut, no repetition penalty; a request's own fields still win.
+DECODING: dict[str, float] = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0}
+
 #: ``--max-lora-rank`` values vLLM accepts (``vllm.config.LoRAConfig.max_lora_rank``), ascending.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-class VllmCommandError(ValueError):
+class VllmCommandError(UserError, ValueError):
     """The selected miniatures cannot be served by one ``vllm serve`` command as asked (the message says why)."""
 
 
@@ -113,10 +135,16 @@ def vllm_lora_rank(rank: int) -> int:
 
 
 def _common(host: str, port: int, api_key: str | None, extra_args: Sequence[str]) -> list[str]:
-    args = ["--host", host, "--port", str(port)]
+    args = ["--generation-config", "vllm", "--override-generation-config", json.dumps(DECODING, sort_keys=True),
+            "--host", host, "--port", str(port)]
     if api_key:
         args += ["--api-key", api_key]
     return args + list(extra_args)
+
+
+def _served_id(record: MiniatureRecord, latest: dict[str, MiniatureRecord]) -> str:
+    """The one id an adapter is listed under: its plain name for the highest selected version, else name@version."""
+    return record.name if latest[record.name] is record else f"{record.name}@{record.version}"
 
 
 def build_vllm_commands(
@@ -146,9 +174,14 @@ def build_vllm_commands(
         VllmCommandError: no records, LoRA miniatures on different bases, an adapter whose rank cannot
             be read or is above 512, or a miniature whose answer format is not ``json`` (vLLM would get the
             agent's whole prompt, not the prompts it was trained on).
+        miniatures.registry.MiniaturePathError: a record's adapter or base folder is missing or relative.
     """
+    from miniatures.registry import check_miniature_paths
+
     if not records:
         raise VllmCommandError("no miniatures to serve; register one with `outreach finetune train`")
+    for record in records:
+        check_miniature_paths(record)
     split = [f"{r.name}@{r.version}" for r in records
              if str((r.training_config or {}).get("answer_format", "json")) != "json"]
     if split:
@@ -172,8 +205,7 @@ def build_vllm_commands(
                 f"the LoRA miniatures are on {len(bases)} different bases ({detail}); one vLLM process serves one "
                 "base, so name the miniatures of one base per `outreach serve --engine vllm` (on its own --port)"
             )
-        modules = [f"{r.name}@{r.version}={r.adapter_path}" for r in lora]
-        modules += [f"{name}={r.adapter_path}" for name, r in sorted(latest.items()) if r.method == "lora"]
+        modules = [f"{_served_id(r, latest)}={r.adapter_path}" for r in lora]  # one entry (one slot) per adapter
         rank = vllm_lora_rank(max(adapter_rank(r.adapter_path) for r in lora))
         argv = [executable, "serve", bases[0], "--enable-lora", "--lora-modules", *modules,
                 "--max-lora-rank", str(rank), "--max-loras", str(len(lora)), *_common(host, port, api_key, extra_args)]

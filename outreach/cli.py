@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from core.errors import UserError
 from outreach.cli_common import (
+    EXTRA_MODULES,
     ConfigOpt,
     CorpusOpt,
     StoreOpt,
@@ -160,11 +162,12 @@ def _progress_run(coro_factory, total: int):  # type: ignore[no-untyped-def]
         return asyncio.run(coro_factory(on_event))
 
 
-def _print_report(report, engine, campaign: str):  # type: ignore[no-untyped-def]
+def _print_report(report, engine, campaign: str, settings: Settings | None = None):  # type: ignore[no-untyped-def]
     """Print the campaign's figures table and its failures; return its ``evals.campaigns`` summary."""
     from evals.campaigns import campaign_summary
 
-    summary = campaign_summary(engine, campaign)
+    summary = (campaign_summary(engine, campaign) if settings is None else
+               campaign_summary(engine, campaign, prices=settings.price_table(), basis=settings.cost_basis()))
     table = Table(title=f"campaign {campaign}")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -183,6 +186,8 @@ def _print_report(report, engine, campaign: str):  # type: ignore[no-untyped-def
         ("tokens in / out", f"{summary.input_tokens} / {summary.output_tokens}"),
         ("latency p50 / p95 ms", f"{summary.latency_p50_ms:.1f} / {summary.latency_p95_ms:.1f}"),
         ("cost USD", f"{summary.cost_usd:.4f}"),
+        *(((f"  heuristic priced as {summary.stand_in_model}", f"{summary.stand_in_cost_usd:.4f}"),)
+          if summary.stand_in_model else ()),
     ]
     for k, v in rows:
         table.add_row(k, str(v))
@@ -233,6 +238,27 @@ def run(
         help="When research finds no verified fact, still write an email without company facts, exported as "
              "not personalised (setting unpersonalised_emails; default: no email, status no_facts).")] = None,
     limit: Annotated[int | None, typer.Option(help="Run at most this many pending prospects.")] = None,
+    arm: Annotated[list[str] | None, typer.Option(
+        "--arm", help="An A/B arm NAME=RESEARCHER,WRITER (repeat: two or more; the first is the control). Each "
+                      "company's prospects run with one arm, assigned at random by --seed and --split "
+                      "(graphs.arms); a rerun keeps every assignment.")] = None,
+    split: Annotated[str | None, typer.Option(help="Shares of the --arm values in order, e.g. 50,50 or 80,20 "
+                                                   "(default: equal).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the arm assignment (same seed, same arms).")] = 0,
+    executor: Annotated[str, typer.Option(
+        help="local (this machine: one process, or --workers processes) or ray (Ray actors; needs the ray "
+             "extra).")] = "local",
+    workers: Annotated[int, typer.Option(
+        help="Workers, each with --concurrency prospects in flight, sharing the store through claims.")] = 1,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray cluster to run on (auto, HOST:PORT, ray://HOST:10001; needs a PostgreSQL store); default: a "
+             "Ray started on this machine.")] = None,
+    lease_s: Annotated[float, typer.Option(
+        help="Seconds a worker's claim on a run lasts unless renewed (every third of it while the run works): "
+             "the runs of a worker that died on another machine wait this long before another worker redoes "
+             "them (at once for a dead process of this machine).")] = 60.0,
+    worker_id: Annotated[str | None, typer.Option(
+        help="This worker's name in the store (runs.lease_owner); default host:pid:random.")] = None,
     store: StoreOpt = None,
     corpus: CorpusOpt = None,
     config: ConfigOpt = None,
@@ -241,7 +267,9 @@ def run(
 
     Running it again with the same campaign resumes it: finished prospects (done, or no verified fact) are
     skipped, interrupted ones rerun. A prospect whose research finds no verified fact gets no email unless
-    `--unpersonalised-emails` is given.
+    `--unpersonalised-emails` is given. Several `outreach run` commands on one campaign and store, on one
+    machine or many, share its prospects: each run is claimed by one worker with a lease (`--lease-s`), and
+    a worker that dies has its runs redone by the others.
 
     Before any prospect is added each backend is checked: a remote one with one `GET <base_url>/models` (an
     endpoint that does not answer, or refuses the key, stops the command), a miniature by its registration.
@@ -251,21 +279,33 @@ def run(
 
     * `outreach run world/prospects_train.csv --offer world/offer.toml`
     * `outreach run leads.csv --offer offer.toml --researcher openai:gpt-4.1-mini --writer ollama:qwen2.5:3b --web ddgs`
+    * `outreach run leads.csv --offer offer.toml --campaign q4-ab --arm teacher=openai:gpt-4.1-mini,openai:gpt-4.1-mini
+      --arm mini=miniature:researcher,miniature:writer --split 50,50 --seed 7`
     """
     from rich.markup import escape
 
+    from graphs.arms import ArmsError, check_campaign_arms, parse_arms, record_arms
+    from graphs.executors import check_executor, run_campaign_workers
     from graphs.inputs import InputError, load_offer, read_prospects_csv
-    from graphs.runner import add_prospects, run_campaign
+    from graphs.runner import add_prospects
     from miniatures.specs import BackendSpecError, parse_backend_spec
+    from outreach.cli_scale import campaign_job
     from outreach.pipeline import open_web
 
     settings = settings_or_exit(config, researcher=researcher, writer=writer, concurrency=concurrency, web=web,
                          store_url=store, corpus_path=corpus, unpersonalised_emails=unpersonalised_emails)
+    check_executor(settings.store_url, executor, workers, ray_address)  # before any work (UserError)
     try:
         specs = {"researcher": parse_backend_spec(settings.researcher), "writer": parse_backend_spec(settings.writer)}
+        if split is not None and not arm:
+            raise ArmsError(f"--split {split!r} needs --arm values (two or more NAME=RESEARCHER,WRITER)")
+        plan = parse_arms(arm, split, seed) if arm else None  # every arm's specs parsed before the store is touched
+        for one_arm in plan.arms if plan else ():
+            specs[f"{one_arm.name} researcher"] = parse_backend_spec(one_arm.researcher)
+            specs[f"{one_arm.name} writer"] = parse_backend_spec(one_arm.writer)
         offer_model = load_offer(offer)
         parsed = read_prospects_csv(prospects)
-    except (InputError, BackendSpecError) as exc:
+    except (InputError, BackendSpecError, ArmsError) as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     for row_error in parsed.errors:
@@ -273,28 +313,41 @@ def run(
     for warning in parsed.warnings:
         err.print(f"[yellow]{escape(f'{prospects}: {warning}')}[/yellow]", highlight=False)
     name = campaign or prospects.stem
-    probe_backends(specs, settings)
+    probe_backends(specs if plan is None else {k: v for k, v in specs.items() if " " in k}, settings)
     engine = open_engine(settings, create=True)
+    if plan is not None:
+        try:
+            check_campaign_arms(engine, name, plan)
+        except ArmsError as exc:
+            err.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from exc
     added, present = add_prospects(engine, name, offer_model, parsed.prospects)
+    if plan is not None:
+        record_arms(engine, name, plan)
+    backends = (f"researcher={describe_backend(settings.researcher)} writer={describe_backend(settings.writer)}"
+                if plan is None else "arms " + "; ".join(
+                    f"{a.name} ({a.weight:.0%}): researcher={describe_backend(a.researcher)} "
+                    f"writer={describe_backend(a.writer)}" for a in plan.arms) + f", seed {plan.seed}")
     console.print(f"campaign {name}: {added} prospects added, {present} already there, "
-                  f"{len(parsed.errors)} rows skipped; researcher={describe_backend(settings.researcher)} "
-                  f"writer={describe_backend(settings.writer)}", highlight=False)
+                  f"{len(parsed.errors)} rows skipped; {backends}", highlight=False)
     try:
-        web_impl = open_web(settings, engine)
+        open_web(settings, engine)  # each worker opens its own; a missing corpus stops the command here
     except FileNotFoundError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
+    if lease_s <= 0:
+        err.print(f"[red]--lease-s must be > 0 seconds, got {lease_s:g}[/red]")
+        raise typer.Exit(2)
+    job = campaign_job(settings, name, retry_failed=retry_failed, retry_no_facts=retry_no_facts, limit=limit,
+                       arms=plan, lease_s=lease_s, **({"worker_id": worker_id} if worker_id else {}))
     try:
-        report = _progress_run(lambda on_event: run_campaign(
-            engine, name, web=web_impl, researcher=settings.researcher, writer=settings.writer,
-            concurrency=settings.concurrency, prices=settings.price_table(), max_pages=settings.max_pages,
-            prospect_timeout_s=settings.prospect_timeout_s, retry_failed=retry_failed, retry_no_facts=retry_no_facts,
-            unpersonalised_emails=settings.unpersonalised_emails, limit=limit,
-            on_event=on_event), total=limit or len(parsed.prospects))
-    except BackendSpecError as exc:
+        report = _progress_run(lambda on_event: run_campaign_workers(
+            job, workers=workers, executor=executor, ray_address=ray_address,  # type: ignore[arg-type]
+            on_event=on_event, engine=engine), total=limit or len(parsed.prospects))
+    except (BackendSpecError, ArmsError) as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
-    _print_report(report, engine, name)
+    _print_report(report, engine, name, settings)
     _exit_if_all_failed(report, settings.researcher, settings.writer)
 
 
@@ -478,7 +531,7 @@ def demo(
         concurrency=settings.concurrency, prices=settings.price_table(),
         unpersonalised_emails=settings.unpersonalised_emails, on_event=on_event),
         total=len(parsed.prospects))
-    summary = _print_report(report, engine, "demo-train")
+    summary = _print_report(report, engine, "demo-train", settings)
     gold = {name: g.facts for name, g in load_gold(world_dir).items() if g.split == "train"}
     predictions = campaign_predictions(engine, "demo-train")
     scores = score_profiles({c: predictions.get(c, {}) for c in gold}, gold)
@@ -567,7 +620,7 @@ def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, bas
     with eval_progress(len(eval_set.prospects)) as on_event:
         result = asyncio.run(run_eval(engine, eval_set, configs, web=open_web(settings, engine),
                                       run_name="demo-heldout", concurrency=concurrency, prices=settings.price_table(),
-                                      unpersonalised_emails=settings.unpersonalised_emails, on_event=on_event))
+                                      cost_basis=settings.cost_basis(), unpersonalised_emails=settings.unpersonalised_emails, on_event=on_event))
     files = write_report(result, out / "eval")
     for table in overview_tables(result):
         console.print(table)
@@ -747,7 +800,8 @@ def _register_subcommands() -> None:
     from outreach.cli_finetune import finetune_app, miniatures_app
     from outreach.cli_replay import replay_command
     from outreach.cli_review import review_command
-    from outreach.cli_serve import serve_command
+    from outreach.cli_send import events_app, send_command, suppressions_app
+    from outreach.cli_serve import export_gguf_command, relocate_command, serve_command
 
     app.command("eval")(eval_command)
     app.command("serve")(serve_command)
@@ -755,27 +809,45 @@ def _register_subcommands() -> None:
     app.command("replay")(replay_command)
     app.add_typer(abtest_app, name="abtest", no_args_is_help=True)
     app.add_typer(finetune_app, name="finetune", no_args_is_help=True)
+    miniatures_app.command("export-gguf")(export_gguf_command)
+    miniatures_app.command("relocate")(relocate_command)
     app.add_typer(miniatures_app, name="miniatures", no_args_is_help=True)
+    app.command("send")(send_command)
+    app.add_typer(events_app, name="events", no_args_is_help=True)
+    app.add_typer(suppressions_app, name="suppressions", no_args_is_help=True)
 
 
 _register_subcommands()
 
 
-#: Errors that say a file the user named is unusable (one line naming the file and what to do), wherever in a
-#: command they surface: (module, class) pairs, looked up only once the module is loaded (a raised one is).
-_UNUSABLE_FILE_ERRORS = (("store.engine", "StoreError"), ("tools.corpus", "CorpusError"))
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The extra of ``pyproject.toml`` that brings the module ``exc`` could not import, or None."""
+    top = (exc.name or "").split(".")[0]
+    return next((extra for extra, modules in EXTRA_MODULES.items() if top in modules), None)
 
 
 def run_cli() -> None:
-    """Entry point of the ``outreach`` command: the typer app, with a damaged store or corpus met anywhere in
-    a command printed as its one-line message (exit status 2) instead of a traceback."""
+    """Entry point of the ``outreach`` command: the typer app with one handler for errors the user can fix.
+
+    A ``core.errors.UserError`` raised anywhere in a command (a bad backend spec, a missing miniature, a damaged
+    store or corpus, a malformed input file ...) prints as its one-line message, and a missing optional module
+    names the extra to install; both exit with status 2 instead of a traceback. Anything else is a bug and
+    keeps its traceback.
+    """
+    from rich.markup import escape
+
     try:
         app()
-    except Exception as exc:
-        unusable = tuple(getattr(sys.modules[m], name) for m, name in _UNUSABLE_FILE_ERRORS if m in sys.modules)
-        if unusable and isinstance(exc, unusable):
-            from rich.markup import escape
-
-            err.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
-            raise SystemExit(2) from None
-        raise
+    except UserError as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except ModuleNotFoundError as exc:
+        extra = _missing_extra(exc)
+        if extra is None:
+            raise
+        torch_first = (" (on a CPU-only machine first `pip install torch==2.13.0`, the CPU wheel)"
+                       if exc.name == "torch" else "")
+        message = (f"{exc.name} is not installed; it comes with the {extra!r} extra: "
+                   f'pip install -e ".[{extra}]"{torch_first}')
+        err.print(f"[red]{escape(message)}[/red]", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None

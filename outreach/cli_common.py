@@ -36,6 +36,8 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "train": ("torch", "transformers", "peft", "trl", "datasets", "tokenizers", "accelerate", "matplotlib"),
     "eval": ("scipy", "statsmodels", "matplotlib", "jinja2"),
     "serve": ("fastapi", "uvicorn", "jinja2"),
+    "ray": ("ray",),
+    "llama-cpp": ("gguf", "sentencepiece"),
 }
 #: Where the public OpenAI API answers (an ``openai:`` spec without ``@<base_url>``).
 OPENAI_API_URL = "https://api.openai.com/v1"

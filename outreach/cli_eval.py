@@ -20,11 +20,12 @@ from rich.table import Table
 from outreach.cli_common import StoreOpt, err, quiet_library_bars, require_extras, settings_or_exit
 
 if TYPE_CHECKING:
-    from evals.abtest import ABReport
+    from evals.abtest import ABReport, ABSection
     from evals.runner import ConfigResult, EvalConfig, EvalResult, EvalSet
     from graphs.runner import RunEvent
 
-__all__ = ["abtest_app", "eval_command", "eval_progress", "overview_tables", "require_eval_extras"]
+__all__ = ["ab_section_tables", "abtest_app", "eval_command", "eval_progress", "overview_tables", "print_ab_section",
+           "require_eval_extras"]
 
 console = Console()
 
@@ -168,8 +169,10 @@ def _valid(c: ConfigResult) -> str:
     return cell if valid == c.email.prospects else f"[yellow]{cell}[/yellow]"
 
 
-def overview_tables(result: EvalResult) -> tuple[Table, Table]:
-    """Two terminal tables: quality (research, rubric, win rate) and cost and speed.
+def overview_tables(result: EvalResult) -> tuple[Table, ...]:
+    """Terminal tables: quality (research, rubric, win rate), cost and speed (what each part is priced at in its
+    caption; ``*`` marks a configuration whose heuristic calls are priced as the API teacher they stand in for),
+    then the A/B section of each campaign of the store that has arms (``ab_section_tables``).
 
     Quality columns: ``valid`` (valid emails of prospects, e.g. ``59/60``, or ``failed`` for a configuration
     whose backend failed), F1 against gold, ``no facts / misattr.`` (prospects whose research kept no verified
@@ -195,10 +198,16 @@ def overview_tables(result: EvalResult) -> tuple[Table, Table]:
                         _f(r.grounded_fact_rate if r else None, ".1%"), _f(r.schema_valid_rate if r else None, ".1%"),
                         _f(e.all_pass_rate if e else None, ".1%"), win)
         if k is not None:
-            cost.add_row(c.name, f"{k.tokens_in_per_email:.0f} / {k.tokens_out_per_email:.0f}",
+            cost.add_row(c.name + (" *" if k.stand_in_model else ""),
+                         f"{k.tokens_in_per_email:.0f} / {k.tokens_out_per_email:.0f}",
                          _f(k.cost_per_1k_emails_usd, ".4f"), f"{k.latency_p50_ms:.0f} / {k.latency_p95_ms:.0f}",
                          _f(k.throughput_emails_per_s, ".1f"))
-    return quality, cost
+    priced = [f"{c.name}: {line}" for c in result.configs if c.cost for line in c.cost.pricing]
+    if priced:
+        cost.caption = "\n".join(priced)
+        cost.caption_justify = "left"
+    ab = [table for section in result.ab_tests for table in ab_section_tables(section)]
+    return (quality, cost, *ab)
 
 
 def eval_command(
@@ -265,7 +274,8 @@ def eval_command(
             result = asyncio.run(run_eval(
                 engine, eval_set, configs, web=web, run_name=run_name, reference=reference or plan_reference,
                 judge=judge or plan_judge or "rubric", prices=settings.price_table(), instance_prices=instance_prices,
-                concurrency=settings.concurrency, probe=probe, prospect_timeout_s=settings.prospect_timeout_s,
+                cost_basis=settings.cost_basis(), concurrency=settings.concurrency, probe=probe,
+                prospect_timeout_s=settings.prospect_timeout_s,
                 retry_failed=retry_failed, unpersonalised_emails=settings.unpersonalised_emails, on_event=on_event))
         except (EvalSpecError, ValueError) as exc:
             raise _fail(str(exc)) from exc
@@ -290,6 +300,14 @@ def _p(v: float) -> str:
 
 
 def _print_ab(report: ABReport) -> None:
+    for table in _ab_tables(report):
+        console.print(table)
+    if not report.comparisons:
+        console.print("only one variant: nothing to compare")
+
+
+def _ab_tables(report: ABReport) -> list[Table]:
+    """Rates per variant with intervals, and (with two variants or more) each against the control."""
     from evals.abtest import METRICS
 
     rates = Table(title=f"rates per variant ({report.confidence:.0%} Wilson intervals)")
@@ -300,10 +318,8 @@ def _print_ab(report: ABReport) -> None:
             rates.add_row(name, metric, f"{r.count:,} / {r.n:,} {METRICS[metric]}", f"{r.rate:.2%}",
                           f"[{r.ci_low:.2%}, {r.ci_high:.2%}]")
         rates.add_section()
-    console.print(rates)
     if not report.comparisons:
-        console.print("only one variant: nothing to compare")
-        return
+        return [rates]
     comp = Table(title=f"each variant against the control {report.control} (two-sided tests)")
     for name in ("metric", "variant", "rates", "lift [interval]", "p z-test", "p Fisher", "sig."):
         comp.add_column(name, justify="left" if name in ("metric", "variant") else "right")
@@ -312,38 +328,85 @@ def _print_ab(report: ABReport) -> None:
             f"{c.lift:+.1%}" + ("" if math.isnan(c.lift_ci_low) else f" [{c.lift_ci_low:+.1%}, {c.lift_ci_high:+.1%}]"))
         comp.add_row(c.metric, c.b, f"{c.rate_a.rate:.2%} -> {c.rate_b.rate:.2%}", lift, _p(c.p_value_z),
                      _p(c.p_value_fisher), "yes" if c.significant() else "no")
-    console.print(comp)
+    return [rates, comp]
+
+
+def print_ab_section(section: ABSection) -> None:
+    """Print a campaign's A/B section (``evals.abtest.ABSection``): arms, rates with intervals, tests, send plans."""
+    for table in ab_section_tables(section):
+        console.print(table)
+    for note in section.notes:
+        console.print(note, highlight=False, soft_wrap=True)
+
+
+def ab_section_tables(section: ABSection) -> list[Table]:
+    """The tables of a campaign's A/B section: arms, rates with intervals and tests (once there are events), and
+    the sends a conclusive result needs (its notes go in the last table's caption)."""
+    tables = []
+    arms = Table(title=f"A/B test of campaign {section.campaign}: arms (seed {section.seed}; control "
+                       f"{section.control}; {section.events:,} events)")
+    for name in ("arm", "share", "researcher", "writer", "valid emails", "messages with events"):
+        arms.add_column(name, justify="right" if name in ("share", "valid emails", "messages with events") else "left")
+    for a in section.arms:
+        arms.add_row(a.name, f"{a.share:.0%}", a.researcher, a.writer, f"{a.emails:,}", f"{a.sent:,}")
+    tables.append(arms)
+    if section.rates:
+        from evals.abtest import ABReport, count_variants
+
+        tables += _ab_tables(ABReport(control=section.control, variants=count_variants([]), rates=section.rates,
+                                      comparisons=section.comparisons, confidence=section.confidence))
+    plans = Table(title="sends a conclusive result needs (abtest plan; two-sided)")
+    for name in ("metric", "baseline", "to detect", "needed per arm", "smallest arm has", "more per arm",
+                 "conclusive now"):
+        plans.add_column(name, justify="left" if name == "metric" else "right")
+    for p in section.plans:
+        plans.add_row(p.metric, f"{p.baseline:.2%} ({p.baseline_from})", f"{p.mde:+.0%} -> {p.target:.2%}",
+                      f"{p.n_per_arm:,}", f"{p.have_per_arm:,}", f"{p.more_per_arm:,}",
+                      f"yes (p {_p(p.p_value_fisher)})" if p.conclusive else
+                      ("no" if math.isnan(p.p_value_fisher) else f"no (p {_p(p.p_value_fisher)})"))
+    tables.append(plans)
+    return tables
 
 
 @abtest_app.command("report")
 def abtest_report(
-    events: Annotated[Path, typer.Argument(help="Events CSV or JSONL (columns: event, variant, message_id or "
-                                                "recipient, timestamp, email_id; see evals.abtest).")],
+    events: Annotated[Path, typer.Argument(help="Events CSV or JSONL (columns: event, message_id or recipient, "
+                                                "variant (not needed for events of this store's emails), campaign, "
+                                                "timestamp, email_id; see evals.abtest).")],
     control: Annotated[str | None, typer.Option(help="Control variant (default: the first in the file).")] = None,
     confidence: Annotated[float, typer.Option(help="Two-sided confidence level of the intervals.")] = 0.95,
     save: Annotated[bool, typer.Option(
         "--save/--no-save", help="Store the events in the engagement_events table.")] = True,
     all_stored: Annotated[bool, typer.Option(help="Report on every event in the store, not only this file's.")] = False,
+    campaign: Annotated[str | None, typer.Option(
+        help="Campaign of rows without a campaign column, to join them by recipient (also limits --all-stored).")
+    ] = None,
     store: StoreOpt = None,
     settings_file: SettingsOpt = None,
 ) -> None:
-    """Import engagement events and report per-variant rates (Wilson intervals), z-test, Fisher's exact test
-    and relative lift with its interval.
+    """Import engagement events, join them to the store's emails and report per-arm rates (Wilson intervals),
+    z-test, Fisher's exact test, relative lift with its interval and the sends a conclusive result needs.
 
-    Example: `outreach abtest report events.csv --control A`
+    An event is joined to its email by `Message-ID` (as exported and sent), else by recipient and campaign;
+    its arm comes from the store (campaigns run with `outreach run --arm`), so no variant column is needed.
+    Events that cannot be joined and carry no variant are reported by line. With `--no-save` the file is read
+    alone, unless `--store` is given.
+
+    Example: `outreach abtest report events.csv` (after `outreach run ... --arm A=R,W --arm B=R,W`)
     """
     require_extras("outreach abtest report", "eval")
-    from evals.abtest import ab_report, import_events, load_events, read_events
+    from evals.abtest import ab_report, ab_section, group_by_campaign, import_events, load_events, read_events
 
     if not 0 < confidence < 1:
         raise _fail(f"--confidence {confidence}: use a level in (0, 1), e.g. 0.95")
     engine = None
     try:
-        if save or all_stored:
+        if save or all_stored or store:
             from store import open_store
 
             engine = open_store(settings_or_exit(settings_file, store_url=store).store_url)
-        parsed = import_events(engine, events) if save and engine is not None else read_events(events)
+        parsed = (import_events(engine, events, campaign=campaign) if save and engine is not None
+                  else read_events(events, engine, campaign=campaign))
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     for line, reason in parsed.errors:
@@ -351,15 +414,27 @@ def abtest_report(
     for line, note in parsed.warnings:
         err.print(f"[yellow]{events}:{line}: {note}[/yellow]", highlight=False, soft_wrap=True)
     console.print(f"{events}: {len(parsed.events)} events read, {len(parsed.errors)} rows skipped"
+                  + (f", {parsed.joined} joined to emails of the store" if engine is not None else "")
                   + (f", {parsed.stored} stored, {parsed.duplicates} already stored" if save else ""), soft_wrap=True)
-    rows = load_events(engine) if all_stored and engine is not None else parsed.events
+    rows = load_events(engine, campaign=campaign) if all_stored and engine is not None else parsed.events
     if not rows:
         raise _fail("no valid events to report on", code=1)
-    try:
-        report = ab_report(rows, control=control, confidence=confidence)
-    except ValueError as exc:
-        raise _fail(str(exc)) from exc
-    _print_ab(report)
+    for name, group in group_by_campaign(rows).items():
+        if name and engine is not None:
+            try:
+                section = ab_section(engine, name, events=group, confidence=confidence)
+            except KeyError:  # a campaign without arms: its events carry their own variants
+                section = None
+            if section is not None:
+                print_ab_section(section)
+                continue
+        if name:
+            console.print(f"campaign {name} (no A/B arms: variants from the file)", highlight=False)
+        try:
+            report = ab_report(group, control=control, confidence=confidence)
+        except ValueError as exc:
+            raise _fail(str(exc)) from exc
+        _print_ab(report)
 
 
 @abtest_app.command("plan")

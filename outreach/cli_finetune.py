@@ -160,6 +160,7 @@ def train_command(
     config: Annotated[Path | None, typer.Option(help="TrainConfig TOML/JSON file.")] = None,
     parent: Annotated[str | None, typer.Option(help="NAME@VERSION of the miniature this one succeeds (recorded as its parent in the lineage).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a TrainConfig field: FIELD=VALUE (repeat).")] = None,
+    chat_template: Annotated[Path | None, typer.Option("--chat-template", help="Jinja file with a training version of the base's chat template (answers inside {% generation %} ... {% endgeneration %}); default: the base's own, TRL's patched copy or one derived from it.")] = None,
     store: StoreOpt = None,
 ) -> None:
     """Distil: build the agent's dataset from the store, fine-tune with TRL (LoRA or full, assistant-only
@@ -168,10 +169,11 @@ def train_command(
     Example: `outreach finetune train --agent writer --name writer --base-model models/base --set num_train_epochs=2`
     """
     require_extras("outreach finetune train", "train")
+    from core.errors import UserError
     from finetune.distill import distill
     from miniatures.registry import MiniatureNotFoundError
 
-    overrides = {}
+    overrides: dict[str, object] = {"chat_template": str(chat_template.expanduser().resolve())} if chat_template else {}
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -195,7 +197,7 @@ def train_command(
             result = distill(engine, agent=agent, name=name, base_model=base_model, work_dir=work_dir,
                              campaigns=campaign, backends=backend, review=review, method=method,  # type: ignore[arg-type]
                              parent=parent_ref, train_overrides=overrides, config_file=config, on_progress=on_progress)
-    except (ValueError, MiniatureNotFoundError, FileNotFoundError) as exc:
+    except (UserError, ValueError, MiniatureNotFoundError, FileNotFoundError) as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     m = result.miniature

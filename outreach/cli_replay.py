@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import UserError
 from outreach.cli_common import ConfigOpt, CorpusOpt, StoreOpt, err, open_engine, probe_backends, settings_or_exit
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ _STATUS_WORDS = {"failed": "failed_only", "no_facts": "no_facts_only"}
 _IDS = re.compile(r"^\d+(-\d+)?$")
 
 
-class TraceFilterError(ValueError):
+class TraceFilterError(UserError, ValueError):
     """A ``--traces`` filter that cannot be read; the message shows the expected form."""
 
 

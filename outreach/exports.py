@@ -4,6 +4,11 @@ Every format says whether an email is personalised: a ``personalised`` CSV colum
 (``false`` for an email written without any company fact, which a campaign writes only when it opts in
 with the ``unpersonalised_emails`` setting) and an ``X-Outreach-Personalised: yes|no`` header.
 
+Every format carries the email's identity and A/B arm: the ``Message-ID`` stored when the email was written
+(``message_id`` column and field, the ``.eml`` file's ``Message-ID`` header; engagement events are joined to
+emails by it, ``evals.abtest``) and the run's arm (``arm`` column and field, ``X-Outreach-Arm`` header; empty
+in a campaign without arms, ``graphs.arms``).
+
 CSV cells that a spreadsheet would run as a formula are neutralised (``store.exports.write_csv``).
 An ``.eml`` file's ``From`` is the offer's ``sender_name`` and ``sender_email``; an offer without
 ``sender_email`` gets the placeholder ``MISSING_SENDER_ADDRESS`` (a reserved ``.invalid`` domain, so a
@@ -44,7 +49,8 @@ class ExportedEmail:
 
     ``personalised`` is False for an email written without any verified company fact; ``sender_email``
     is ``""`` when the campaign's offer has none; ``written_at`` is when the email was stored
-    (ISO 8601, UTC).
+    (ISO 8601, UTC); ``message_id`` is its stored RFC 5322 ``Message-ID`` (``<id@sender-domain>``) and ``arm``
+    its run's A/B arm (``""`` without arms).
     """
 
     email_id: int
@@ -60,13 +66,15 @@ class ExportedEmail:
     valid: bool
     personalised: bool = True
     written_at: str = ""
+    message_id: str = ""
+    arm: str = ""
 
 
 def load_emails(engine: Engine, campaign: str | None = None, *, include_invalid: bool = False) -> list[ExportedEmail]:
     """Emails in the store (of one campaign when named), valid ones only unless ``include_invalid``."""
     with Session(engine) as session:
         query = (
-            select(EmailRecord, Prospect, Campaign)
+            select(EmailRecord, Prospect, Campaign, Run)
             .join(Run, Run.id == EmailRecord.run_id)  # type: ignore[arg-type]
             .join(Prospect, Prospect.id == Run.prospect_id)  # type: ignore[arg-type]
             .join(Campaign, Campaign.id == Run.campaign_id)  # type: ignore[arg-type]
@@ -83,9 +91,9 @@ def load_emails(engine: Engine, campaign: str | None = None, *, include_invalid:
             company=p.company, sender_name=c.offer.get("sender_name", ""),
             sender_company=c.offer.get("sender_company", ""), sender_email=c.offer.get("sender_email", ""),
             subject=e.subject, body=e.body, valid=e.valid, personalised=e.personalised,
-            written_at=_as_utc(e.created_at).isoformat(),
+            written_at=_as_utc(e.created_at).isoformat(), message_id=e.message_id or "", arm=r.arm,
         )
-        for e, p, c in rows
+        for e, p, c, r in rows
     ]
 
 
@@ -108,8 +116,9 @@ def _address(name: str, address: str) -> Address:
 
 def to_message(e: ExportedEmail) -> EmailMessage:
     """``e`` as an RFC 5322 message: ``From`` (sender's name and address, ``MISSING_SENDER_ADDRESS``
-    without one), ``To``, ``Subject``, ``Date`` (when the email was written), ``Message-ID`` (at the
-    sender's domain), ``Organization`` (the sender's company) and the ``X-Outreach-*`` headers; with
+    without one), ``To``, ``Subject``, ``Date`` (when the email was written), ``Message-ID`` (the stored one;
+    a new one at the sender's domain for an email stored without), ``Organization`` (the sender's company) and
+    the ``X-Outreach-*`` headers (``X-Outreach-Arm`` when the email belongs to an A/B arm); with
     ``policy.SMTP`` (CRLF line ends), or ``policy.SMTPUTF8`` when an address is not ASCII (RFC 6531).
     """
     sender_address = e.sender_email.strip() or MISSING_SENDER_ADDRESS
@@ -121,11 +130,14 @@ def to_message(e: ExportedEmail) -> EmailMessage:
     message["Subject"] = _one_line(e.subject)
     written = datetime.fromisoformat(e.written_at) if e.written_at else datetime.now(UTC)
     message["Date"] = format_datetime(_as_utc(written))
-    message["Message-ID"] = make_msgid(idstring=f"outreach.{e.email_id}", domain=sender_address.rsplit("@", 1)[1])
+    message["Message-ID"] = e.message_id or make_msgid(idstring=f"outreach.{e.email_id}",
+                                                       domain=sender_address.rsplit("@", 1)[1])
     if e.sender_company.strip():
         message["Organization"] = _one_line(e.sender_company)
     message["X-Outreach-Campaign"] = _one_line(e.campaign)
     message["X-Outreach-Personalised"] = "yes" if e.personalised else "no"
+    if e.arm:
+        message["X-Outreach-Arm"] = _one_line(e.arm)
     message.set_content(e.body)
     return message
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the test suite from a fresh clone: make .venv, install torch 2.13.0 (the CPU wheel on this machine
-# type) first and then the project with its dev, train, eval and serve extras, install Debian's chromium (report
+# type) first and then the project with its dev, train, eval, serve and ray extras, install Debian's chromium (report
 # screenshots) and postgresql when missing and we are root, start a throwaway PostgreSQL server on loopback
 # so the store tests run on both SQLite and PostgreSQL, then run pytest. Extra arguments go to pytest.
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,train,eval,serve]"
+.venv/bin/python -m pip install -q -e ".[dev,train,eval,serve,ray]"
 
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing Debian's chromium and chromedriver for the report screenshot test..."

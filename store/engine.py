@@ -11,6 +11,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlmodel import Session, create_engine
 
+from core.errors import UserError
 from store.migrations import migrate
 
 __all__ = ["DEFAULT_URL", "StoreError", "open_store", "session_scope"]
@@ -28,7 +29,7 @@ _UNUSABLE_SQLITE = {
 }
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The store's file is unusable (damaged, not a database, cannot be opened): the message is one line
     that names the file and what to do."""
 
@@ -46,12 +47,21 @@ def _sqlite_file_error(context: ExceptionContext) -> None:
     raise StoreError(f"store {database or '(unknown file)'} {advice.format(error=error)}") from error
 
 
+#: How long a SQLite statement waits for another process's write lock before "database is locked", ms.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: How long connecting to a PostgreSQL store may take before it counts as unreachable, seconds (libpq's
+#: ``connect_timeout`` takes whole seconds).
+PG_CONNECT_TIMEOUT_S = 10
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    """Per connection: wait for other processes' locks first (so that switching a new file to WAL, which
+    needs a moment of exclusive access, waits too), then WAL (readers never block the one writer)."""
     cursor = dbapi_conn.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
@@ -70,7 +80,13 @@ def open_store(url: str = DEFAULT_URL, *, migrate_schema: bool = True) -> Engine
     """
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+    sqlite = url.startswith("sqlite")
+    # pysqlite's ``timeout`` is SQLite's busy timeout from the moment of connecting (before the pragmas run);
+    # libpq's ``connect_timeout`` bounds the wait for an unreachable PostgreSQL (no limit by default).
+    libpq = url.startswith(("postgresql://", "postgresql+psycopg"))  # psycopg 3 and psycopg2
+    connect_args: dict[str, float] = ({"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000} if sqlite else
+                                      {"connect_timeout": PG_CONNECT_TIMEOUT_S} if libpq else {})
+    engine = create_engine(url, pool_pre_ping=not sqlite, connect_args=connect_args)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "handle_error", _sqlite_file_error)

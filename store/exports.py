@@ -1,17 +1,71 @@
-"""Export formats every room shares: CSV that spreadsheets cannot run as formulas, and traces as OpenAI
+"""Export formats every room shares: CSV that spreadsheets cannot run as formulas, traces as OpenAI
 chat fine-tuning examples (the JSONL format TRL and OpenAI fine-tuning read: one ``{"messages": [...]}``
-object per line, the last message the assistant's answer)."""
+object per line, the last message the assistant's answer), and the emails' identity: the RFC 5322
+``Message-ID`` every stored email gets when it is written, which exports carry and engagement events are
+joined by."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
 from store.models import Trace
 
-__all__ = ["FORMULA_PREFIXES", "neutralise_csv_cell", "trace_to_openai_example", "write_csv", "write_openai_jsonl"]
+__all__ = [
+    "FORMULA_PREFIXES",
+    "MESSAGE_ID_FALLBACK_DOMAIN",
+    "MESSAGE_ID_PATTERN",
+    "neutralise_csv_cell",
+    "new_message_id",
+    "normalise_message_id",
+    "trace_to_openai_example",
+    "write_csv",
+    "write_openai_jsonl",
+]
+
+#: Domain of a Message-ID whose campaign has no (usable) ``sender_email`` (RFC 2606 ``.invalid``).
+MESSAGE_ID_FALLBACK_DOMAIN = "outreach.invalid"
+#: An RFC 5322 ``msg-id`` in its common ``<id-left@id-right>`` dot-atom form (no spaces, brackets or second ``@``).
+MESSAGE_ID_PATTERN = re.compile(r"<[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\[\]-]+>")
+
+
+def new_message_id(sender_email: str) -> str:
+    """A new, unique RFC 5322 ``Message-ID``: ``<32 hex digits of a random UUID4@sender-domain>``.
+
+    Args:
+        sender_email: the campaign's sender address; its domain (IDNA-encoded to ASCII) is the id's right
+            part, ``MESSAGE_ID_FALLBACK_DOMAIN`` when it is empty or has no usable domain.
+
+    Returns:
+        e.g. ``"<5f0c2a...e1@widgets.example>"`` (matches ``MESSAGE_ID_PATTERN``; 122 random bits, so two
+        ids collide with negligible probability, and the store's unique index refuses one that would).
+
+    Source: RFC 5322 section 3.6.4 (the left part unique, the right part the sender's domain).
+    """
+    domain = sender_email.strip().rpartition("@")[2].strip().rstrip(".")
+    try:
+        domain = domain.encode("idna").decode("ascii").lower() if domain else ""
+    except UnicodeError:
+        domain = ""
+    if not domain or not MESSAGE_ID_PATTERN.fullmatch(f"<x@{domain}>"):
+        domain = MESSAGE_ID_FALLBACK_DOMAIN
+    return f"<{uuid.uuid4().hex}@{domain}>"
+
+
+def normalise_message_id(raw: str) -> str | None:
+    """``raw`` as a stored Message-ID (angle brackets added when a tool exported it without them), or None when
+    it is not a well-formed ``msg-id`` (``MESSAGE_ID_PATTERN``): ``"abc@x.example"`` -> ``"<abc@x.example>"``,
+    ``"m1"`` -> None."""
+    text = raw.strip()
+    if not text:
+        return None
+    if not text.startswith("<"):
+        text = f"<{text}>"
+    return text if MESSAGE_ID_PATTERN.fullmatch(text) else None
 
 #: First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV Injection":
 #: ``=``, ``+``, ``-``, ``@``, tab, carriage return).

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 __all__ = [
@@ -24,10 +24,16 @@ __all__ = [
     "MiniatureRecord",
     "ProfileRecord",
     "Prospect",
+    "RateLimitLock",
+    "RateLimitSlot",
     "Review",
     "Run",
     "RunStatus",
     "SchemaMigration",
+    "Send",
+    "SendStatus",
+    "Suppression",
+    "SuppressionReason",
     "ToolCall",
     "Trace",
     "WebSnapshot",
@@ -66,6 +72,9 @@ class Campaign(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True, unique=True)
     offer: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    #: A/B arms (``graphs.arms``): ``{"seed": int, "arms": [{"name", "researcher", "writer", "weight"}]}``
+    #: with redacted backend specs; ``{}`` for a campaign without arms.
+    arms: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -90,10 +99,13 @@ class Run(SQLModel, table=True):
     """One pass of the campaign graph over one prospect; ``status`` is one of ``RunStatus``.
 
     ``replay_of_id`` is the run this one replays (``outreach replay``), None for an original run.
+    ``lease_owner``, ``lease_expires_at`` and ``claim_id`` are the worker's claim (``store.claims``):
+    ``claim_id`` counts claims and is the fencing token a run's final write must still match.
     """
 
     __tablename__ = "runs"
-    __table_args__ = (UniqueConstraint("campaign_id", "prospect_id", name="uq_run_campaign_prospect"),)
+    __table_args__ = (UniqueConstraint("campaign_id", "prospect_id", name="uq_run_campaign_prospect"),
+                      Index("ix_runs_claim", "campaign_id", "status", "id"))
     id: int | None = Field(default=None, primary_key=True)
     campaign_id: int = Field(foreign_key="campaigns.id", index=True)
     prospect_id: int = Field(foreign_key="prospects.id", index=True)
@@ -103,8 +115,15 @@ class Run(SQLModel, table=True):
     researcher: str = ""
     writer: str = ""
     replay_of_id: int | None = Field(default=None, foreign_key="runs.id")
+    #: The A/B arm this run belongs to (``graphs.arms``; ``""`` in a campaign without arms); never changes once set.
+    arm: str = Field(default="", index=True)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    #: The worker that claimed the run last (``store.claims.new_worker_id``), kept after it finishes.
+    lease_owner: str | None = None
+    #: When the claim's lease ends unless renewed (UTC); None once the run is finished or released.
+    lease_expires_at: datetime | None = None
+    claim_id: int = 0
 
 
 class ProfileRecord(SQLModel, table=True):
@@ -148,6 +167,8 @@ class EmailRecord(SQLModel, table=True):
     valid: bool = True
     #: False for an email written without any verified fact (the campaign opted in to such emails).
     personalised: bool = True
+    #: RFC 5322 ``Message-ID`` (``<unique@sender-domain>``), set when the email is written; unique in the store.
+    message_id: str | None = Field(default=None, unique=True, index=True)
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -156,7 +177,9 @@ class Trace(SQLModel, table=True):
 
     ``messages`` is the prompt in OpenAI chat format; ``output`` the raw text returned; tokens are
     counts reported by the backend (or estimated by it, which the backend documents); ``latency_ms``
-    is wall-clock milliseconds; ``cost_usd`` comes from the settings' price table.
+    is wall-clock milliseconds; ``cost_usd`` comes from the settings' price table. ``task`` is the call's
+    typed task (``core.tasks.dump_task`` JSON), NULL for calls recorded before tasks were stored (read
+    them with ``agents.legacy_tasks.trace_task``).
     """
 
     __tablename__ = "traces"
@@ -173,6 +196,7 @@ class Trace(SQLModel, table=True):
     cost_usd: float = 0.0
     error: str | None = Field(default=None, sa_column=Column(Text))
     replay_of_id: int | None = Field(default=None, foreign_key="traces.id")
+    task: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -238,6 +262,65 @@ class EngagementEvent(SQLModel, table=True):
     occurred_at: datetime = Field(default_factory=utcnow)
 
 
+class SendStatus:
+    """Allowed values of ``Send.status`` (see ``outreach.sending``).
+
+    ``sending`` is the intent, written before the message goes to the SMTP server; the server's answer replaces
+    it. A ``sending`` row that stays (the sender crashed) is read as ``unknown``: the server may have taken it.
+    """
+
+    SENDING = "sending"
+    SENT = "sent"
+    #: The server refused for good (5xx), or a temporary refusal (4xx) came back ``max_attempts`` times.
+    FAILED = "failed"
+    #: A temporary refusal (4xx) or a connection lost before the message was handed over: retried later.
+    DEFERRED = "deferred"
+    #: The connection broke or timed out after the message was handed over: it may have been delivered.
+    UNKNOWN = "unknown"
+
+
+class Send(SQLModel, table=True):
+    """One email's delivery over SMTP: the intent, the attempts, and the server's last answer (one row per email).
+
+    ``mailbox`` is the sending address (lower case), ``recipient`` the address sent to; ``code`` and ``answer``
+    are the SMTP reply code and text (RFC 5321 section 4.2); times are UTC.
+    """
+
+    __tablename__ = "sends"
+    id: int | None = Field(default=None, primary_key=True)
+    email_id: int = Field(foreign_key="emails.id", unique=True)
+    message_id: str = Field(index=True)
+    mailbox: str = Field(index=True)
+    recipient: str = ""
+    status: str = Field(default=SendStatus.SENDING, index=True)
+    attempts: int = 0
+    code: int | None = None
+    answer: str = Field(default="", sa_column=Column(Text, nullable=False))
+    attempted_at: datetime = Field(default_factory=utcnow, index=True)
+    sent_at: datetime | None = None
+
+
+class SuppressionReason:
+    """Allowed values of ``Suppression.reason``."""
+
+    OPT_OUT = "opt_out"
+    BOUNCE = "bounce"
+    UNSUBSCRIBE = "unsubscribe"
+    COMPLAINT = "complaint"
+    ALL = (OPT_OUT, BOUNCE, UNSUBSCRIBE, COMPLAINT)
+
+
+class Suppression(SQLModel, table=True):
+    """An address that is never emailed (lower case); ``source`` says where it came from (a file and line, ``cli``)."""
+
+    __tablename__ = "suppressions"
+    id: int | None = Field(default=None, primary_key=True)
+    address: str = Field(unique=True)
+    reason: str
+    source: str = Field(default="", sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class WebSnapshot(SQLModel, table=True):
     """One fetched page as it was: URL, time, HTTP status, content type and HTML."""
 
@@ -249,3 +332,28 @@ class WebSnapshot(SQLModel, table=True):
     content_type: str = ""
     html: str = Field(default="", sa_column=Column(Text, nullable=False))
     fetched_at: datetime = Field(default_factory=utcnow)
+
+
+class RateLimitLock(SQLModel, table=True):
+    """One row per rate-limited backend: the row every worker's limiter updates first, so that taking a
+    request slot of that backend is one serialised transaction (``graphs.ratelimit``)."""
+
+    __tablename__ = "rate_limit_locks"
+    backend: str = Field(primary_key=True, max_length=300)
+    taken: int = 0
+
+
+class RateLimitSlot(SQLModel, table=True):
+    """One request to a rate-limited backend, taken by some worker (``graphs.ratelimit``).
+
+    Times are seconds since the epoch (the database's clock on PostgreSQL). A slot counts as in flight
+    while ``released_at`` is None and ``expires_at`` lies ahead (a dead worker's slot frees itself), and
+    against the requests-per-window budget until ``started_at`` is a window old.
+    """
+
+    __tablename__ = "rate_limit_slots"
+    id: int | None = Field(default=None, primary_key=True)
+    backend: str = Field(index=True, max_length=300)
+    started_at: float = Field(index=True)
+    expires_at: float
+    released_at: float | None = None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
 from evals.world import generate_world
@@ -59,3 +60,25 @@ def stored_id(row: StoredRow) -> int:
 def scripted(*responses: str) -> FakeListChatModel:
     """A chat model that answers with ``responses`` in turn (and records nothing else)."""
     return FakeListChatModel(responses=list(responses))
+
+
+class TrainerSpy:
+    """Patches trl.SFTTrainer with a subclass that keeps the trainer and a copy of the weights before training."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+        self.before: dict[str, Any] = {}
+
+    def install(self, mp: pytest.MonkeyPatch) -> None:
+        import trl
+
+        spy = self
+
+        class SpySFTTrainer(trl.SFTTrainer):  # type: ignore[misc]
+            def train(self, *args: Any, **kwargs: Any) -> Any:
+                spy.trainer = self
+                assert self.model is not None
+                spy.before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                return super().train(*args, **kwargs)
+
+        mp.setattr(trl, "SFTTrainer", SpySFTTrainer)

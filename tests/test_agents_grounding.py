@@ -14,7 +14,7 @@ from agents.grounding import (
     number_sentences,
     split_sentences,
 )
-from agents.schemas import ExtractedFact, ExtractionOutput
+from agents.schemas import ExtractedFact, ExtractionOutput, ProspectInfo
 from tools.types import Document
 
 ACME = CompanyMatcher("Acme", "https://acme.example")
@@ -211,17 +211,24 @@ def test_values_with_their_fields_shape_are_kept(field: str, sentence: str, valu
     assert kept == [(field, value)] and drops == {}
 
 
-def test_numbered_sentences_parse_back_from_their_prompt_form() -> None:
+def test_numbered_sentences_round_trip_through_their_task() -> None:
     from agents.grounding import NumberedSentences, Sentence
+    from agents.legacy_tasks import task_from_messages
+    from agents.researcher import build_extraction_messages, extraction_task
 
     numbered = NumberedSentences([Sentence("S1", "Acme was founded in 2012.", "https://acme.example/", 1),
                                   Sentence("S2", "It has 40 staff.", "https://acme.example/", 1),
                                   Sentence("S3", "Acme raised $5 million.", "https://news.example/acme", 2)],
                                  ["https://acme.example/", "https://news.example/acme"])
-    prompt = f"Company: Acme\nWebsite: https://acme.example\n\nSentences:\n{numbered.format()}\n\nAnswer with JSON."
-    parsed = NumberedSentences.parse(prompt)
+    task = extraction_task(ProspectInfo(first_name="A", email="a@acme.example", company="Acme",
+                                        website="https://acme.example"), numbered)
+    parsed = NumberedSentences.from_task(task)
     assert parsed.sentences == numbered.sentences and parsed.sources == numbered.sources
     assert parsed.get("s3") is not None and parsed.get("S3").url == "https://news.example/acme"  # type: ignore[union-attr]
+    # The prompt shows them as format() does, and the legacy parser reads the same task back.
+    prompt = build_extraction_messages(task)[1].text
+    assert f"Sentences:\n{numbered.format()}\n\nAnswer" in prompt
+    assert task_from_messages(build_extraction_messages(task)) == task
 
 
 @pytest.mark.parametrize(("company", "sentence", "value", "attributed"), [

@@ -19,7 +19,9 @@ from agents import (
     write,
 )
 from agents.prompts import WRITER_SYSTEM_PROMPT
-from agents.validation import CHECKS
+from agents.validation import CHECKS, FAILURE_CODES, merge_tag_failure
+from core.tasks import FailedCheck
+from graphs.recorder import TraceRecorder
 from tests.test_agents_support import PromptRecorder, scripted
 
 OFFER = Offer(
@@ -149,11 +151,17 @@ async def test_writer_that_obeys_a_hostile_page_fails_validation() -> None:
 
 
 async def test_write_prompt_feedback_and_config() -> None:
-    recorder = PromptRecorder()
-    draft = await write(OFFER, PROSPECT, PROFILE, model=scripted(GOOD.model_dump_json()),
-                        feedback=["length: the body has 20 words, too short"],
-                        config={"callbacks": [recorder]})
+    recorder, traces = PromptRecorder(), TraceRecorder({"writer": "heuristic"})
+    too_short = FailedCheck(code="too_short", detail="length: the body has 20 words, too short")
+    draft = await write(OFFER, PROSPECT, PROFILE, model=scripted(GOOD.model_dump_json()), feedback=[too_short],
+                        config={"callbacks": [recorder, traces], "metadata": {"agent": "writer"}})
     assert draft == GOOD
+    # The call carried its typed task: the trace stores it, feedback included.
+    task = traces.traces[0].task
+    assert task is not None and task["kind"] == "writing" and task["feedback"][0]["code"] == "too_short"
+    assert [t["name"] for t in task["merge_tags"]][-1] == "fact.location"
+    with pytest.raises(TypeError, match="FailedCheck"):
+        await write(OFFER, PROSPECT, PROFILE, model=scripted(GOOD.model_dump_json()), feedback=["too short"])  # type: ignore[list-item]
     system, user, feedback = recorder.calls[0]
     assert system.content == WRITER_SYSTEM_PROMPT
     assert "{{fact.location}}: Austin, Texas" in user.content
@@ -268,3 +276,20 @@ async def test_the_heuristic_teacher_writes_without_facts_too() -> None:
     result = validate_email(draft, render(draft, PROSPECT, no_facts, OFFER), PROSPECT, no_facts, OFFER,
                             require_fact=False)
     assert result.ok, result.errors
+
+
+def test_failures_come_as_data_with_stable_codes() -> None:
+    body = GOOD_BODY.replace("Best,", "Act now: call +1 415 555 0199. Best,")
+    body = body.replace("{{fact.recent_event}}", "news").replace("{{fact.location}}", "Texas")
+    draft = EmailDraft(subject="x", body=body)
+    result = validate_email(draft, render(draft, PROSPECT, PROFILE, OFFER), PROSPECT, PROFILE, OFFER)
+    codes = {(c.code, c.subject) for c in result.failed}
+    assert {("no_fact", ""), ("spam", "act now"), ("subject_too_short", "")} <= codes
+    assert any(code == "ungrounded" and "0199" in subject for code, subject in codes)
+    assert all(c.code in FAILURE_CODES and FAILURE_CODES[c.code] in (*CHECKS, "json") for c in result.failed)
+    # Every failure's detail is the error line of its check.
+    assert {c.detail for c in result.failed} == set(result.errors)
+    tags = merge_tag_failure(MergeTagError(["fact.revenue", "nickname"], ["company"]))
+    assert [(c.code, c.subject) for c in tags.failed] == [("unknown_merge_tag", "fact.revenue"),
+                                                          ("unknown_merge_tag", "nickname")]
+    assert tags.checks == {"merge_tags": False} and tags.errors == [tags.failed[0].detail]

@@ -319,4 +319,5 @@ def test_unpriced_backends_are_named_and_instances_shared() -> None:
                             call_costs_usd=[0.0], call_latencies_ms=[1.0], run_latencies_ms=[1.0], wall_s=1.0,
                             prices={"heuristic": Price()})
     assert len(unpriced.unpriced) == 1 and "openai:mystery" in unpriced.unpriced[0]
-    assert instance_price_for("miniature:w@2") == 0.0 and instance_price_for("openai:gpt-4.1") is None
+    assert instance_price_for("miniature:w@2", {"miniature": 0.5}) == 0.5
+    assert instance_price_for("openai:gpt-4.1") is None

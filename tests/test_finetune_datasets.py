@@ -57,14 +57,14 @@ class _Store:
 
     def trace(self, run_id: int | None, agent: str = "writer", *, backend: str = "heuristic", output: str | None = None,
               user: str | None = None, error: str | None = None, messages=None, step: str | None = None,  # type: ignore[no-untyped-def]
-              replay_of: int | None = None) -> int:
+              replay_of: int | None = None, task: dict | None = None) -> int:  # type: ignore[type-arg]
         user = user if user is not None else _words(self.rng, 40)
         output = output if output is not None else json.dumps({"subject": "Hi", "body": _words(self.rng, 40)})
         with session_scope(self.engine) as s:
             t = Trace(run_id=run_id, agent=agent, step=step or ("write" if agent == "writer" else "research"),
                       backend=backend, messages=messages if messages is not None else [SYSTEM, {"role": "user",
                                                                                           "content": user}],
-                      output=output, error=error, replay_of_id=replay_of)
+                      output=output, error=error, replay_of_id=replay_of, task=task)
             s.add(t)
             s.flush()
             return t.id  # type: ignore[return-value]
@@ -101,12 +101,10 @@ def test_filters_agent_error_backend_campaign_and_run_status(engine):
     assert researcher.manifest.filters["valid_only"] is True
 
 
-def _extraction_messages() -> list[dict]:  # type: ignore[type-arg]
-    """A real extraction prompt for Acme Freight: its own page, then a round-up that names another company."""
-    from langchain_core.messages import convert_to_openai_messages
-
+def _extraction_task():  # type: ignore[no-untyped-def]
+    """A real extraction task for Acme Freight: its own page, then a round-up that names another company."""
     from agents.grounding import number_sentences
-    from agents.researcher import build_extraction_messages
+    from agents.researcher import extraction_task
     from agents.schemas import ProspectInfo
     from tools.types import Document
 
@@ -118,7 +116,16 @@ def _extraction_messages() -> list[dict]:  # type: ignore[type-arg]
     numbered = number_sentences(docs, own_host="acme.example")
     prospect = ProspectInfo(first_name="Ana", email="ana@acme.example", company="Acme Freight",
                             website="https://www.acme.example/")
-    return convert_to_openai_messages(build_extraction_messages(prospect, numbered.format()))  # type: ignore[return-value]
+    return extraction_task(prospect, numbered)
+
+
+def _extraction_messages() -> list[dict]:  # type: ignore[type-arg]
+    """The prompt of ``_extraction_task`` as a trace stores it (OpenAI chat format)."""
+    from langchain_core.messages import convert_to_openai_messages
+
+    from agents.researcher import build_extraction_messages
+
+    return convert_to_openai_messages(build_extraction_messages(_extraction_task()))  # type: ignore[return-value]
 
 
 def test_researcher_targets_keep_only_the_facts_grounding_keeps(engine):
@@ -160,6 +167,39 @@ def test_researcher_targets_keep_only_the_facts_grounding_keeps(engine):
     assert tags["Acme Freight is based in Austin, Texas."] == "location | Austin, Texas"
     assert tags["Brightwave Labs is based in Lisbon, Portugal."] == "-"
     assert set(tags.values()) == {"location | Austin, Texas", "-"}
+
+
+def test_rows_carry_the_stored_task_and_old_traces_get_theirs_from_the_prompt(engine):
+    import random
+
+    from core.tasks import dump_task, load_task
+    from miniatures.formats import sentence_rows
+
+    st = _Store(engine)
+    task = _extraction_task()
+    fact = {"field": "location", "evidence": "S1", "value": "Austin, Texas"}
+    old = st.trace(st.run("q5", "Acme Freight", website="https://www.acme.example/"), agent="researcher",
+                   messages=_extraction_messages(), output=json.dumps({"facts": [fact]}))
+    # A stored task is read as it is: grounding checks against its sentences, not the prompt's text.
+    moved = task.model_copy(update={"sentences": task.sentences[1:]})
+    new = st.trace(st.run("q5", "Acme Freight Two", website="https://www.acme.example/"), agent="researcher",
+                   messages=_extraction_messages(), output=json.dumps({"facts": [fact]}), task=dump_task(moved))
+    ds = build_sft_dataset(engine, agent="researcher", campaigns=["q5"], eval_fraction=0.0, near_dup_threshold=2)
+    rows = dict(zip(ds.manifest.train_trace_ids, ds.train, strict=True))
+    assert load_task(rows[old]["task"]) == task  # the trace predates stored tasks: read back from its prompt
+    assert load_task(rows[new]["task"]) == moved
+    assert json.loads(rows[old]["messages"][-1]["content"]) == {"facts": [fact]}
+    assert json.loads(rows[new]["messages"][-1]["content"]) == {"facts": []}  # S1 is not in the stored task
+    tags = [r["messages"][-1]["content"] for r in sentence_rows(rows[old], negative_fraction=1.0,
+                                                                  rng=random.Random(0))]
+    assert tags[0] == "location | Austin, Texas" and len(tags) == len(task.sentences)
+    # A row of a dataset saved before rows carried tasks: the trainer's helper reads it from the prompt.
+    from finetune.datasets import sentence_tag_rows
+
+    legacy = sentence_tag_rows([{"messages": rows[old]["messages"]}], negative_fraction=1.0, rng=random.Random(0))
+    assert legacy == sentence_rows(rows[old], negative_fraction=1.0, rng=random.Random(0))
+    assert sentence_tag_rows([rows[new]], negative_fraction=1.0, rng=random.Random(0)) == sentence_rows(
+        rows[new], negative_fraction=1.0, rng=random.Random(0))
 
 
 def test_no_facts_runs_are_valid_examples(engine):

@@ -22,6 +22,7 @@ from finetune.base import BaseModelInfo, bootstrap_base  # noqa: E402
 from finetune.config import DEFAULT_TARGET_MODULES, TrainConfig  # noqa: E402
 from finetune.plots import loss_curves, plot_losses  # noqa: E402
 from finetune.train import TrainResult, load_chat_jsonl, main  # noqa: E402
+from tests.helpers import TrainerSpy  # noqa: E402
 
 CITIES = ["Austin", "Denver", "Boston", "Seattle", "Portland", "Chicago"]
 PRODUCTS = ["analytics", "logistics", "payroll", "security", "retail", "billing"]
@@ -67,35 +68,14 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-class _Spy:
-    """Patches trl.SFTTrainer with a subclass that keeps the trainer and a copy of the weights before training."""
-
-    def __init__(self) -> None:
-        self.trainer: Any = None
-        self.before: dict[str, Any] = {}
-
-    def install(self, mp: pytest.MonkeyPatch) -> None:
-        import trl
-
-        spy = self
-
-        class SpySFTTrainer(trl.SFTTrainer):  # type: ignore[misc]
-            def train(self, *args: Any, **kwargs: Any) -> Any:
-                spy.trainer = self
-                assert self.model is not None
-                spy.before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                return super().train(*args, **kwargs)
-
-        mp.setattr(trl, "SFTTrainer", SpySFTTrainer)
-
-
-def _run(base: BaseModelInfo, dataset_dir: Path, out: Path, method: str) -> tuple[TrainResult, _Spy]:
+def _run(base: BaseModelInfo, dataset_dir: Path, out: Path, method: str) -> tuple[TrainResult, TrainerSpy]:
     config = TrainConfig(
         base_model=str(base.path), dataset_dir=str(dataset_dir), output_dir=str(out), method=method,  # type: ignore[arg-type]
-        max_steps=4, per_device_train_batch_size=8, logging_steps=1, eval_steps=2, save_steps=2, max_length=128,
+        max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=1, logging_steps=1, eval_steps=2,
+        save_steps=2, max_length=128,
         learning_rate=5e-3 if method == "lora" else 1e-3, warmup_ratio=0.0,
     )
-    spy = _Spy()
+    spy = TrainerSpy()
     with pytest.MonkeyPatch.context() as mp:
         spy.install(mp)
         result = main(config)
@@ -104,12 +84,12 @@ def _run(base: BaseModelInfo, dataset_dir: Path, out: Path, method: str) -> tupl
 
 @pytest.fixture(scope="module")
 def lora_run(base: BaseModelInfo, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-    tuple[TrainResult, _Spy]
+    tuple[TrainResult, TrainerSpy]
 ]:
     yield _run(base, dataset_dir, tmp_path_factory.mktemp("lora"), "lora")
 
 
-def test_lora_moves_adapter_weights_and_leaves_base_weights(lora_run: tuple[TrainResult, _Spy]) -> None:
+def test_lora_moves_adapter_weights_and_leaves_base_weights(lora_run: tuple[TrainResult, TrainerSpy]) -> None:
     import torch
 
     result, spy = lora_run
@@ -121,15 +101,20 @@ def test_lora_moves_adapter_weights_and_leaves_base_weights(lora_run: tuple[Trai
     assert moved == lora_keys, f"LoRA weights that did not move: {sorted(set(lora_keys) - set(moved))[:5]}"
     changed_base = [k for k in base_keys if not torch.equal(spy.before[k], after[k])]
     assert changed_base == []
-    # every configured projection got an adapter
+    # every configured projection the model has got an adapter (Phi-3's fused names are absent from a Llama)
     for name in DEFAULT_TARGET_MODULES:
-        assert any(f".{name}.lora_A" in k for k in lora_keys), name
+        if name in ("qkv_proj", "gate_up_proj"):
+            assert not any(f".{name}." in k for k in lora_keys), name
+        else:
+            assert any(f".{name}.lora_A" in k for k in lora_keys), name
     n_lora = sum(after[k].numel() for k in lora_keys)
     assert result.trainable_params == n_lora
     assert result.method == "lora"
 
 
-def test_lora_adapter_is_saved_and_loads_with_peft(lora_run: tuple[TrainResult, _Spy], base: BaseModelInfo) -> None:
+def test_lora_adapter_is_saved_and_loads_with_peft(
+    lora_run: tuple[TrainResult, TrainerSpy], base: BaseModelInfo
+) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -156,7 +141,7 @@ def test_lora_adapter_is_saved_and_loads_with_peft(lora_run: tuple[TrainResult, 
     assert checkpoints == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_training_labels_cover_assistant_answer_and_end_of_turn_only(lora_run: tuple[TrainResult, _Spy]) -> None:
+def test_training_labels_cover_assistant_answer_and_end_of_turn_only(lora_run: tuple[TrainResult, TrainerSpy]) -> None:
     _, spy = lora_run
     tok = spy.trainer.processing_class
     row = spy.trainer.train_dataset[0]
@@ -171,7 +156,7 @@ def test_training_labels_cover_assistant_answer_and_end_of_turn_only(lora_run: t
     assert "city: " not in untrained
 
 
-def test_metrics_and_loss_plot(lora_run: tuple[TrainResult, _Spy]) -> None:
+def test_metrics_and_loss_plot(lora_run: tuple[TrainResult, TrainerSpy]) -> None:
     result, _ = lora_run
     out = result.output_path.parent
     metrics = json.loads((out / "train_metrics.json").read_text())
@@ -182,6 +167,10 @@ def test_metrics_and_loss_plot(lora_run: tuple[TrainResult, _Spy]) -> None:
     assert metrics["train_tokens"] > 0 and result.train_tokens_per_s > 0
     assert metrics["dataset_manifest"]["agent"] == "researcher"
     assert metrics["learning_rate"] == 5e-3 and metrics["device"] in ("cpu", "cuda")
+    assert metrics["chat_template"] == {"source": "native", "end_of_turn": "<|im_end|>", "checked_conversations": 18}
+    assert metrics["peak_memory_bytes"] > 0 and metrics["peak_memory_kind"] in ("cpu_rss", "cuda_max_allocated")
+    assert metrics["gradient_checkpointing"] is False  # a 2M-parameter base: below CHECKPOINTING_MIN_PARAMS
+    assert metrics["effective_batch_size"] == 8
     assert result.loss_png is not None and result.loss_png.is_file()
     assert result.loss_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert TrainConfig.from_file(out / "train_config.json").method == "lora"
@@ -370,8 +359,8 @@ def test_sentence_tags_train_on_one_row_per_sentence_without_system_prompt(tmp_p
     (ds / "train.jsonl").write_text("".join(json.dumps(_extraction_row(rnd)) + "\n" for _ in range(8)))
     cfg = TrainConfig(base_model=str(base.path), dataset_dir=str(ds), output_dir=str(tmp_path / "o"), method="full",
                       answer_format="sentence-tags", negative_fraction=1.0, system_prompt=False, max_steps=2,
-                      per_device_train_batch_size=4, logging_steps=1, save_steps=10)
-    spy = _Spy()
+                      per_device_train_batch_size=4, gradient_accumulation_steps=1, logging_steps=1, save_steps=10)
+    spy = TrainerSpy()
     with pytest.MonkeyPatch.context() as mp:
         spy.install(mp)
         result = main(cfg)

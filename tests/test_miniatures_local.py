@@ -27,6 +27,7 @@ from miniatures import (
     register_miniature,
     repair_json,
 )
+from miniatures.registry import MiniaturePathError
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -231,10 +232,10 @@ def test_build_from_registry_shares_engines_and_checks_paths(
     assert full.engine.generate_sync(BASE_ADAPTER, PROMPTS[2]).text == latest.engine.generate_sync(
         BASE_ADAPTER, PROMPTS[2]).text
 
-    with pytest.raises(AdapterPathError) as gone:
+    with pytest.raises(MiniaturePathError) as gone:
         build_miniature_chat_model(parse_backend_spec("miniature:gone"), sqlite_engine, engines=engines)
     assert str(tmp_path / "deleted") in str(gone.value)
-    assert "outreach finetune train" in str(gone.value) and "outreach miniatures rm gone@1`" in str(gone.value)
+    assert "outreach miniatures relocate" in str(gone.value) and "outreach miniatures rm gone@1" in str(gone.value)
     with pytest.raises(MiniatureNotFoundError, match="writer-small@1"):
         build_miniature_chat_model(parse_backend_spec("miniature:nobody"), sqlite_engine, engines=engines)
 

@@ -118,7 +118,7 @@ def test_served_answers_equal_the_in_process_backend(server: Any, served: list[S
     for name in ("writer-x", "researcher-x"):
         local = build_chat_model(f"miniature:{name}", store=store, engines=engines)
         remote = build_chat_model(f"openai:{name}@{server.base_url}")
-        here, there = local.invoke(messages), remote.invoke(messages)
+        here, there = local.invoke(messages, temperature=0), remote.invoke(messages)  # a writer samples by default
         assert there.content == here.content and here.content
         assert there.usage_metadata is not None and here.usage_metadata is not None
         assert there.usage_metadata["input_tokens"] == here.usage_metadata["input_tokens"]
@@ -126,9 +126,9 @@ def test_served_answers_equal_the_in_process_backend(server: Any, served: list[S
         assert there.response_metadata["model_name"] == f"{name}@{2 if name == 'writer-x' else 1}"
     pinned = build_chat_model(f"openai:writer-x:1@{server.base_url}").invoke(messages)  # the spec-safe pin
     assert pinned.content == build_chat_model("miniature:writer-x@1", store=store, engines=engines).invoke(
-        messages).content
+        messages, temperature=0).content
     assert pinned.content != build_chat_model("miniature:writer-x", store=store, engines=engines).invoke(
-        messages).content
+        messages, temperature=0).content
     for engine in engines.values():
         engine.close()
 
@@ -166,6 +166,16 @@ def test_stop_and_max_tokens(server: Any) -> None:
             assert cut["choices"][0]["finish_reason"] == "stop"
 
 
+def test_sampling_requests_are_repeatable_by_seed(server: Any) -> None:
+    body = {"model": "writer-x", "messages": PROMPTS[0], "max_tokens": 12}
+    with _client(server) as client:
+        greedy = client.post("/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        sampled = [client.post("/chat/completions", json={**body, "temperature": 1.5, "seed": seed}).json()
+                   ["choices"][0]["message"]["content"] for seed in (1, 1, 2, 3, 4)]
+    assert sampled[0] == sampled[1]  # same seed, same answer
+    assert len(set(sampled)) > 1 and any(text != greedy for text in sampled)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
@@ -175,7 +185,7 @@ def test_stop_and_max_tokens(server: Any) -> None:
         ({"model": "writer-x", "messages": []}, 400, "invalid_value", "messages"),
         ({"model": "writer-x", "messages": PROMPTS[0], "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
         ({"model": "writer-x", "messages": [{"role": "tool", "content": "x"}]}, 400, None, "messages.0.role"),
-        ({"model": "writer-x", "messages": PROMPTS[0], "temperature": 0.7}, 400, None, "temperature"),
+        ({"model": "writer-x", "messages": PROMPTS[0], "temperature": 3.0}, 400, "invalid_value", "temperature"),
         ({"model": "writer-x", "messages": PROMPTS[0], "n": 2}, 400, None, "n"),
         ({"model": "writer-x", "messages": PROMPTS[0], "max_tokens": 10**9}, 400, "invalid_value", "max_tokens"),
         ({"model": "writer-x", "messages": PROMPTS[0], "max_completion_tokens": 513}, 400, "invalid_value",
@@ -184,6 +194,13 @@ def test_stop_and_max_tokens(server: Any) -> None:
          "context_length_exceeded", "messages"),
         ({"model": "writer-x", "messages": [{"role": "user", "content": "x" * 300_000}]}, 413, "request_too_large",
          None),
+        ({"model": "writer-x", "messages": PROMPTS[0], "repetition_penalty": 1.1}, 400, None, "repetition_penalty"),
+        ({"model": "writer-x", "messages": PROMPTS[0], "structured_outputs": {"grammar": "start: nowhere"}}, 400,
+         "invalid_grammar", "structured_outputs.grammar"),
+        ({"model": "writer-x", "messages": PROMPTS[0], "structured_outputs": {"regex": "a+"}}, 400, "invalid_value",
+         "structured_outputs.regex"),
+        ({"model": "writer-x", "messages": PROMPTS[0], "structured_outputs": {"choice": ["a"]},
+          "response_format": {"type": "json_object"}}, 400, None, "response_format"),
     ],
 )
 def test_bad_requests_get_openai_error_json(server: Any, body: dict[str, Any], status: int, code: str | None,
@@ -194,6 +211,32 @@ def test_bad_requests_get_openai_error_json(server: Any, body: dict[str, Any], s
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["code"], error["param"]) == (code, param)
+
+
+def test_structured_outputs_hold_the_answer_to_the_grammar(server: Any) -> None:
+    """vLLM's request field, enforced: a choice, a JSON schema and a task's Lark grammar (greedy, random model)."""
+    from core.tasks import ExtractionTask, FieldSpec, Sentence
+    from miniatures.grammar import answer_grammar
+
+    task = ExtractionTask(company="Acme", website="https://acme.example/",
+                          fields=(FieldSpec(name="location", description="where"),),
+                          sentences=(Sentence(id="S1", text="Acme is based in Cork.", source_url="https://acme.example/"),))
+    with _client(server) as client:
+        def ask(**extra: Any) -> str:
+            body = {"model": "writer-x", "messages": PROMPTS[1], "max_tokens": 60, **extra}
+            response = client.post("/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            return str(response.json()["choices"][0]["message"]["content"])
+
+        free = ask()
+        assert ask(structured_outputs={"choice": ["yes", "no"]}) in ("yes", "no")
+        facts = json.loads(ask(structured_outputs={"grammar": answer_grammar(task)}))["facts"]
+        assert all(f["evidence"] == "S1" and f["value"] in task.sentences[0].text for f in facts)
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        shaped = ask(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        assert isinstance(json.loads(shaped)["ok"], bool)
+        assert free != shaped
 
 
 def test_malformed_json_and_unknown_routes(server: Any) -> None:
@@ -488,13 +531,15 @@ def test_clients_that_hang_up_leave_no_traceback_in_the_log(served: list[ServedM
 
 def test_campaign_through_the_server_matches_in_process(server: Any, served: list[ServedModel], tmp_path: Path,
                                                         sqlite_engine: Engine) -> None:
-    """run_campaign with writer=miniature:writer-x vs writer=openai:writer-x@server: same trace outputs."""
-    from langchain_openai import ChatOpenAI
+    """run_campaign with writer=miniature:writer-x vs writer=openai:writer-x@server#vllm: same trace outputs
+    (the served model gets the writer's grammar as structured_outputs.grammar, the in-process one as its task)."""
     from sqlmodel import Session, col, select
 
     from graphs.models import ModelPool
     from graphs.runner import add_prospects, run_campaign
     from miniatures.local import LocalMiniatureChatModel
+    from miniatures.remote import build_remote_chat_model
+    from miniatures.specs import parse_backend_spec
     from store.models import Trace
     from tests.helpers import small_world
     from tools import CorpusWeb
@@ -502,12 +547,11 @@ def test_campaign_through_the_server_matches_in_process(server: Any, served: lis
     _, corpus, offer, prospects = small_world(tmp_path, n=2)
     writer = server.app.state.models["writer-x@2"]
     in_process = "miniature:writer-x"
-    as_served = f"openai:writer-x@{server.base_url}"
+    as_served = f"openai:writer-x@{server.base_url}#vllm"
     pool = ModelPool(preloaded={
         in_process: LocalMiniatureChatModel(engine=writer.engine, adapter=writer.adapter, max_new_tokens=24,
                                             model_name="miniature:writer-x@2"),
-        as_served: ChatOpenAI(model="writer-x", base_url=server.base_url, api_key="x", temperature=0,  # type: ignore[arg-type]
-                              max_tokens=24),
+        as_served: build_remote_chat_model(parse_backend_spec(as_served), max_tokens=24),
     }, store=sqlite_engine)
     outputs = {}
     for campaign, spec in (("local", in_process), ("served", as_served)):
@@ -612,7 +656,7 @@ def test_serve_command_vllm_prints_or_explains_how_to_install(cli: typer.Typer, 
     assert printed.exit_code == 0, printed.output
     line = printed.output.strip()
     assert line.startswith(f"vllm serve {tiny['base']} --enable-lora --lora-modules ")
-    assert f"researcher-x@1={tiny['a2']}" in line and f"writer-x@2={tiny['a1']}" in line
+    assert f"researcher-x={tiny['a2']}" in line and f"writer-x={tiny['a1']}" in line
     assert "--max-lora-rank 16 --max-loras 2" in line  # ranks 4 and 12 -> 16; latest of each name
     monkeypatch.setattr(shutil, "which", lambda name: None)
     missing = CliRunner().invoke(cli, ["--engine", "vllm", "--store", _store_url(store)])

@@ -196,6 +196,28 @@ def test_profile_edit_is_checked_against_the_prompt_sentences(store: Engine) -> 
     assert len(_reviews(store)) == 1  # only the valid edit was written
 
 
+def test_edits_are_checked_against_the_traces_task(store: Engine) -> None:
+    queue = _items(store)
+    email, profile = queue[("c", "email")][0], queue[("c", "profile")][0]
+    with session_scope(store) as s:
+        trace = s.get(Trace, email.trace_id)
+        assert trace is not None and trace.task is not None and trace.task["kind"] == "writing"
+        # The writer was offered these tags only: a tag the run could fill but the task did not offer is refused.
+        trace.task = {**trace.task, "merge_tags": [t for t in trace.task["merge_tags"] if t["name"] != "first_name"]}
+        research = s.get(Trace, profile.trace_id)
+        assert research is not None and research.task is not None and research.task["kind"] == "extraction"
+        research.task = None  # a trace recorded before tasks were stored: its task is read back from the prompt
+    draft = json.loads(email.output)
+    assert "{{first_name}}" in draft["body"]
+    with pytest.raises(ReviewInputError, match=r"not offered .*\{\{first_name\}\}"):
+        apply_review(store, email.trace_id, "edit", edited_output=email.output)
+    facts = json.loads(profile.output)["facts"]
+    apply_review(store, profile.trace_id, "edit", edited_output=json.dumps({"facts": facts[1:]}))
+    with pytest.raises(ReviewInputError, match="fact 1"):
+        apply_review(store, profile.trace_id, "edit",
+                     edited_output=json.dumps({"facts": [{**facts[0], "evidence": "S999"}]}))
+
+
 def test_drops_are_shown_by_reason(store: Engine) -> None:
     from outreach.cli_review import render_item
 

@@ -140,7 +140,7 @@ def empty_store_url(request, tmp_path):  # type: ignore[no-untyped-def]
 
 
 def test_migration_003_upgrades_a_store_made_before_it_and_keeps_its_rows(empty_store_url, monkeypatch):
-    from sqlalchemy import MetaData, Table, text
+    from sqlalchemy import MetaData, Table
 
     import store.migrations
     from store.engine import open_store
@@ -150,17 +150,14 @@ def test_migration_003_upgrades_a_store_made_before_it_and_keeps_its_rows(empty_
     monkeypatch.setattr(store.migrations, "MIGRATIONS", MIGRATIONS[:2])
     assert migrate(old) == [1, 2]
     monkeypatch.undo()
-    with old.begin() as conn:  # 001 creates today's tables: remove what a store made before 003 lacks
-        conn.execute(text("ALTER TABLE profiles DROP COLUMN drop_reasons"))
-        conn.execute(text("ALTER TABLE emails DROP COLUMN personalised"))
-    with session_scope(old) as s:
-        c = Campaign(name="old", offer={"product": "Widget"})
-        s.add(c)
-        s.flush()
-        p = Prospect(campaign_id=c.id, first_name="Ana", email="ana@x.example", company="X")
-        s.add(p)
-        s.flush()
-        s.add(Run(campaign_id=c.id, prospect_id=p.id, status="done"))
+    with old.begin() as conn:  # rows written through the old schema itself (today's models have more columns)
+        campaigns, prospects, runs = (Table(name, MetaData(), autoload_with=conn)
+                                      for name in ("campaigns", "prospects", "runs"))
+        conn.execute(campaigns.insert().values(id=1, name="old", offer={"product": "Widget"}, created_at=utcnow()))
+        conn.execute(prospects.insert().values(id=1, campaign_id=1, row_number=1, first_name="Ana", last_name="",
+                                               title="", email="ana@x.example", company="X", website="", split=""))
+        conn.execute(runs.insert().values(id=1, campaign_id=1, prospect_id=1, status="done", attempts=1,
+                                          researcher="heuristic", writer="heuristic"))
     with old.begin() as conn:
         profiles, emails = (Table(name, MetaData(), autoload_with=conn) for name in ("profiles", "emails"))
         assert "drop_reasons" not in profiles.c and "personalised" not in emails.c

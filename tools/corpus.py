@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from core.errors import UserError
 from tools.search import parse_query
 from tools.types import Document, FetchError, SearchHit
 
@@ -109,7 +110,7 @@ def fts_query(query: str) -> str:
     return " AND ".join(required)
 
 
-class CorpusError(RuntimeError):
+class CorpusError(UserError, RuntimeError):
     """The corpus file is unusable (not a SQLite database, damaged, cannot be opened); the message is one
     line that names the file and what to do."""
 
