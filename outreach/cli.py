@@ -605,7 +605,8 @@ def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, bas
             distilled = distill(engine, agent=agent, name=f"demo-{agent}", base_model=base_model,
                                 work_dir=out / "models", campaigns=["demo-train"], method=method,  # type: ignore[arg-type]
                                 train_overrides={"learning_rate": 2e-3, "save_steps": 10_000,
-                                                 "per_device_train_batch_size": 4, **formats[agent]},
+                                                 "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                                                 **formats[agent]},
                                 on_progress=on_progress)
         m = distilled.miniature
         console.print(f"miniature:{m.name}@{m.version} ({formats[agent].get('answer_format', 'json')} answers): "
