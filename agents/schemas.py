@@ -158,7 +158,8 @@ class ExtractedFact(BaseModel):
     """One fact as the model returns it: ``evidence`` is a sentence id like ``"S12"`` (or a quote).
 
     Evidence comes before value (in this order in the JSON schema and the prompt): the model cites the
-    sentence first and then copies the span, which ``miniatures.constrained`` can then hold to that sentence.
+    sentence first and then copies the span, which the answer grammar (``miniatures.grammar``) then holds to
+    that sentence.
     """
 
     field: str
