@@ -9,8 +9,22 @@ takers of one backend (SQLite: an immediate transaction's write lock; PostgreSQL
 counting the slots and taking one is a single atomic step. A worker that dies holding a slot frees it when
 the slot's lease expires.
 
+When a request counts against ``max_requests``: from taking its slot until ``window_s`` after the slot is
+released, not after it was taken. The server counts a request when it arrives, which is some moment between
+taking the slot and the answer coming back (the client still builds and sends it, a loaded machine schedules
+it late: hundreds of ms for a process's first call); only the release bounds that moment from above. So the
+next request of a full window waits until ``window_s`` has passed since an earlier one *ended*, and no
+``window_s`` of arrivals at the server ever holds more than ``max_requests`` requests, however late each was
+sent (counting from the start would let the first requests of one window, sent late, and the next
+window's meet at the server). A slot whose holder died counts until ``window_s`` after its lease expired.
+The cost is one request's latency per window (60.2 s instead of 60 s for a 200 ms teacher). Times are
+seconds since the epoch from one clock every worker shares (the database's on PostgreSQL, the machine's
+wall clock on SQLite); never a monotonic clock, which is per process.
+
 ``RateLimitedChatModel`` wraps a backend's chat model so that each ``invoke``/``ainvoke`` (one model call,
 including the OpenAI client's own retries of a 429 answer, which honour ``Retry-After``) holds one slot.
+A retried request reaches the server again under the same slot, so set the limits at or below the
+account's: they are there so that the teacher does not answer 429 at all.
 The trace's latency is measured inside the wrapped call, so waiting for a slot does not count as latency.
 
 Sources: the sliding-window log of rate limiting (Kong, "How to Design a Scalable Rate Limiting Algorithm",
@@ -23,7 +37,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -89,24 +103,30 @@ class StoreRateLimiter:
             longer than the slowest model call with its retries.
         poll_s: how long a worker waits before trying again when every concurrent slot is taken, seconds
             (a random jitter of up to the same again is added, so waiting workers do not retry in step).
+        clock: seconds since the epoch, the one clock every worker of the store reads (None: the database
+            server's ``clock_timestamp()`` on PostgreSQL, ``time.time()`` on SQLite, whose workers share one
+            machine). Tests pass a fake clock.
 
     Raises:
         ValueError: an empty or too long ``backend`` key, or a ``lease_s``/``poll_s`` that is not positive.
     """
 
     def __init__(self, engine: Engine, backend: str, limit: RateLimit, *, lease_s: float = 300.0,
-                 poll_s: float = 0.05) -> None:
+                 poll_s: float = 0.05, clock: Callable[[], float] | None = None) -> None:
         if not backend or len(backend) > MAX_KEY_CHARS:
             raise ValueError(f"rate limit key must be 1 to {MAX_KEY_CHARS} characters, got {len(backend)}")
         if not lease_s > 0 or not poll_s > 0:
             raise ValueError(f"lease_s and poll_s must be > 0 seconds, got {lease_s} and {poll_s}")
         self.engine, self.backend, self.limit = engine, backend, limit
         self.lease_s, self.poll_s = lease_s, poll_s
-        self._db_clock = engine.dialect.name == "postgresql"
+        self._clock = clock
+        self._db_clock = clock is None and engine.dialect.name == "postgresql"
 
     def _now(self, conn: Any) -> float:
-        """Seconds since the epoch: the database's clock on PostgreSQL (workers on many machines agree on
-        it), this machine's on SQLite (one machine only)."""
+        """Seconds since the epoch: ``clock`` if one was given, else the database's clock on PostgreSQL
+        (workers on many machines agree on it), this machine's wall clock on SQLite (one machine only)."""
+        if self._clock is not None:
+            return self._clock()
         if self._db_clock:
             return float(conn.execute(text("SELECT extract(epoch from clock_timestamp())")).scalar_one())
         return time.time()
@@ -115,8 +135,9 @@ class StoreRateLimiter:
         """Take a slot if the limits allow it now, in one transaction.
 
         Returns:
-            ``(slot_id, 0.0)`` when a slot was taken, else ``(None, seconds_to_wait)``: until the oldest
-            request leaves the window when the window is full, else ``poll_s`` (every concurrent slot taken).
+            ``(slot_id, 0.0)`` when a slot was taken, else ``(None, seconds_to_wait)``: when the window is
+            full, until enough of its requests have left it (``window_s`` after their release; a whole
+            ``window_s`` when one still in flight must leave), else ``poll_s`` (every concurrent slot taken).
         """
         key, limit = self.backend, self.limit
         try:
@@ -130,9 +151,10 @@ class StoreRateLimiter:
                     conn.execute(text("INSERT INTO rate_limit_locks (backend, taken) VALUES (:b, 1)"), {"b": key})
                 now = self._now(conn)
                 horizon = now - limit.window_s
-                conn.execute(text("DELETE FROM rate_limit_slots WHERE backend = :b AND started_at < :h "
-                                  "AND (released_at IS NOT NULL OR expires_at < :n)"),
-                             {"b": key, "h": horizon, "n": now})
+                # A slot ends when it is released, or when its lease expires (its holder died). One that ended
+                # a window ago or more counts for nothing any more.
+                conn.execute(text("DELETE FROM rate_limit_slots WHERE backend = :b "
+                                  "AND coalesce(released_at, expires_at) <= :h"), {"b": key, "h": horizon})
                 wait = 0.0
                 if limit.max_concurrent is not None:
                     in_flight = conn.execute(text(
@@ -141,16 +163,19 @@ class StoreRateLimiter:
                     if in_flight >= limit.max_concurrent:
                         wait = self.poll_s
                 if limit.max_requests is not None:
+                    # Every slot that has not ended, or ended less than a window ago, counts (module docstring).
                     in_window = conn.execute(text(
-                        "SELECT count(*), min(started_at) FROM rate_limit_slots WHERE backend = :b "
-                        "AND started_at > :h"), {"b": key, "h": horizon}).one()
-                    if in_window[0] >= limit.max_requests:
-                        # The oldest of the window's requests leaves it first.
-                        oldest = conn.execute(text(
-                            "SELECT started_at FROM rate_limit_slots WHERE backend = :b AND started_at > :h "
-                            "ORDER BY started_at LIMIT 1 OFFSET :k"),
-                            {"b": key, "h": horizon, "k": in_window[0] - limit.max_requests}).scalar_one()
-                        wait = max(wait, oldest + limit.window_s - now + 0.001)
+                        "SELECT count(*) FROM rate_limit_slots WHERE backend = :b "
+                        "AND coalesce(released_at, expires_at) > :h"), {"b": key, "h": horizon}).scalar_one()
+                    if in_window >= limit.max_requests:
+                        # Slots leave the window a window after they ended, in that order; one still in flight
+                        # (its lease ends after now) leaves last, at the earliest a window from now.
+                        ended = conn.execute(text(
+                            "SELECT coalesce(released_at, expires_at) AS ended FROM rate_limit_slots "
+                            "WHERE backend = :b AND coalesce(released_at, expires_at) > :h "
+                            "ORDER BY ended, id LIMIT 1 OFFSET :k"),
+                            {"b": key, "h": horizon, "k": in_window - limit.max_requests}).scalar_one()
+                        wait = max(wait, min(ended, now) + limit.window_s - now + 0.001)
                 if wait > 0:
                     return None, wait
                 slot = conn.execute(text(
@@ -161,7 +186,7 @@ class StoreRateLimiter:
             return None, 0.0
 
     def release(self, slot: int) -> None:
-        """Free a taken slot's concurrency (it still counts against ``max_requests`` until its window passes)."""
+        """Free a taken slot's concurrency; it still counts against ``max_requests`` for ``window_s`` from now."""
         with self.engine.begin() as conn:
             conn.execute(text("UPDATE rate_limit_slots SET released_at = :n WHERE id = :i"),
                          {"n": self._now(conn), "i": slot})
