@@ -79,6 +79,7 @@ def _legal_suffix() -> str:
     return "|".join(sorted(terms, key=len, reverse=True))
 
 
+@lru_cache(maxsize=4096)  # compiled once per company name, not once per prospect
 def _name_pattern(name: str, *, with_suffix: bool = False) -> re.Pattern[str] | None:
     words = name.split()
     if not words:
@@ -90,6 +91,7 @@ def _name_pattern(name: str, *, with_suffix: bool = False) -> re.Pattern[str] | 
     return re.compile(rf"(?<!{_WORD_CHAR}){body}(?!{_WORD_CHAR})")
 
 
+@lru_cache(maxsize=4096)
 def _common_word(name: str) -> bool:
     from wordfreq import zipf_frequency
 

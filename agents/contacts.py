@@ -50,6 +50,8 @@ def phone_digits(number: str) -> str:
 
 
 def _phones(text: str) -> list[str]:
+    if not any(ch.isdigit() for ch in text):  # every phone number has a digit: skip the matchers' scan
+        return []
     import phonenumbers
 
     found: dict[str, str] = {}

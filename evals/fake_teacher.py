@@ -4,9 +4,12 @@ For scale benchmarks and tests of what happens between workers and an API teache
 ``POST /v1/chat/completions`` is answered with the heuristic backend's answer to the same messages (so both
 agents' formats are met), no sooner than ``latency_s`` after it arrived; ``too_many_every=k`` answers every
 k-th request with HTTP 429 and a ``Retry-After`` header instead, as a rate-limited API does. It also answers
-``GET /v1/models`` (the CLI's backend probe), ``GET /stats`` (requests seen, by status, and the most in
-flight at once) and ``POST /reset`` (forget requests and computed answers). The heuristic answer to
-identical messages is computed once (it is deterministic). It listens on ``127.0.0.1`` only.
+``GET /v1/models`` (the CLI's backend probe), ``GET /stats`` (requests seen, by status, the most in flight
+at once, answers held and answers computed since the last reset) and ``POST /reset`` (forget the requests
+seen and, unless the body is ``{"answers": false}``, the computed answers). The heuristic answer to identical
+messages is computed once and kept (it is deterministic), so a warm-up pass over a campaign leaves later
+passes with the heuristic teacher's own answers to their exact messages at the cost of a dictionary lookup,
+as an API's CPU is not the caller's. It listens on ``127.0.0.1`` only.
 
 Usage: ``with FakeTeacher(latency_s=0.2) as url: ...`` (a thread of this process), or
 ``FakeTeacher.in_subprocess(...)`` (its own process, so its work does not share this process's GIL).
@@ -67,6 +70,7 @@ class FakeTeacher:
         self._in_flight = 0
         self.max_in_flight = 0
         self._answers: dict[str, tuple[str, int, int]] = {}
+        self._computed = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -90,23 +94,30 @@ class FakeTeacher:
             cached = (answer.text, int(usage["input_tokens"]), int(usage["output_tokens"]))
             with self._lock:
                 self._answers[key] = cached
+                self._computed += 1
         return cached
 
-    def reset(self) -> None:
-        """Forget the requests seen and the answers computed (so each benchmark configuration pays the same)."""
+    def reset(self, *, answers: bool = True) -> None:
+        """Forget the requests seen and, with ``answers``, the answers computed; either way each benchmark
+        configuration then pays the same (all answers computed anew, or all taken from a warm-up pass)."""
         with self._lock:
             self.records.clear()
-            self._answers.clear()
+            if answers:
+                self._answers.clear()
             self._count = 0
+            self._computed = 0
             self.max_in_flight = self._in_flight
 
     def stats(self) -> dict[str, Any]:
-        """Requests seen (``requests``), by HTTP status (``statuses``), and the most in flight at once."""
+        """Requests seen (``requests``), by HTTP status (``statuses``), the most in flight at once, answers held
+        (``answers``), answers computed since the last reset (``computed``; the rest were looked up) and the
+        CPU seconds this process has used (``cpu_s``, all threads)."""
         with self._lock:
             statuses: dict[str, int] = {}
             for r in self.records:
                 statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
-            return {"requests": len(self.records), "statuses": statuses, "max_in_flight": self.max_in_flight}
+            return {"requests": len(self.records), "statuses": statuses, "max_in_flight": self.max_in_flight,
+                    "answers": len(self._answers), "computed": self._computed, "cpu_s": time.process_time()}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         teacher = self
@@ -136,7 +147,7 @@ class FakeTeacher:
                 arrived = time.time()
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 if self.path == "/reset":
-                    teacher.reset()
+                    teacher.reset(answers=bool(body.get("answers", True)))
                     self._send(200, teacher.stats())
                     return
                 if not self.path.endswith("/chat/completions"):

@@ -9,8 +9,8 @@ dies) and returns one ``CampaignReport``:
 
 - ``local`` with one worker runs ``run_campaign`` in this process (the default executor);
 - ``local`` with N workers starts N processes (``multiprocessing``, forked from a fork server that has
-  imported the project once); a worker whose driver is gone exits, so killing the driver stops them and
-  running the command again resumes;
+  imported the project and the libraries a run loads once, ``graphs.worker_preload``); a worker whose
+  driver is gone exits, so killing the driver stops them and running the command again resumes;
 - ``ray`` starts N Ray actors (``ray.init``: a local Ray, or the cluster at ``ray_address``); Ray ends them
   when the driver exits. A cluster's workers run on many machines and so need a store they can all reach:
   a SQLite store is refused for one (use PostgreSQL).
@@ -262,9 +262,11 @@ async def _follow(follower: _Follower, alive: Callable[[], bool], on_event: Call
 async def _run_processes(jobs: list[WorkerJob], follower: _Follower, on_event: Callable[[RunEvent], None] | None,
                          poll_s: float) -> list[int | None]:
     # A fork server imports the project once and forks each worker from it (spawn would import it per worker;
-    # a plain fork would copy this process's threads and open connections).
+    # a plain fork would copy this process's threads and open connections). It also loads what a worker
+    # would load on its first run (graphs.worker_preload) and the main module (which each worker would
+    # otherwise run again to find the job's functions), so a worker starts in milliseconds.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["graphs.executors"])
+    context.set_forkserver_preload(["__main__", "graphs.executors", "graphs.worker_preload"])
     processes = [context.Process(target=_process_main, args=(job, os.getpid()), name=f"outreach-worker-{i}",
                                  daemon=True) for i, job in enumerate(jobs)]
     for process in processes:

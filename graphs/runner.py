@@ -24,6 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -300,6 +301,12 @@ class _Worker:
         self.lease_s, self.owner = lease_s, report.worker
         #: How often a worker with nothing to claim looks again for leases that ended, seconds.
         self.poll_s = max(0.05, min(lease_s / 4, 2.0))
+        # Store calls run in a thread of their own, one at a time in the order asked, so that waiting for
+        # another worker's write lock (SQLite) does not stall this worker's other runs; inline for an
+        # in-memory SQLite store, whose database lives in one thread's connection.
+        url = engine.url
+        in_memory = url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+        self._store_thread = None if in_memory else ThreadPoolExecutor(1, thread_name_prefix="outreach-store")
 
     # --- the store, tolerating a short outage --------------------------------------------------------------
 
@@ -309,7 +316,9 @@ class _Worker:
         deadline, delay = time.monotonic() + self.lease_s, 0.1
         while True:
             try:
-                return call()
+                if self._store_thread is None:
+                    return call()
+                return await asyncio.get_running_loop().run_in_executor(self._store_thread, call)
             except Exception as exc:
                 if not is_store_unavailable(exc):
                     raise
@@ -465,11 +474,15 @@ class _Worker:
     async def _stop(self, tasks: dict[asyncio.Task[None], Claim]) -> None:
         """Cancel unfinished runs and give their claims back, so any worker can take them at once (when the
         store answers; otherwise their leases end on their own)."""
+        if self._store_thread is not None:
+            self._store_thread.shutdown(wait=not tasks, cancel_futures=True)
         if not tasks:
             return
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._store_thread is not None:
+            self._store_thread.shutdown(wait=True)  # a save under way ends (fenced) before its claim is given back
         try:
             released = release(self.engine, tasks.values())
         except Exception as exc:  # noqa: BLE001 - best effort: a lease ends by itself

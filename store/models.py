@@ -45,6 +45,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# Column defaults for JSON lists and objects. Plain functions rather than ``list``/``dict``: pydantic inspects a
+# default factory's signature on every model construction, and ``inspect.signature(list)`` costs ~0.7 ms.
+def _new_list() -> list[Any]:
+    return []
+
+
+def _new_dict() -> dict[str, Any]:
+    return {}
+
+
 class RunStatus:
     """Allowed values of ``Run.status``."""
 
@@ -136,8 +146,8 @@ class ProfileRecord(SQLModel, table=True):
     website: str = ""
     dropped_facts: int = 0
     #: Dropped facts by reason (``agents.schemas.DROP_REASONS``: ungrounded, misattributed, bad_value).
-    drop_reasons: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    sources: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    drop_reasons: dict[str, int] = Field(default_factory=_new_dict, sa_column=Column(JSON, nullable=False))
+    sources: list[str] = Field(default_factory=_new_list, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -163,7 +173,7 @@ class EmailRecord(SQLModel, table=True):
     body_template: str = Field(sa_column=Column(Text, nullable=False))
     subject: str = Field(sa_column=Column(Text, nullable=False))
     body: str = Field(sa_column=Column(Text, nullable=False))
-    checks: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    checks: dict[str, Any] = Field(default_factory=_new_dict, sa_column=Column(JSON, nullable=False))
     valid: bool = True
     #: False for an email written without any verified fact (the campaign opted in to such emails).
     personalised: bool = True
@@ -188,7 +198,7 @@ class Trace(SQLModel, table=True):
     agent: str = Field(index=True)
     step: str = ""
     backend: str = Field(index=True)
-    messages: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    messages: list[dict[str, Any]] = Field(default_factory=_new_list, sa_column=Column(JSON, nullable=False))
     output: str = Field(default="", sa_column=Column(Text, nullable=False))
     input_tokens: int = 0
     output_tokens: int = 0
@@ -208,8 +218,8 @@ class ToolCall(SQLModel, table=True):
     run_id: int | None = Field(default=None, foreign_key="runs.id", index=True)
     trace_id: int | None = Field(default=None, foreign_key="traces.id")
     tool: str
-    input: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    output: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    input: dict[str, Any] = Field(default_factory=_new_dict, sa_column=Column(JSON, nullable=False))
+    output: dict[str, Any] = Field(default_factory=_new_dict, sa_column=Column(JSON, nullable=False))
     latency_ms: float = 0.0
     error: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
@@ -348,7 +358,8 @@ class RateLimitSlot(SQLModel, table=True):
 
     Times are seconds since the epoch (the database's clock on PostgreSQL). A slot counts as in flight
     while ``released_at`` is None and ``expires_at`` lies ahead (a dead worker's slot frees itself), and
-    against the requests-per-window budget until ``started_at`` is a window old.
+    against the requests-per-window budget until a window after it ended (``released_at``, else
+    ``expires_at``): its request reached the server at some moment before it was released.
     """
 
     __tablename__ = "rate_limit_slots"
