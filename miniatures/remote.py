@@ -176,7 +176,10 @@ def build_remote_chat_model(
         raise BackendSpecError(f"{redact(spec.raw)!r} is not a remote backend (openai:, ollama:, vllm:)")
     kind = server_kind(spec)
     base_url = spec.base_url or (OLLAMA_DEFAULT_URL if spec.kind == "ollama" else None)
-    http_clients: dict[str, Any] = {}
+    # The client's own HTTP clients: langchain-openai otherwise shares one async client per base URL across the
+    # process, bound to the first event loop that used it, so a second ``asyncio.run`` fails every request
+    # ("Event loop is closed").
+    options: dict[str, Any] = {}
     if base_url is not None:
         base_url = _without_fragment(base_url)
         try:
@@ -188,9 +191,9 @@ def build_remote_chat_model(
         for secret in parts.secrets:
             register_secret(secret)
         if parts.auth is not None or parts.params:
-            options: dict[str, Any] = {"auth": parts.auth, "params": list(parts.params)}
-            http_clients = {"http_client": openai.DefaultHttpxClient(**options),
-                            "http_async_client": openai.DefaultAsyncHttpxClient(**options)}
+            options = {"auth": parts.auth, "params": list(parts.params)}
+    http_clients = {"http_client": openai.DefaultHttpxClient(**options),
+                    "http_async_client": openai.DefaultAsyncHttpxClient(**options)}
     api_key = os.environ.get(api_key_env)
     if api_key:
         register_secret(api_key)

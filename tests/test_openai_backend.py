@@ -82,3 +82,16 @@ def test_campaign_over_openai_compatible_server_matches_in_process(tmp_path, sql
     assert [(e.subject, e.body) for e in emails[:half]] == [(e.subject, e.body) for e in emails[half:]]
     assert len(traces) == 2 * len(prospects)
     assert all(t.input_tokens > 0 and t.output_tokens > 0 and t.latency_ms > 0 for t in traces)
+
+
+def test_a_second_event_loop_reaches_the_same_server(tmp_path, sqlite_engine, openai_server):
+    """Two campaigns, each in its own ``asyncio.run``, over one base URL: the second must not reuse an HTTP
+    client bound to the first (closed) loop, which failed its runs with "Event loop is closed"."""
+    _, corpus, offer, prospects = small_world(tmp_path, n=2)
+    spec = f"openai:heuristic@{openai_server}"
+    reports = []
+    for campaign in ("first", "second"):
+        add_prospects(sqlite_engine, campaign, offer, prospects)
+        reports.append(asyncio.run(run_campaign(sqlite_engine, campaign, web=CorpusWeb(corpus), researcher=spec,
+                                                writer=spec, concurrency=1)))
+    assert [(r.done, r.failed) for r in reports] == [(len(prospects), 0), (len(prospects), 0)]
