@@ -7,15 +7,20 @@ vocabularies):
 
 * ``new``: ``miniatures.grammar.GrammarLogitsProcessor`` (llguidance token masks) called as transformers calls
   it, once per generated token, on a batch of rows that each replay a valid answer token by token;
+* ``previous``: the llguidance processor before its masks were applied in place (a float bias row per row
+  and step through a 256-entry table), loaded from git history like ``old``, fed the same rows;
 * ``old``: the hand-written state machine this project used before (``miniatures/constrained.py`` and the
   ``TagGrammar`` of ``miniatures/formats.py``), loaded from git history into temporary modules (the repository
   keeps no dead copy), fed the same answers through its own ``GrammarProcessor``, one row (its cost is per row;
   its per-state mask cache is kept, as in generation).
 
-``mask ms/token`` is wall time divided by tokens x rows (target: at most 0.1 ms per token and row), given twice
-for the new grammar: llguidance's mask alone (compute the bit mask, consume the token) and the whole processor
-call (plus turning the bits into ``-inf`` on the float32 scores row, a pass over vocabulary-wide memory). The old processor scans the vocabulary in Python for each new state, so at 150k tokens it is timed on
-the first ``--old-tokens`` tokens of each answer only (the table says so; early tokens are mostly fixed JSON
+``mask ms/token`` is wall time divided by tokens x rows (target: at most 0.1 ms per token and row), given for
+the new grammar as llguidance's mask alone (each row's bit mask filled and its token consumed on the calling
+thread; also its median step: a few steps that enter a new lexer state cost milliseconds, the rest
+microseconds) and as the whole processor call (plus the refused tokens set to ``-inf`` in place on float32
+scores), with its defaults and with each step's masks filled by one call on llguidance's executor. The old processor scans the
+vocabulary in Python for each new state, so at 150k tokens it is timed on the first ``--old-tokens`` tokens of
+each answer only (the table says so; early tokens are mostly fixed JSON
 text, its cheapest states, so that figure flatters it). Compile ms is the new grammar's llguidance compile
 time per row (the old one has none). The load average is printed before and after; figures from a shared
 machine are upper bounds.
@@ -144,6 +149,38 @@ def _from_history(path: str, needle: str) -> str | None:
     return None
 
 
+def load_previous() -> Any | None:
+    """The previous llguidance processor (bits turned into a float bias row through a 256-entry table, one
+    Python call per row) from git history, as a temporary module, or None."""
+    text = _from_history("miniatures/grammar.py", "def _bias_table")
+    if text is None:
+        return None
+    module = types.ModuleType("previous_grammar")
+    sys.modules["previous_grammar"] = module
+    exec(compile(text, "previous_grammar", "exec"), module.__dict__)  # noqa: S102 - our own history
+    return module
+
+
+def time_previous(previous: Any, tokenizer: Any, case: Case, rows: int) -> float:
+    """ms per token and row of the previous ``GrammarLogitsProcessor`` on the same answer and rows."""
+    import torch
+
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    llt = previous.llg_tokenizer(tokenizer, [stop])
+    processor = previous.GrammarLogitsProcessor(llt, [case.new_grammar] * rows, 1, [stop])
+    ids = tokenizer(case.answer, add_special_tokens=False)["input_ids"] + [stop]
+    scores = torch.zeros((rows, len(tokenizer)))
+    prefix = torch.zeros((rows, 1), dtype=torch.long)
+    spent = 0.0
+    for token in ids:
+        run_scores = scores.clone()
+        started = time.perf_counter()
+        processor(prefix, run_scores)
+        spent += time.perf_counter() - started
+        prefix = torch.cat([prefix, torch.full((rows, 1), token)], dim=1)
+    return spent * 1000 / (len(ids) * rows)
+
+
 def load_old() -> tuple[Any, Any] | None:
     """The removed state machine (``constrained``, ``formats``) from git history, as temporary modules."""
     sources: dict[str, str] = {}
@@ -162,14 +199,31 @@ def load_old() -> tuple[Any, Any] | None:
     return old, formats
 
 
-def time_new(tokenizer: Any, case: Case, rows: int) -> tuple[float, float, float, int]:
-    """(llguidance mask ms, processor ms, both per token and row; compile ms per row; tokens) over ``rows`` rows.
+@dataclass
+class NewTimes:
+    """The new grammar's figures for one case (ms per token and row unless said)."""
 
-    The llguidance figure is the matcher alone (mask computed into a bit mask, token consumed); the processor
-    figure is ``GrammarLogitsProcessor.__call__`` as generate calls it (the same, plus the bits turned into
-    ``-inf`` on a float32 scores tensor of the vocabulary's width).
+    mask: float  # llguidance alone, row by row on the calling thread: fill the row's mask, consume its token
+    mask_median: float  # the median step of ``mask``
+    processor: float  # GrammarLogitsProcessor.__call__ with its defaults
+    processor_median: float  # the median step of ``processor``
+    processor_pool: float  # the same with every step's masks filled by one call on the shared executor
+    compile_ms: float  # compile ms per row
+    tokens: int
+
+
+def time_new(tokenizer: Any, case: Case, rows: int) -> NewTimes:
+    """The new grammar's figures over ``rows`` rows replaying ``case.answer``, each on fresh matchers.
+
+    The llguidance figure is the matchers alone, row by row on the calling thread (``fill_next_token_bitmask``
+    into one int32 bit mask, ``consume_token``); the processor figures are ``GrammarLogitsProcessor.__call__``
+    as generate calls it (the same, plus the refused tokens set to ``-inf`` in place on float32 scores of the
+    vocabulary's width), with its defaults (on fewer than 4 CPUs: the calling thread) and with every step's
+    masks filled by one ``fill_next_token_bitmask_par`` call on the shared executor.
     """
-    import numpy as np
+    import statistics
+
+    import llguidance.numpy as llg_numpy
     import torch
 
     from miniatures.grammar import GrammarLogitsProcessor, llg_tokenizer, matcher
@@ -180,25 +234,33 @@ def time_new(tokenizer: Any, case: Case, rows: int) -> tuple[float, float, float
     started = time.perf_counter()
     matchers = [matcher(llt, case.new_grammar) for _ in range(rows)]
     compile_ms = (time.perf_counter() - started) * 1000 / rows
-    bits = np.zeros((rows, (len(tokenizer) + 31) // 32), dtype=np.uint32)
-    started = time.perf_counter()
+    bits = llg_numpy.allocate_token_bitmask(rows, len(tokenizer))
+    steps = []
     for token in ids:
-        for row, m in enumerate(matchers):
-            m.unsafe_compute_mask_ptr(bits[row].ctypes.data, bits.shape[1] * 4)
-            m.consume_token(token)
-    mask_ms = (time.perf_counter() - started) * 1000 / (len(ids) * rows)
-    processor = GrammarLogitsProcessor(llt, matchers, 1, [stop])
-    scores = torch.zeros((rows, len(tokenizer)))
-    prefix = torch.zeros((rows, 1), dtype=torch.long)
-    spent = 0.0
-    for k, token in enumerate(ids):
-        run_scores = scores.clone()
         started = time.perf_counter()
-        out = processor(prefix, run_scores)
-        spent += time.perf_counter() - started
-        assert bool(torch.isfinite(out[0, token])), f"{case.kind}: the new grammar refused token {k} of a valid answer"
-        prefix = torch.cat([prefix, torch.full((rows, 1), token)], dim=1)
-    return mask_ms, spent * 1000 / (len(ids) * rows), compile_ms, len(ids)
+        for row, m in enumerate(matchers):
+            llg_numpy.fill_next_token_bitmask(m, bits, row)
+            m.consume_token(token)
+        steps.append((time.perf_counter() - started) * 1000 / rows)
+
+    def processor_ms(parallel_rows: int | None) -> tuple[float, float]:
+        processor = GrammarLogitsProcessor(llt, [case.new_grammar] * rows, 1, [stop], parallel_rows=parallel_rows)
+        scores = torch.zeros((rows, len(tokenizer)))
+        prefix = torch.zeros((rows, 1), dtype=torch.long)
+        spent = []
+        for k, token in enumerate(ids):
+            run_scores = scores.clone()
+            started = time.perf_counter()
+            out = processor(prefix, run_scores)
+            spent.append((time.perf_counter() - started) * 1000 / rows)
+            assert bool(torch.isfinite(out[0, token])), f"{case.kind}: the new grammar refused token {k} of a valid answer"
+            prefix = torch.cat([prefix, torch.full((rows, 1), token)], dim=1)
+        return sum(spent) / len(spent), statistics.median(spent)
+
+    processor, processor_median = processor_ms(None)
+    return NewTimes(mask=sum(steps) / len(steps), mask_median=statistics.median(steps), processor=processor,
+                    processor_median=processor_median, processor_pool=processor_ms(2)[0], compile_ms=compile_ms,
+                    tokens=len(ids))
 
 
 def time_old(old: tuple[Any, Any], tokenizer: Any, case: Case, rows: int, max_tokens: int) -> tuple[float, int]:
@@ -262,31 +324,44 @@ def main(argv: list[str] | None = None) -> None:
     old = load_old()
     if old is None:
         print("the old state machine is not in this checkout's git history: old columns left empty")
-    lines = ["| grammar | vocabulary | rows | new: llguidance mask ms/token/row | new: processor ms/token/row "
-             "| new compile ms/row | old processor ms/token (1 row) | old/new processor |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    worst = worst_call = 0.0
+    previous = load_previous()
+    if previous is None:
+        print("the previous llguidance processor is not in this checkout's git history: its columns left empty")
+    lines = ["| grammar | vocabulary | rows | new: llguidance mask ms/token/row | mask, median step | new: processor "
+             "ms/token/row | processor, median step | processor, masks on the executor | previous processor "
+             "(bias table) | previous/new | new compile ms/row | old processor ms/token (1 row) | old/new processor |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    worst = worst_call = worst_median = 0.0
     for vocab_name, tokenizer in tokenizers.items():
         large = not vocab_name.startswith("4096")
         for case in cases():
-            mask_ms, new_ms, compile_ms, n_tokens = time_new(tokenizer, case, args.rows)
-            worst = max(worst, mask_ms)
+            new = time_new(tokenizer, case, args.rows)
+            n_tokens, new_ms = new.tokens, new.processor
+            worst = max(worst, new.mask)
             worst_call = max(worst_call, new_ms)
-            old_text, ratio = "-", "-"
+            worst_median = max(worst_median, new.processor_median)
+            old_text, ratio, previous_text, previous_ratio = "-", "-", "-", "-"
+            if previous is not None:
+                previous_ms = time_previous(previous, tokenizer, case, args.rows)
+                previous_text, previous_ratio = f"{previous_ms:.4f}", f"{previous_ms / new_ms:.1f}x"
             if old is not None:
                 limit = args.old_tokens or (40 if large else 10_000)
                 old_ms, timed = time_old(old, tokenizer, case, 1, limit)
                 old_text = f"{old_ms:.3f}" + (f" (first {timed})" if timed < n_tokens else "")
                 ratio = f"{old_ms / new_ms:.1f}x"
-            lines.append(f"| {case.kind} ({n_tokens} tokens) | {vocab_name} | {args.rows} | {mask_ms:.4f} "
-                         f"| {new_ms:.4f} | {compile_ms:.2f} | {old_text} | {ratio} |")
+            lines.append(f"| {case.kind} ({n_tokens} tokens) | {vocab_name} | {args.rows} | {new.mask:.4f} "
+                         f"| {new.mask_median:.4f} | {new_ms:.4f} | {new.processor_median:.4f} | {new.processor_pool:.4f} "
+                         f"| {previous_text} | {previous_ratio} | {new.compile_ms:.2f} "
+                         f"| {old_text} | {ratio} |")
             print(lines[-1], flush=True)
     load_end = os.getloadavg()
     lines.append("")
     lines.append(f"Load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at the end ({os.cpu_count()} CPUs). "
                  f"Worst new llguidance mask cost {worst:.4f} ms per token and row (target <= 0.1: "
                  f"{'met' if worst <= 0.1 else 'NOT met'}); worst whole processor call {worst_call:.4f} ms per token "
-                 f"and row ({'met' if worst_call <= 0.1 else 'NOT met'}).")
+                 f"and row ({'met' if worst_call <= 0.1 else 'NOT met'}); worst median processor step {worst_median:.4f} ms "
+                 f"per row. Processor defaults here: masks "
+                 f"{'on the shared executor' if (os.cpu_count() or 1) >= 4 else 'on the calling thread'}.")
     print("\n".join(lines))
     if args.out is not None and not args.smoke:
         args.out.parent.mkdir(parents=True, exist_ok=True)

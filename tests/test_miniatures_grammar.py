@@ -212,6 +212,61 @@ def test_generated_emails_stay_inside_the_email_grammar(tiny: tuple[Any, Any], l
         assert set(re.findall(r"\{\{([^{}]*)\}\}", text)) <= {"first_name", "fact.location"}
 
 
+@pytest.mark.parametrize(("parallel_rows", "dtype", "extra_columns", "sparse_limit", "free_row"), [
+    (1, "float32", -5, None, True),  # numpy view; the defaults (a bias below 32k tokens); calling thread
+    (99, "bfloat16", 7, -1, True),  # torch ops; every row by a bias
+    (99, "float32", 7, -1, False),  # numpy view; every row by a bias, all rows at once
+    (1, "float32", 0, 12, True),  # numpy view; few refused tokens (the email's body)
+    (2, "bfloat16", -5, 12, False),  # torch ops; few refused tokens; the executor
+    (2, "bfloat16", 7, -1, False),  # torch ops; every row by a bias, all rows at once
+])
+def test_processor_masks_equal_llguidance_bitmasks(tiny: tuple[Any, Any], llt: Any, parallel_rows: int, dtype: str,
+                                                    extra_columns: int, sparse_limit: int | None,
+                                                    free_row: bool) -> None:
+    """At every step of rows replaying answers (extraction: mostly a few allowed tokens; email: a free body,
+    most tokens allowed; a free row; a row stopped early) the processor's scores equal the scores with every
+    token a fresh matcher's bit mask refuses at -inf, whatever the scores' width (narrower or wider than the
+    tokenizer), dtype and way of masking, on the executor's threads or the calling thread; free and stopped
+    rows are untouched."""
+    import numpy as np
+
+    tokenizer = tiny[0]
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    extraction = json.dumps({"facts": [{"field": "product", "evidence": "S2", "value": "Sarnora Sync"}]})
+    email = json.dumps({"subject": "Hi {{first_name}}", "body": "Hello {{first_name}}, a body in {{fact.location}}."})
+    grammars = [answer_grammar(TASK), None, answer_grammar(WRITING), answer_grammar(WRITING)]
+    answers = [tokenizer(extraction, add_special_tokens=False)["input_ids"] + [stop], [],
+               tokenizer(email, add_special_tokens=False)["input_ids"] + [stop],
+               tokenizer(email, add_special_tokens=False)["input_ids"][:3] + [stop]]
+    if not free_row:
+        grammars[1], answers[1] = grammars[0], answers[0]
+    steps = max(len(a) for a in answers)
+    fed = [a + [stop] * (steps - len(a)) if a else [5] * steps for a in answers]  # after a stop: padding
+    references = [matcher(llt, g) if g is not None else None for g in grammars]
+    proc = GrammarLogitsProcessor(llt, grammars, 1, [stop], parallel_rows=parallel_rows, sparse_limit=sparse_limit)
+    vocab = len(tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    allowed_counts = []
+    prefix = torch.zeros((4, 1), dtype=torch.long)
+    for step in range(steps):
+        scores = torch.randn((4, vocab + extra_columns), generator=generator).to(getattr(torch, dtype))
+        expected = scores.clone()
+        for row, ref in enumerate(references):
+            if ref is None or (step > 0 and fed[row][step - 1] == stop):
+                references[row] = None
+                continue
+            bits = np.unpackbits(np.frombuffer(ref.compute_bitmask(), dtype=np.uint8), bitorder="little")
+            allowed = torch.from_numpy(np.resize(bits[:vocab].astype(bool), vocab + max(extra_columns, 0)))
+            allowed[vocab:] = False
+            expected[row] = expected[row].masked_fill(~allowed[: scores.shape[1]], float("-inf"))
+            allowed_counts.append(int(allowed.sum()))
+            assert fed[row][step] == stop or ref.consume_token(fed[row][step])
+        got = proc(prefix, scores)
+        assert torch.equal(got, expected), f"step {step}"
+        prefix = torch.cat([prefix, torch.tensor([[t[step]] for t in fed])], dim=1)
+    assert min(allowed_counts) <= 2 and max(allowed_counts) > vocab // 2  # both kinds of rows were masked
+
+
 def test_batched_rows_each_follow_their_own_grammar(tiny: tuple[Any, Any]) -> None:
     """Two rows with two grammars and one free row in one generate call; a stop id outside the vocabulary
     (as the speed benchmark sets) never reaches the mask."""
@@ -290,3 +345,19 @@ def test_greedy_ignores_the_bases_generation_config(tmp_path: Path) -> None:
         assert (resolved.repetition_penalty, resolved.do_sample, resolved.no_repeat_ngram_size) == (1.0, False, 0)
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_grammar_speed_benchmark_runs_on_its_smoke_settings() -> None:
+    """``benchmarks/grammar_speed.py --smoke`` (2 rows, a 6k stand-in vocabulary) runs and prints its whole table:
+    every grammar kind at both vocabularies, each valid answer accepted by the new processor."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "grammar_speed.py"), "--smoke"], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| extraction", "| writing", "| sentence"))]
+    assert len(rows) == 12  # 3 kinds x 2 vocabularies, printed as measured and again in the table
+    assert "Load average" in done.stdout
