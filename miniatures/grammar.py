@@ -19,6 +19,11 @@ The grammars (``answer_grammar``):
 * writing (``WritingTask``): ``{"subject": S, "body": B}``, non-blank JSON strings whose braces only occur in
   the task's merge tags (``{{first_name}}``), no ``\\u`` escapes (no brace written as ``\\u007b``), a one-line
   subject of at most ``task.subject_max_chars`` characters as written (merge tags unexpanded);
+* writing with the rules of craft (``craft_email_grammar``, ``answer_grammar(task, craft=True)``, what
+  in-process writer miniatures get): the same JSON, plus the structure the teacher's emails always have and
+  the rubric checks: a plain greeting, an opener not in the first person, a fact, the product once, the
+  proof point, the call to action once, the opt-out line at the end, a 2-to-5-word subject without the
+  product or first name, and the word band up to the call to action (rules indexed by words still to write);
 * sentence tags (``tag_grammar``): one sentence's answer in the ``sentence-tags`` format (``miniatures.formats``):
   ``-``, or a listed field, `` | `` and a non-blank span of whole words of the sentence.
 
@@ -49,6 +54,7 @@ __all__ = [
     "CRAFT_BAND_MARGIN",
     "CRAFT_NAME_WORDS",
     "CRAFT_TAIL_CHUNKS",
+    "EMAIL_GRAMMARS",
     "answer_grammar",
     "craft_email_grammar",
     "email_grammar",
@@ -61,6 +67,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The email grammars a writer miniature can be held to in-process: ``format`` (``email_grammar``) or ``craft``
+#: (``craft_email_grammar``); chosen at training time (``finetune.config.TrainConfig.email_grammar``).
+EMAIL_GRAMMARS = ("format", "craft")
 
 #: Most characters of a field name when the task lists no fields (any lower-case identifier).
 _FREE_FIELD = r"/[a-z_][a-z0-9_]{0,39}/"
@@ -170,9 +180,12 @@ def _tag_words(task: WritingTask) -> dict[str, int]:
     return out
 
 
-def _chunk_terminal(name: str, tags: Sequence[str], plain: str) -> str:
-    """A terminal: one white-space free chunk holding exactly one of ``tags`` (``{{company}}'s``)."""
-    return f"{name}: {plain}* ({' | '.join(_lit(t) for t in tags)}) {plain}*"
+def _chunk_terminal(name: str, tags: Sequence[str], ending: str = "[,.;:?!)]") -> str:
+    """A terminal: one white-space free chunk holding exactly one of ``tags``, with at most an opening bracket or
+    single quote before it and ``'s`` and two of ``ending`` after it (``{{company}}'s``, ``{{fact.location}}.``): a tag
+    glued to letters would render as one word ("x.Tallyfold"), which the rubric counts as no name and
+    validation reads as a domain."""
+    return f"{name}: /[(']?/ ({' | '.join(_lit(t) for t in tags)}) /(?:'s)?{ending}{{0,2}}/"
 
 
 def _by_weight(names: Sequence[str], weights: dict[str, int]) -> dict[int, list[str]]:
@@ -195,7 +208,8 @@ def craft_email_grammar(task: WritingTask) -> str:
       fact tag (when the task lists any), ``{{product}}`` exactly once (when listed), the offer's proof point
       word for word (when it has one; its first letter in either case); the call to action word for word,
       exactly once, ending the head; a tail of at most ``CRAFT_TAIL_CHUNKS`` chunks (sign-off, signature;
-      no ``{{product}}``, not the call to action's first word as written there, which the head does not use either) ending with the opt-out line word for word;
+      no ``{{product}}``, not the call to action's first word as written there, which the head does not use
+      either) ending with the opt-out line word for word;
     * word band: from the greeting to the end of the call to action, ``task.min_words`` to ``task.max_words``
       words narrowed by ``CRAFT_BAND_MARGIN`` at each end, a tag counted as its value's words
       (``CRAFT_NAME_WORDS`` for names the task does not show).
@@ -221,7 +235,8 @@ def craft_email_grammar(task: WritingTask) -> str:
         r'PLAIN: /[^"\\{}\s\x00-\x1f]/',
         r'SPLAIN: /[^"\\{}\s\x00-\x1f!]/',
         r"SP: /(?:[^\S\x00-\x1f]|\\[nt])+/",
-        "W: PLAIN+",
+        # A word: no letter, '.' or '@' and letter run together ("pressing.Thanks" reads as a domain).
+        r"W: PLAIN+ & ~(/(?s:.)*[^\W\d_][.@][^\W\d_](?s:.)*/)",
     ]
     # Subject: chunks separated by one space, 2 to 5 words (tags weighted), within the character limit.
     subject_groups = _by_weight([n for n in names if n not in _SUBJECT_BANNED], weights)
@@ -229,7 +244,7 @@ def craft_email_grammar(task: WritingTask) -> str:
     lines.append("SW1: (SPLAIN+ & ~(/(?s:.)*[A-Z]{4}(?s:.)*/))"
                  + (f" | SPLAIN* ({' | '.join(_lit(t) for t in one)}) SPLAIN*" if one else ""))
     for w, tags in subject_groups.items():
-        lines.append(_chunk_terminal(f"SW{w}", tags, "SPLAIN"))
+        lines.append(_chunk_terminal(f"SW{w}", tags, "[,.;:?)]"))
     subject_weights = [1, *subject_groups]
     for n in range(1, 6):
         parts = [f"SW{w}" if w == n else f'SW{w} " " SS{n - w}' for w in subject_weights if w <= n]
@@ -244,14 +259,14 @@ def craft_email_grammar(task: WritingTask) -> str:
     for kind, groups in (("N", _by_weight([n for n in names if not n.startswith("fact.") and n != "product"],
                                           weights)), ("F", facts)):
         for w, tags in groups.items():
-            lines.append(_chunk_terminal(f"C{kind}{w}", tags, "PLAIN"))
+            lines.append(_chunk_terminal(f"C{kind}{w}", tags))
             chunks[f"C{kind}{w}"] = (kind, w)
     # The stages the head passes in order: a fact, the product, the proof point (each when there is one).
     stages: list[tuple[str, str, int]] = []
     if facts:
         stages.append(("fact", "", min(facts)))
     if "product" in names:
-        lines.append(_chunk_terminal("CP", ["{{product}}"], "PLAIN"))
+        lines.append(_chunk_terminal("CP", ["{{product}}"]))
         stages.append(("product", "CP", weights["product"]))
     if proof:
         text = _json_inner(proof)

@@ -47,7 +47,9 @@ class SeededSampler:
         rows: one entry per batch row, ``None`` for a greedy row.
 
     Called as ``processor(input_ids, scores)`` with ``scores`` of shape ``(batch, vocab)`` (float logits);
-    returns the scores with, in each sampling row, every token but the drawn one at ``-inf``.
+    returns the scores with, in each sampling row, every token but the drawn one at ``-inf``. Temperature,
+    softmax and top-p run on all sampling rows at once (each row's own reductions, so its probabilities are those
+    it would get alone); only the draw loops over rows, one ``torch.multinomial`` with the row's generator each.
     """
 
     def __init__(self, rows: Sequence[RowSampling | None]) -> None:
@@ -56,27 +58,53 @@ class SeededSampler:
         self.rows = list(rows)
         self._generators: list[Any] = [
             None if r is None else torch.Generator(device="cpu").manual_seed(r.seed) for r in self.rows]
+        self._sampled = [i for i, r in enumerate(self.rows) if r is not None]
+        sampled = [r for r in self.rows if r is not None]
+        self._temperatures = torch.tensor([[r.temperature] for r in sampled], dtype=torch.float32)
+        self._top_p = torch.tensor([[r.top_p] for r in sampled], dtype=torch.float32)
+        self._nucleus = any(r.top_p < 1 for r in sampled)
+        self._devices: dict[Any, tuple[Any, Any, Any]] = {}
+
+    def _on(self, device: Any) -> tuple[Any, Any, Any]:
+        """The sampled rows' indices, temperatures and top-p on ``device`` (moved once per device)."""
+        import torch
+
+        if device not in self._devices:
+            self._devices[device] = (torch.tensor(self._sampled, device=device), self._temperatures.to(device),
+                                     self._top_p.to(device))
+        return self._devices[device]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
         if len(self.rows) != scores.shape[0]:
             raise ValueError(f"SeededSampler has {len(self.rows)} rows, the batch has {scores.shape[0]}")
-        for i, row in enumerate(self.rows):
-            if row is None:
-                continue
-            logits = scores[i].float() / row.temperature
-            probs = torch.softmax(logits, dim=-1)
-            if row.top_p < 1:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-                drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= row.top_p
-                sorted_probs[drop] = 0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-            if not torch.isfinite(probs).all() or probs.sum() <= 0:
+        if not self._sampled:
+            return scores
+        index, temperatures, top_p = self._on(scores.device)
+        # Every sampled row at once (each row's softmax, sort and cumulative sum are its own): (rows, vocab).
+        probs = torch.softmax(scores[index].float() / temperatures, dim=-1)
+        if self._nucleus:
+            sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays); top_p 1 keeps all
+            drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p) & (top_p < 1)
+            sorted_probs[drop] = 0
+            probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+        usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
+        rows: list[int] = []
+        tokens: list[Any] = []
+        cpu = probs.cpu()
+        for j, row in enumerate(self._sampled):
+            if not usable[j]:
                 continue  # every token masked (a finished row): leave it to the stop logic
-            token = torch.multinomial(probs.cpu(), 1, generator=self._generators[i]).to(scores.device)
-            keep = scores[i, token].clone()
-            scores[i] = float("-inf")
-            scores[i, token] = keep
+            rows.append(row)
+            # the row's own generator: its draws do not depend on the other rows of the batch
+            tokens.append(torch.multinomial(cpu[j], 1, generator=self._generators[row]))
+        if not rows:
+            return scores
+        at = torch.tensor(rows, device=scores.device)
+        drawn = torch.cat(tokens).to(scores.device)
+        keep = scores[at, drawn].clone()
+        scores[at] = float("-inf")
+        scores[at, drawn] = keep
         return scores

@@ -345,19 +345,3 @@ def test_greedy_ignores_the_bases_generation_config(tmp_path: Path) -> None:
         assert (resolved.repetition_penalty, resolved.do_sample, resolved.no_repeat_ngram_size) == (1.0, False, 0)
     finally:
         engine.close()
-
-
-@pytest.mark.slow
-def test_grammar_speed_benchmark_runs_on_its_smoke_settings() -> None:
-    """``benchmarks/grammar_speed.py --smoke`` (2 rows, a 6k stand-in vocabulary) runs and prints its whole table:
-    every grammar kind at both vocabularies, each valid answer accepted by the new processor."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "grammar_speed.py"), "--smoke"], cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith(("| extraction", "| writing", "| sentence"))]
-    assert len(rows) == 12  # 3 kinds x 2 vocabularies, printed as measured and again in the table
-    assert "Load average" in done.stdout

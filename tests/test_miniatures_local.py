@@ -251,3 +251,55 @@ async def test_gpu_batches_match_single_requests(tiny: dict[str, Path]) -> None:
     together = await asyncio.gather(*(engine.generate(a, p) for a, p in requests))
     assert [g.text for g in together] == alone
     assert LocalEngine(str(tiny["base"]), device="cuda").dtype == torch.bfloat16
+
+
+def test_reserved_cache_gives_the_dynamic_caches_tokens(tiny: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from miniatures.local import _cache_keyword, reserved_cache
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny["base"])).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
+    mask = (ids != 0).long()
+    settings = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "eos_token_id": [10_000]}
+    with torch.inference_mode():
+        keyword = _cache_keyword(type(model))  # ``cache`` in newer transformers 5, ``past_key_values`` before
+        plain = model.generate(input_ids=ids, attention_mask=mask, **{keyword: DynamicCache()}, **settings)
+        # a reserve of 2 makes the buffers grow twice during the 12 steps
+        for reserve in (12, 2):
+            cache = reserved_cache(model.config, reserve=reserve)
+            out = model.generate(input_ids=ids, attention_mask=mask, **{keyword: cache}, **settings)
+            assert torch.equal(out, plain)
+            assert cache.get_seq_length() == ids.shape[1] + 11
+
+
+async def test_short_answers_never_ride_with_long_ones(local: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    caps: list[list[int]] = []
+    run = local._run_batch
+
+    def recording(batch: Any) -> Any:
+        caps.append(sorted(r.max_new_tokens for r in batch))
+        return run(batch)
+
+    monkeypatch.setattr(local, "_run_batch", recording)
+    asked = [(PROMPTS[i % len(PROMPTS)], 12 if i % 3 == 0 else 3) for i in range(6)]
+    got = await asyncio.gather(*(local.generate("a1", chat, max_new_tokens=n) for chat, n in asked))
+    assert caps == [[3, 3, 3, 3], [12, 12]]  # the short answers first, in one batch; the long ones together
+    for (chat, n), answer in zip(asked, got, strict=True):
+        assert answer.text == local.generate_sync("a1", chat, max_new_tokens=n).text
+
+
+def test_a_long_request_is_passed_over_at_most_twice(local: LocalEngine) -> None:
+    import collections
+
+    from miniatures.local import _Request
+
+    def request(cap: int, started: float) -> _Request:
+        return _Request(adapter="a1", grammar=None, input_ids=[1], max_new_tokens=cap, started=started)
+
+    pending = collections.deque([request(400, 0.0)])
+    order = []
+    for step in range(4):
+        pending.append(request(8, 1.0 + step))
+        order.append([r.max_new_tokens for r in local._take_batch(pending)])
+    assert order == [[8], [8], [400], [8, 8]]
