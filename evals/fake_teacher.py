@@ -52,19 +52,23 @@ class FakeTeacher:
         port: TCP port on 127.0.0.1 (0: any free one).
         answer_unknown: the answer to messages that are not an agent's task (which the heuristic teacher
             refuses); None: such a request gets HTTP 400, as an API answers a request it cannot serve.
+        keep_bodies: keep each chat request's JSON body in ``bodies``, in arrival order (for tests that check
+            what a client sends; off for benchmarks, whose bodies would add up).
 
     Raises:
         ValueError: a negative latency or ``too_many_every``.
     """
 
     def __init__(self, latency_s: float = 0.2, *, too_many_every: int = 0, retry_after_s: float = 0.05,
-                 port: int = 0, answer_unknown: str | None = None) -> None:
+                 port: int = 0, answer_unknown: str | None = None, keep_bodies: bool = False) -> None:
         if latency_s < 0 or too_many_every < 0:
             raise ValueError(f"latency_s and too_many_every must be >= 0, got {latency_s} and {too_many_every}")
         self.latency_s, self.too_many_every, self.retry_after_s = latency_s, too_many_every, retry_after_s
         self.port = port
         self.answer_unknown = answer_unknown
         self.records: list[RequestRecord] = []
+        self.keep_bodies = keep_bodies
+        self.bodies: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._count = 0
         self._in_flight = 0
@@ -102,6 +106,7 @@ class FakeTeacher:
         configuration then pays the same (all answers computed anew, or all taken from a warm-up pass)."""
         with self._lock:
             self.records.clear()
+            self.bodies.clear()
             if answers:
                 self._answers.clear()
             self._count = 0
@@ -154,6 +159,8 @@ class FakeTeacher:
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
                     return
                 with teacher._lock:
+                    if teacher.keep_bodies:
+                        teacher.bodies.append(body)
                     teacher._count += 1
                     number = teacher._count
                     teacher._in_flight += 1
@@ -204,6 +211,11 @@ class FakeTeacher:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="fake-teacher")
         self._thread.start()
         self.port = self._server.server_address[1]
+        return self.url
+
+    @property
+    def url(self) -> str:
+        """The base URL (``http://127.0.0.1:PORT/v1``) once started."""
         return f"http://127.0.0.1:{self.port}/v1"
 
     def stop(self) -> None:
