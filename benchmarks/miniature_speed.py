@@ -282,10 +282,15 @@ class InferenceRow:
     seconds: float
     generate_calls: int
     note: str = ""
+    cpu_seconds: float = 0.0  # CPU time of the whole process (all its threads) over the same span
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.new_tokens / self.cpu_seconds if self.cpu_seconds > 0 else float("nan")
 
     @property
     def requests_per_min(self) -> float:
@@ -307,21 +312,45 @@ class PresetResult:
     train: list[dict[str, Any]] = field(default_factory=list)
 
 
+#: CPU seconds of the last ``_sequential``/``_gathered`` call (process time, every thread).
+_LAST_CPU_S = [0.0]
+
+
 async def _sequential(engine: Any, chats: list[tuple[str, list[dict[str, str]]]], new_tokens: int,
                       grammar: str | None = None) -> tuple[list[Any], float, int]:
     calls = engine.generate_calls
+    cpu = time.process_time()
     started = time.perf_counter()
     out = [await engine.generate(adapter, chat, max_new_tokens=new_tokens, grammar=grammar) for adapter, chat in chats]
+    _LAST_CPU_S[0] = time.process_time() - cpu
     return out, time.perf_counter() - started, engine.generate_calls - calls
 
 
 async def _gathered(engine: Any, chats: list[tuple[str, list[dict[str, str]]]], new_tokens: int,
                     grammar: str | None = None) -> tuple[list[Any], float, int]:
     calls = engine.generate_calls
+    cpu = time.process_time()
     started = time.perf_counter()
     out = await asyncio.gather(*[engine.generate(adapter, chat, max_new_tokens=new_tokens, grammar=grammar)
                                  for adapter, chat in chats])
+    _LAST_CPU_S[0] = time.process_time() - cpu
     return list(out), time.perf_counter() - started, engine.generate_calls - calls
+
+
+async def _best_of(repeats: int, run: Any, *args: Any) -> tuple[list[Any], float, int, float]:
+    """``run(*args)`` ``repeats`` times: the outputs and calls of the fastest, the least wall and CPU seconds.
+
+    On a shared CPU the least time of a few repeats is the one least disturbed by other processes.
+    """
+    best: tuple[list[Any], float, int, float] | None = None
+    least_cpu = float("inf")
+    for _ in range(max(1, repeats)):
+        out, seconds, calls = await run(*args)
+        least_cpu = min(least_cpu, _LAST_CPU_S[0])
+        if best is None or seconds < best[1]:
+            best = (out, seconds, calls, 0.0)
+    assert best is not None
+    return best[0], best[1], best[2], least_cpu
 
 
 def _writer_grammar() -> str:
@@ -348,13 +377,15 @@ async def run_inference(result: PresetResult, base_path: Path, adapters: dict[st
     seq = chats[: args.sequential]
     batch = chats[: args.batch]
 
-    def row(mode: str, gens: list[Any], seconds: float, calls: int, note: str = "") -> InferenceRow:
+    def row(mode: str, gens: list[Any], seconds: float, calls: int, cpu: float, note: str = "") -> InferenceRow:
         r = InferenceRow(result.preset, mode, len(gens), statistics.mean(g.input_tokens for g in gens),
-                         sum(g.output_tokens for g in gens), seconds, calls, note)
+                         sum(g.output_tokens for g in gens), seconds, calls, note, cpu)
         result.rows.append(r)
         console.print(f"  {result.preset} {mode}: {r.tokens_per_s:.1f} tokens/s, {r.requests_per_min:.1f} req/min "
-                      f"({r.new_tokens} tokens in {seconds:.1f} s, {calls} generate call(s))")
+                      f"({r.new_tokens} tokens in {seconds:.1f} s, {cpu:.1f} CPU s, {calls} generate call(s))")
         return r
+
+    reps = args.repeats
 
     # Warm-up: one short request and one short batch (allocator, kernels, first-call costs).
     await _sequential(engine, [(BASE_ADAPTER, chats[0])], 4)
@@ -362,33 +393,36 @@ async def run_inference(result: PresetResult, base_path: Path, adapters: dict[st
 
     # Prefill alone (max_new_tokens=1) on the batch-1 prompts, for the decode-only rate.
     _, prefill, _ = await _sequential(engine, [(BASE_ADAPTER, c) for c in seq], 1)
-    gens, seconds, calls = await _sequential(engine, [(BASE_ADAPTER, c) for c in seq], new)
-    row("base, batch 1", gens, seconds, calls)
+    gens, seconds, calls, cpu = await _best_of(reps, _sequential, engine, [(BASE_ADAPTER, c) for c in seq], new)
+    row("base, batch 1", gens, seconds, calls, cpu)
     result.prefill_s = prefill / len(seq)
     result.b1_request_s = seconds / len(seq)
     result.decode_tokens_per_s = (new - 1) / max(1e-9, result.b1_request_s - result.prefill_s)
     result.mean_prompt_tokens = statistics.mean(g.input_tokens for g in gens)
-    gens, seconds, calls = await _gathered(engine, [(BASE_ADAPTER, c) for c in batch], new)
-    row(f"base, {len(batch)} gathered", gens, seconds, calls)
+    gens, seconds, calls, cpu = await _best_of(reps, _gathered, engine, [(BASE_ADAPTER, c) for c in batch], new)
+    row(f"base, {len(batch)} gathered", gens, seconds, calls, cpu)
 
     # The same with the writer's answer grammar (llguidance masks, ``miniatures.grammar``) on every request.
     grammar = _writer_grammar()
-    gens, seconds, calls = await _sequential(engine, [(BASE_ADAPTER, c) for c in seq], new, grammar)
-    row("base + grammar, batch 1", gens, seconds, calls, "email grammar")
-    gens, seconds, calls = await _gathered(engine, [(BASE_ADAPTER, c) for c in batch], new, grammar)
-    row(f"base + grammar, {len(batch)} gathered", gens, seconds, calls, "email grammar")
+    gens, seconds, calls, cpu = await _best_of(reps, _sequential, engine, [(BASE_ADAPTER, c) for c in seq], new,
+                                               grammar)
+    row("base + grammar, batch 1", gens, seconds, calls, cpu, "email grammar")
+    gens, seconds, calls, cpu = await _best_of(reps, _gathered, engine, [(BASE_ADAPTER, c) for c in batch], new,
+                                               grammar)
+    row(f"base + grammar, {len(batch)} gathered", gens, seconds, calls, cpu, "email grammar")
 
     names = list(adapters)
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     await _gathered(engine, [(names[i % 2], c) for i, c in enumerate(batch)], 4)  # warm-up of the LoRA path
-    gens, seconds, calls = await _sequential(engine, [(names[0], c) for c in seq], new)
-    row("LoRA, batch 1", gens, seconds, calls, "one adapter")
+    gens, seconds, calls, cpu = await _best_of(reps, _sequential, engine, [(names[0], c) for c in seq], new)
+    row("LoRA, batch 1", gens, seconds, calls, cpu, "one adapter")
     if args.single_adapter_batch:
-        gens, seconds, calls = await _gathered(engine, [(names[0], c) for c in batch], new)
-        row(f"LoRA, {len(batch)} gathered", gens, seconds, calls, "one adapter")
-    gens, seconds, calls = await _gathered(engine, [(names[i % 2], c) for i, c in enumerate(batch)], new)
-    row(f"2 LoRAs mixed, {len(batch)} gathered", gens, seconds, calls,
+        gens, seconds, calls, cpu = await _best_of(reps, _gathered, engine, [(names[0], c) for c in batch], new)
+        row(f"LoRA, {len(batch)} gathered", gens, seconds, calls, cpu, "one adapter")
+    gens, seconds, calls, cpu = await _best_of(reps, _gathered, engine,
+                                               [(names[i % 2], c) for i, c in enumerate(batch)], new)
+    row(f"2 LoRAs mixed, {len(batch)} gathered", gens, seconds, calls, cpu,
         "one mixed-adapter batch" if calls == 1 else f"split into {calls} per-adapter batches")
     engine.close()
 
@@ -429,18 +463,13 @@ def _bound(r: PresetResult, bandwidth_gbs: float, new_tokens: int) -> dict[str, 
             "pct": 100 * r.decode_tokens_per_s / bound, "pct_kv": 100 * r.decode_tokens_per_s / bound_kv}
 
 
-def _ratios(r: PresetResult) -> list[tuple[str, float]]:
+def _ratios(r: PresetResult) -> list[tuple[str, float, float]]:
+    """``(name, batched / batch-1 tokens per wall second, the same per CPU second)`` for each pair measured."""
     by = {row.mode.split(",")[0] + ("/b1" if "batch 1" in row.mode else "/bN"): row for row in r.rows}
-    out = []
-    if "base/b1" in by and "base/bN" in by:
-        out.append(("base", by["base/bN"].tokens_per_s / by["base/b1"].tokens_per_s))
-    if "base + grammar/b1" in by and "base + grammar/bN" in by:
-        out.append(("base + grammar", by["base + grammar/bN"].tokens_per_s / by["base + grammar/b1"].tokens_per_s))
-    if "LoRA/b1" in by and "LoRA/bN" in by:
-        out.append(("LoRA", by["LoRA/bN"].tokens_per_s / by["LoRA/b1"].tokens_per_s))
-    if "LoRA/b1" in by and "2 LoRAs mixed/bN" in by:
-        out.append(("2 LoRAs mixed (vs LoRA batch 1)", by["2 LoRAs mixed/bN"].tokens_per_s / by["LoRA/b1"].tokens_per_s))
-    return out
+    pairs = [("base", "base/bN", "base/b1"), ("base + grammar", "base + grammar/bN", "base + grammar/b1"),
+             ("LoRA", "LoRA/bN", "LoRA/b1"), ("2 LoRAs mixed (vs LoRA batch 1)", "2 LoRAs mixed/bN", "LoRA/b1")]
+    return [(name, by[n].tokens_per_s / by[b].tokens_per_s, by[n].tokens_per_cpu_s / by[b].tokens_per_cpu_s)
+            for name, n, b in pairs if n in by and b in by]
 
 
 def report(results: list[PresetResult], machine: dict[str, str], bandwidth: float, loads: tuple[Any, Any],
@@ -448,17 +477,18 @@ def report(results: list[PresetResult], machine: dict[str, str], bandwidth: floa
     inf = Table(title=f"LocalEngine generation: writer chats, {args.new_tokens} new tokens each (greedy, stop "
                       f"tokens off), {args.threads} torch threads")
     for col in ("preset", "mode", "requests", "prompt tok", "new tok", "wall s", "gen tok/s", "req/min",
-                "generate calls"):
+                "CPU s", "tok/CPU s", "generate calls"):
         inf.add_column(col, justify="right" if col not in ("preset", "mode") else "left")
     for r in results:
         for row in r.rows:
             inf.add_row(r.preset, row.mode, str(row.requests), f"{row.prompt_tokens:.0f}", str(row.new_tokens),
                         f"{row.seconds:.1f}", f"{row.tokens_per_s:.1f}", f"{row.requests_per_min:.1f}",
-                        str(row.generate_calls))
+                        f"{row.cpu_seconds:.1f}", f"{row.tokens_per_cpu_s:.1f}", str(row.generate_calls))
     console.print(inf)
     for r in results:
-        for name, ratio in _ratios(r):
-            console.print(f"{r.preset}: batched / batch-1 tokens/s, {name}: [bold]{ratio:.2f}x[/bold] (target >= 4x)")
+        for name, ratio, cpu_ratio in _ratios(r):
+            console.print(f"{r.preset}: batched / batch-1 tokens/s, {name}: [bold]{ratio:.2f}x[/bold] wall, "
+                          f"{cpu_ratio:.2f}x CPU (target >= 4x)")
 
     tr = Table(title=f"finetune.train.main: {args.train_rows} writer chats, {args.train_steps} steps of "
                      f"{args.train_batch}")
@@ -507,16 +537,22 @@ def report(results: list[PresetResult], machine: dict[str, str], bandwidth: floa
         f"one after the other; gathered: {args.batch} `await engine.generate(...)` calls under `asyncio.gather`, "
         "which the engine's batcher runs as one left-padded `model.generate` call ('generate calls'). LoRA: r=16 "
         "on all seven projections, random `lora_B`; '2 LoRAs mixed' alternates two adapters in one batch "
-        "(peft `adapter_names`). Wall time includes tokenizing, queueing and padding.",
+        "(peft `adapter_names`). Wall time includes tokenizing, queueing and padding. Each mode ran "
+        f"{args.repeats} time(s) in a row; the table keeps the least wall time and, apart, the least CPU time "
+        "(`time.process_time`, every thread of the process), which other processes on the machine disturb far "
+        "less than wall time.",
         "",
-        "| preset | mode | requests | prompt tok (mean) | new tok | wall s | gen tok/s | req/min | generate calls |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| preset | mode | requests | prompt tok (mean) | new tok | wall s | gen tok/s | req/min | CPU s | tok/CPU s "
+        "| generate calls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *[f"| {r.preset} | {row.mode} | {row.requests} | {row.prompt_tokens:.0f} | {row.new_tokens} | "
-          f"{row.seconds:.1f} | {row.tokens_per_s:.1f} | {row.requests_per_min:.1f} | {row.generate_calls} |"
+          f"{row.seconds:.1f} | {row.tokens_per_s:.1f} | {row.requests_per_min:.1f} | {row.cpu_seconds:.1f} | "
+          f"{row.tokens_per_cpu_s:.1f} | {row.generate_calls} |"
           for r in results for row in r.rows],
         "",
-        "Batched / batch-1 throughput (issue target: >= 4x):", "",
-        *[f"- {r.preset}, {name}: **{ratio:.2f}x**" for r in results for name, ratio in _ratios(r)],
+        "Batched / batch-1 throughput (issue target: >= 4x), per wall second and per CPU second:", "",
+        *[f"- {r.preset}, {name}: **{ratio:.2f}x** wall, **{cpu_ratio:.2f}x** CPU"
+          for r in results for name, ratio, cpu_ratio in _ratios(r)],
         "",
         f"## 2. Fine-tuning (`finetune.train.main`, TRL `SFTTrainer`, CPU float32, {args.threads} threads)", "",
         f"{args.train_rows} synthetic writer chats (prompt as above plus a merge-tag email as the answer), "
@@ -553,8 +589,9 @@ def report(results: list[PresetResult], machine: dict[str, str], bandwidth: floa
         "",
         f"Threads: every figure uses {args.threads} torch threads. When other processes keep the cores busy "
         "(see the load averages above), OpenMP threads wait on each other and fewer threads can be much faster "
-        "(`LocalEngine`'s docstring measured 70 vs 10 tokens/s with 1 vs 2 threads on a 2-core machine with one "
-        "core busy); compare with `--threads 1`.",
+        "(the demo's writer miniature at batch 1, load 5 on 2 cores: 8.8 tokens/s with torch's default of 2 threads, "
+        "68 with 1); compare with `--threads 1`. Without `num_threads`, the CPU engines of one process share its "
+        "CPUs (`miniatures.local.share_cpus`).",
     ]
     if args.smoke:
         return
@@ -592,6 +629,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sequential", type=int, default=None, help="batch-1 requests, one after the other "
                                                                      "(default 2)")
     parser.add_argument("--batch", type=int, default=8, help="requests gathered into one batch")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each generation mode, the least time "
+                        "kept (default 3; 1 with --quick)")
     parser.add_argument("--single-adapter-batch", action="store_true",
                         help="also time a gathered batch on one LoRA adapter (besides the two mixed)")
     parser.add_argument("--train-rows", type=int, default=None, help="training conversations (default 64)")
@@ -612,6 +651,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.threads = args.threads or os.cpu_count() or 1
     args.new_tokens = args.new_tokens or (48 if quick else 150)
     args.sequential = args.sequential or (1 if quick else 2)
+    args.repeats = args.repeats or (1 if quick else 3)
     args.train_rows = args.train_rows or (24 if quick else 64)
     args.train_steps = args.train_steps or (3 if quick else 8)
     if args.batch < 2:

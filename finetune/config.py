@@ -118,8 +118,10 @@ class TrainConfig:
     )
     answer_format: str = field(
         default="json", metadata={"help": "How the miniature is asked (miniatures.formats): 'json' (the agent's "
-                                  "own prompt and answer) or 'sentence-tags' (researcher: one short prompt "
-                                  "per numbered sentence, answered '<field> | <value>' or '-')."})
+                                  "own prompt and answer), 'sentence-tags' (researcher: one short prompt "
+                                  "per numbered sentence, answered '<field> | <value>' or '-') or "
+                                  "'writer-brief' (writer: a short brief of the writing task, answered in the "
+                                  "agent's JSON with the offer's texts as {{cta}}, {{proof}}, {{opt_out}})."})
     email_grammar: str = field(
         default="format", metadata={"help": "Writer miniatures in-process: 'format' holds the answer to the email's "
                                     "JSON format and merge tags; 'craft' also to the rules of craft the rubric "

@@ -98,6 +98,7 @@ __all__ = [
     "task_sentences",
     "validate_example",
     "write_openai_jsonl",
+    "writer_brief_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -534,6 +535,30 @@ def sentence_tag_rows(rows: Iterable[Mapping[str, Any]], *, negative_fraction: f
             legacy = task_from_messages(row.get("messages") or [])
             task = legacy if isinstance(legacy, ExtractionTask) else None
         out += sentence_rows(row, negative_fraction=negative_fraction, rng=rng, task=task)
+    return out
+
+
+def writer_brief_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The ``writer-brief`` training rows of writer ``rows`` (``miniatures.formats.brief_row``: the brief of each
+    row's writing task, ``row["task"]``, and the teacher's answer with the offer's texts as offer tags); rows
+    without a writing task or whose answer is not the agent's JSON give none (counted in the log).
+
+    Returns:
+        Rows ``{"messages": [user, assistant], "task": {...}}``, in row order.
+    """
+    from miniatures.formats import brief_row
+
+    out: list[dict[str, Any]] = []
+    skipped = 0
+    for row in rows:
+        made = brief_row(row)
+        if made is None:
+            skipped += 1
+        else:
+            out.append(made)
+    if skipped:
+        logger.warning("writer-brief: %d of %d rows carry no writing task or no email answer; left out",
+                       skipped, skipped + len(out))
     return out
 
 

@@ -18,12 +18,13 @@ Output folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,8 +36,9 @@ from finetune.templates import OPTION_HINT, ChatTemplateError, TrainingTemplate
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["TrainProgress", "TrainResult", "TrainingMemoryError", "check_base_template", "linear_module_names",
-           "load_chat_jsonl", "main", "progress_callback", "training_template", "use_checkpointing"]
+__all__ = ["TrainProgress", "TrainResult", "TrainingMemoryError", "check_base_template", "labelled_positions_only",
+           "linear_module_names", "load_chat_jsonl", "main", "progress_callback", "training_template",
+           "use_checkpointing"]
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +284,13 @@ def _load_rows(config: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str
         if not train_rows:
             raise ValueError(f"{train_file}: no extraction rows with numbered sentences for answer_format "
                              "'sentence-tags'; it is meant for researcher datasets")
+    if config.answer_format == "writer-brief":
+        from finetune.datasets import writer_brief_rows
+
+        train_rows, eval_rows = writer_brief_rows(train_rows), writer_brief_rows(eval_rows)
+        if not train_rows:
+            raise ValueError(f"{train_file}: no writer rows with a writing task for answer_format 'writer-brief'; "
+                             "it is meant for writer datasets built by `outreach finetune dataset`")
     manifest_file = dataset_dir / "manifest.json"
     manifest: dict[str, Any] = {}
     if manifest_file.is_file():
@@ -351,6 +360,45 @@ def _trainer_error(exc: Exception) -> UserError | None:
 
 class TrainingMemoryError(UserError, RuntimeError):
     """Training ran out of memory; the message says which settings lower it."""
+
+
+@contextlib.contextmanager
+def labelled_positions_only() -> Iterator[bool]:
+    """Make TRL's fused LM head score only the positions that have a label, on CPU too; yields whether it could.
+
+    TRL's ``SFTTrainer`` computes the loss with a fused LM head (``trl.trainer.utils.add_fused_lm_head``) that
+    projects, in tiles, only the positions whose next-token label is not -100 when the device runs Triton (CUDA,
+    XPU), and every position elsewhere, so that tile shapes stay fixed for compilers that recompile on a new shape
+    (its comment names Neuron). Eager PyTorch on CPU compiles nothing, and with assistant-only loss most positions
+    are prompt: 87% of the demo's sentence-tags rows and 69% of its writer rows, each projected onto the whole
+    vocabulary, its log-softmax, entropy and top-1 computed, forward and backward, then thrown away. Inside this
+    context the CPU takes TRL's own compact path (the one it runs on CUDA): the same loss, gradients and metrics
+    (``tests/test_finetune_train_speed.py`` checks both against TRL's default). Measured per row of a training step
+    on the bootstrapped 1.7M shape, 1 thread, load average about 5: 1.42x on the demo's researcher rows and 1.39x on
+    its writer rows (batch 4); 1.37x and 1.60x on ``benchmarks/train_speed.py --only demo``'s demo-shaped rows.
+
+    The switch is TRL's private ``trl.trainer.utils._use_triton``, read at call time and restored on exit; a TRL
+    without it trains as before (logged once), and the test above fails, so an upgrade cannot drop it silently.
+    """
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:  # pragma: no cover - TRL is a dependency of the train extra
+        yield False
+        return
+    original = getattr(trl_utils, "_use_triton", None)
+    if not callable(original):
+        logger.info("this TRL has no trl.trainer.utils._use_triton: its LM head scores every position on CPU")
+        yield False
+        return
+
+    def _compact(device: Any) -> bool:
+        return bool(original(device)) or getattr(device, "type", None) == "cpu"
+
+    trl_utils._use_triton = _compact
+    try:
+        yield True
+    finally:
+        trl_utils._use_triton = original
 
 
 def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | None = None) -> TrainResult:
@@ -498,7 +546,7 @@ def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | 
     )
     started = time.perf_counter()
     try:
-        with PeakMemory(device) as peak:
+        with PeakMemory(device) as peak, labelled_positions_only():
             output = trainer.train()
     except (RuntimeError, MemoryError) as exc:
         mapped = _trainer_error(exc) if isinstance(exc, RuntimeError) else TrainingMemoryError(
@@ -514,7 +562,11 @@ def main(config: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | 
     if eval_ds is not None:
         evals_at_end = [r for r in trainer.state.log_history
                         if "eval_loss" in r and r.get("step") == trainer.state.global_step]
-        final_eval = float(evals_at_end[-1]["eval_loss"] if evals_at_end else trainer.evaluate()["eval_loss"])
+        if evals_at_end:
+            final_eval = float(evals_at_end[-1]["eval_loss"])
+        else:
+            with labelled_positions_only():
+                final_eval = float(trainer.evaluate()["eval_loss"])
 
     final_dir = out_dir / "final"
     trained_model.save_pretrained(str(final_dir))

@@ -23,6 +23,27 @@ model learns; the sentence prompts are also about 30x shorter, so they batch wel
 from the teacher's answers by ``sentence_rows`` (sentences citing nothing become ``-`` examples, a share
 of them kept); ``miniatures.grammar.tag_grammar`` holds each answer to ``-`` or a listed field and a span
 of its sentence.
+
+``writer-brief`` (writer): the writing task (``core.tasks.WritingTask``) is asked as one short user message of
+what changes per prospect and per offer, under short labels, without the rules (the examples teach them)::
+
+    Title: Head of Growth
+    Offer: Tallyfold Signals spots the accounts that are ready to buy, so ...
+    Solves: finding the accounts that are ready to buy; hitting pipeline targets after raising a round
+    Proof: yes
+    Ask: meeting
+    Tags: first_name last_name company title sender_name sender_company product
+    fact.recent_event: expanded into the Netherlands
+    fact.location: Omaha, Nebraska
+
+answered in the agent's JSON, where the offer's texts that an email copies word for word are written as offer
+tags (``OFFER_TAGS``): ``{{cta}}`` for the call to action, ``{{proof}}`` for the proof point, ``{{opt_out}}``
+for the opt-out line. ``expand_offer_tags`` writes the texts back before the answer leaves the backend, so the
+agent, its validation and the trace store see the agent's JSON. Why: the demo's 1.7M-parameter writer asked
+with the agent's prompt (about 590 tokens without its system message) dropped or garbled the proof point and
+the product; the brief is about 4x shorter (fewer tokens to train on and to prefill) and the model never
+copies the offer's sentences. Training rows are made from each row's task and the teacher's answer by
+``brief_row``.
 """
 
 from __future__ import annotations
@@ -37,11 +58,18 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from core.tasks import ExtractionTask, load_task
+from core.tasks import ExtractionTask, WritingTask, load_task
 
 __all__ = [
     "ANSWER_FORMATS",
+    "OFFER_TAGS",
+    "WRITER_BRIEF",
     "assemble_extraction",
+    "brief_answer",
+    "brief_messages",
+    "brief_row",
+    "expand_offer_tags",
+    "offer_tag_values",
     "parse_tag",
     "row_task",
     "sentence_messages",
@@ -50,8 +78,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The writer's compact answer format (see the module docstring).
+WRITER_BRIEF = "writer-brief"
 #: Answer formats a miniature can be trained for (recorded in its training config).
-ANSWER_FORMATS = ("json", "sentence-tags")
+ANSWER_FORMATS = ("json", "sentence-tags", WRITER_BRIEF)
+#: The offer tags of ``writer-brief`` answers and the ``core.tasks.OfferBrief`` field each stands for.
+OFFER_TAGS = {"cta": "call_to_action", "proof": "proof_point", "opt_out": "opt_out_line"}
 
 _TAG = re.compile(r"^([a-z_][a-z0-9_]*) \| (.+)$")
 _MIN_PROPAGATED_CHARS = 4
@@ -181,3 +213,81 @@ def sentence_rows(row: Mapping[str, Any], *, negative_fraction: float, rng: rand
         out.append({"messages": [*sentence_messages(task.company, s.source_url, s.text),
                                  {"role": "assistant", "content": answer}]})
     return out
+
+
+def offer_tag_values(task: WritingTask) -> dict[str, str]:
+    """The offer tags of ``task`` (``OFFER_TAGS``) with a non-blank text, mapped to the text (stripped)."""
+    values = {tag: str(getattr(task.offer, name)).strip() for tag, name in OFFER_TAGS.items()}
+    return {tag: text for tag, text in values.items() if text}
+
+
+def brief_messages(task: WritingTask) -> list[dict[str, str]]:
+    """The ``writer-brief`` chat of ``task``: one user message (module docstring).
+
+    Lines: ``Title`` (``-`` when unknown), ``Offer`` (the value proposition), ``Solves`` (the problems solved,
+    ``"; "``-joined; left out when none), ``Proof`` (``yes``/``no``: whether ``{{proof}}`` may be used), ``Ask``
+    (the call-to-action style; left out when not given), ``Tags`` (the name tags, space-separated), one
+    ``fact.<field>: <value>`` line per fact tag, and ``Fix: <detail>`` per failed check of an
+    earlier answer (``task.feedback``).
+    """
+    offer = task.offer
+    lines = [f"Title: {task.prospect_title.strip() or '-'}", f"Offer: {offer.value_proposition.strip()}"]
+    if offer.problems_solved:
+        lines.append("Solves: " + "; ".join(p.strip() for p in offer.problems_solved))
+    lines.append(f"Proof: {'yes' if offer.proof_point.strip() else 'no'}")
+    if offer.cta_style.strip():
+        lines.append(f"Ask: {offer.cta_style.strip()}")
+    lines.append("Tags: " + " ".join(t.name for t in task.merge_tags if not t.is_fact))
+    lines += [f"{t.name}: {t.value or t.description}" for t in task.fact_tags]
+    lines += [f"Fix: {d}" for d in dict.fromkeys(c.detail.strip() for c in task.feedback if c.detail.strip())]
+    return [{"role": "user", "content": "\n".join(lines)}]
+
+
+def brief_answer(answer: str, task: WritingTask) -> str | None:
+    """A teacher's email answer (the agent's JSON) as a ``writer-brief`` answer: each offer text written out
+    word for word (``offer_tag_values``) becomes its offer tag, longest text first. None when ``answer`` is
+    not the agent's JSON (an object with string ``subject`` and ``body``)."""
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("subject", "body")):
+        return None
+    values = sorted(offer_tag_values(task).items(), key=lambda kv: -len(kv[1]))
+    out = dict(data)
+    for key in ("subject", "body"):
+        text = str(data[key])
+        for tag, value in values:
+            text = text.replace(value, f"{{{{{tag}}}}}")
+        out[key] = text
+    return json.dumps(out, ensure_ascii=False)
+
+
+def expand_offer_tags(text: str, task: WritingTask) -> str:
+    """A ``writer-brief`` answer as the agent's JSON: each offer tag (``{{cta}}`` ...) replaced by its text,
+    JSON-escaped (the answer is JSON text, possibly cut short; an offer tag whose text is blank is left, and
+    validation then reports it as an unknown merge tag)."""
+    for tag, value in offer_tag_values(task).items():
+        text = text.replace(f"{{{{{tag}}}}}", json.dumps(value, ensure_ascii=False)[1:-1])
+    return text
+
+
+def brief_row(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One writer training row (the agent's prompt and the teacher's JSON answer, ``row["task"]`` its writing
+    task) as a ``writer-brief`` row ``{"messages": [user, assistant], "task": ...}``; None when the row carries
+    no writing task or its answer is not the agent's JSON."""
+    data = row.get("task")
+    messages = list(row.get("messages") or [])
+    if not data or not messages or messages[-1].get("role") != "assistant":
+        return None
+    try:
+        task = load_task(data)
+    except ValidationError as exc:
+        logger.warning("a training row's task does not load: %s", exc.errors()[0]["msg"] if exc.errors() else exc)
+        return None
+    if not isinstance(task, WritingTask):
+        return None
+    answer = brief_answer(str(messages[-1].get("content") or ""), task)
+    if answer is None:
+        return None
+    return {"messages": [*brief_messages(task), {"role": "assistant", "content": answer}], "task": data}

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import json
 import logging
+import os
 import threading
 import time
 import weakref
@@ -47,8 +49,15 @@ from pydantic import ConfigDict, Field
 from core.errors import UserError
 from core.tasks import ExtractionTask, WritingTask
 from miniatures.device import pick_device, torch_dtype
-from miniatures.formats import assemble_extraction, sentence_messages
-from miniatures.grammar import GrammarLogitsProcessor, answer_grammar, llg_tokenizer, tag_grammar
+from miniatures.formats import (
+    WRITER_BRIEF,
+    assemble_extraction,
+    brief_messages,
+    expand_offer_tags,
+    offer_tag_values,
+    sentence_messages,
+)
+from miniatures.grammar import GrammarLogitsProcessor, answer_grammar, email_grammar, llg_tokenizer, tag_grammar
 from miniatures.grammar import matcher as grammar_matcher
 from miniatures.registry import check_miniature_paths, get_miniature
 from miniatures.sampling import RowSampling, SeededSampler, prompt_seed
@@ -66,6 +75,8 @@ __all__ = [
     "build_miniature_chat_model",
     "repair_json",
     "reserved_cache",
+    "share_cpus",
+    "usable_cpus",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,6 +146,46 @@ class _LoopState:
     worker: asyncio.Task[None] | None = None
 
 
+#: The process's live CPU engines (``LocalEngine`` on a CPU device), which share its CPUs (``share_cpus``).
+_CPU_ENGINES: weakref.WeakSet[LocalEngine] = weakref.WeakSet()
+_CPU_ENGINES_LOCK = threading.RLock()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (``os.sched_getaffinity``), else ``os.cpu_count()``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _set_torch_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` for the calling thread, kept past torch's lazy per-thread start.
+
+    torch sets a thread's OpenMP thread count at its first parallel call to the last count set by any thread, so a
+    count set before that call would be lost; ``get_num_threads`` makes that call first.
+    """
+    import torch
+
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
+def share_cpus() -> int:
+    """Give each live CPU engine made with ``num_threads=None`` its share of the CPUs; returns the share.
+
+    The share is ``usable_cpus() // live CPU engines`` (engines with an explicit ``num_threads`` count too), at least
+    1. Set in each engine's model thread before its next batch (torch's thread count is per thread).
+    """
+    with _CPU_ENGINES_LOCK:
+        engines = [e for e in _CPU_ENGINES if not e._closed]
+        share = max(1, usable_cpus() // max(1, len(engines)))
+        for engine in engines:
+            if engine._shared_threads:
+                engine._use_threads(share)
+    return share
+
+
 class LocalEngine:
     """A base model with several LoRA adapters, serving batched greedy generation in-process.
 
@@ -146,10 +197,14 @@ class LocalEngine:
         max_batch_size: most requests run in one ``generate`` call.
         batch_window_ms: how long the batcher waits after a request for others to join it, ms.
         max_new_tokens: default cap on generated tokens per request.
-        num_threads: torch CPU threads (``torch.set_num_threads``, process-wide); ``None`` keeps torch's
-            default. On a CPU shared with other busy processes, 1 is much faster than the default:
-            measured on a 2-core machine with one core busy, a 10M-parameter Llama made 70 tokens/s
-            with 1 thread and 10 tokens/s with 2 (OpenMP threads wait on each other).
+        num_threads: torch CPU threads of the engine's model thread (``torch.set_num_threads``, set there and in
+            the calling thread). ``None`` on a CPU device: the process's CPU engines share its usable CPUs
+            (``usable_cpus() // live CPU engines``, at least 1, rebalanced when an engine is made or closed; see
+            ``share_cpus``), so a researcher and a writer engine on 2 cores get 1 thread each instead of torch's
+            default of one per core each. ``None`` on a GPU keeps torch's default. Oversubscribed OpenMP threads wait
+            on each other: measured here (2 cores, load 5), the demo's writer miniature made 8.8 tokens/s at batch 1
+            with torch's default threads and 68 tokens/s with 1 (``benchmarks/results/miniature_speed.md``); on a
+            CPU shared with other busy processes, pass 1.
         constrained: hold answers to the grammar of their task (``miniatures.grammar``) when the caller
             gives one (``task=`` of the chat model): extraction answers cite existing sentence ids and copy
             each value from the cited sentence, emails are JSON with only listed merge tags. Requests
@@ -222,7 +277,15 @@ class LocalEngine:
             import torch
 
             torch.set_num_threads(num_threads)
-            self._executor.submit(torch.set_num_threads, num_threads).result()
+            self._executor.submit(_set_torch_threads, num_threads).result()
+        self._closed = False
+        self.threads: int | None = num_threads  # torch threads of the model thread (None: torch's default)
+        on_cpu = str(self.device).split(":")[0] == "cpu"
+        self._shared_threads = num_threads is None and on_cpu
+        if on_cpu:  # every CPU engine counts, so the shared ones are rebalanced whichever kind this one is
+            with _CPU_ENGINES_LOCK:
+                _CPU_ENGINES.add(self)
+            share_cpus()
         self._mixed_batches: bool | None = None  # None: not tried yet
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
         self.generate_calls = 0
@@ -251,8 +314,23 @@ class LocalEngine:
         return dict(self._adapters)
 
     def close(self) -> None:
-        """Stop the engine's model thread (after the work it has); later calls raise ``RuntimeError``."""
+        """Stop the engine's model thread (after the work it has); later calls raise ``RuntimeError``.
+
+        The other CPU engines that share the CPUs (``num_threads=None``) then get its share (``share_cpus``).
+        """
+        with _CPU_ENGINES_LOCK:
+            self._closed = True
+            _CPU_ENGINES.discard(self)
         self._executor.shutdown(wait=True)
+        share_cpus()
+
+    def _use_threads(self, threads: int) -> None:
+        """Run the model thread with ``threads`` torch threads from its next task on (no-op when unchanged)."""
+        if threads == self.threads or self._closed:
+            return
+        self.threads = threads
+        self._executor.submit(_set_torch_threads, threads)
+        logger.debug("engine %s: %d torch thread(s)", self.base_model, threads)
 
     def add_adapter(self, name: str, path: str | Path) -> None:
         """Load the LoRA adapter in ``path`` under ``name`` (a no-op when it is already loaded from there).
@@ -856,8 +934,11 @@ class LocalMiniatureChatModel(BaseChatModel):
     (``miniatures.grammar``) constrains the answer, and with ``answer_format="sentence-tags"``
     (``miniatures.formats``) an extraction task is split into one prompt per numbered sentence, the sentences
     are tagged in one batch and the answer is the assembled extraction JSON (usage summed over the sentence
-    prompts). Without a task the chat is answered as it is, unconstrained. A miniature trained with
-    ``system_prompt=False`` is asked without the system messages. A writer trained with ``email_grammar="craft"``
+    prompts). With ``answer_format="writer-brief"`` a writing task is asked as its brief
+    (``miniatures.formats.brief_messages``), held to the email grammar with the offer tags, and the offer tags of
+    the answer are written out (``expand_offer_tags``), so the agent gets its own JSON. Without a task the chat is
+    answered as it is, unconstrained. A miniature trained with ``system_prompt=False`` is asked without the
+    system messages. A writer trained with ``email_grammar="craft"``
     (``craft_grammar``) is held to ``miniatures.grammar.craft_email_grammar`` instead of the email format alone.
 
     Raises (from ``invoke``/``ainvoke``):
@@ -955,10 +1036,11 @@ class LocalMiniatureChatModel(BaseChatModel):
         """
         split = self._split(task)
         if split is None:
-            asked = self._asked(chat)
-            return self.engine.generate_sync(self.adapter, asked, max_new_tokens=max_new_tokens,
-                                             grammar=self._grammar(task, grammar),
-                                             sampling=self._sampling(asked, temperature, top_p, seed))
+            asked = self._asked(chat, task)
+            return self._expanded(self.engine.generate_sync(self.adapter, asked, max_new_tokens=max_new_tokens,
+                                                            grammar=self._grammar(task, grammar),
+                                                            sampling=self._sampling(asked, temperature, top_p, seed)),
+                                  task)
         return _assembled(split, [
             self.engine.generate_sync(self.adapter, sentence_messages(split.company, s.source_url, s.text),
                                       max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(s.text, split))
@@ -977,18 +1059,30 @@ class LocalMiniatureChatModel(BaseChatModel):
         """
         split = self._split(task)
         if split is None:
-            asked = self._asked(chat)
-            return await self.engine.generate(self.adapter, asked, max_new_tokens=max_new_tokens,
-                                              grammar=self._grammar(task, grammar),
-                                              sampling=self._sampling(asked, temperature, top_p, seed))
+            asked = self._asked(chat, task)
+            return self._expanded(await self.engine.generate(self.adapter, asked, max_new_tokens=max_new_tokens,
+                                                             grammar=self._grammar(task, grammar),
+                                                             sampling=self._sampling(asked, temperature, top_p, seed)),
+                                  task)
         return _assembled(split, await asyncio.gather(*(
             self.engine.generate(self.adapter, sentence_messages(split.company, s.source_url, s.text),
                                  max_new_tokens=_TAG_TOKENS, grammar=self._tag_grammar(s.text, split))
             for s in split.sentences)))
 
-    def _asked(self, chat: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
-        """``chat`` as the miniature was trained to see it (without system messages when trained so)."""
+    def _asked(self, chat: Sequence[Mapping[str, Any]],
+               task: ExtractionTask | WritingTask | None = None) -> Sequence[Mapping[str, Any]]:
+        """``chat`` as the miniature was trained to see it: a ``writer-brief`` writer gets the brief of its writing
+        task (``miniatures.formats.brief_messages``) instead; otherwise without system messages when trained so."""
+        if self.answer_format == WRITER_BRIEF and isinstance(task, WritingTask):
+            return brief_messages(task)
         return chat if self.system_prompt else [m for m in chat if m.get("role") != "system"]
+
+    def _expanded(self, generation: Generation, task: ExtractionTask | WritingTask | None) -> Generation:
+        """A ``writer-brief`` answer with its offer tags written out (``miniatures.formats.expand_offer_tags``):
+        the agent's JSON; any other answer as it is."""
+        if self.answer_format != WRITER_BRIEF or not isinstance(task, WritingTask):
+            return generation
+        return dataclasses.replace(generation, text=expand_offer_tags(generation.text, task))
 
     def _sampling(self, chat: Sequence[Mapping[str, Any]], temperature: float | None, top_p: float | None,
                   seed: int | None) -> RowSampling | None:
@@ -1005,7 +1099,11 @@ class LocalMiniatureChatModel(BaseChatModel):
         ``craft_grammar``, an email's with the rules of craft, ``miniatures.grammar.craft_email_grammar``)."""
         if grammar is not None:
             return grammar
-        return answer_grammar(task, craft=self.craft_grammar) if task is not None and self.engine.constrained else None
+        if task is None or not self.engine.constrained:
+            return None
+        if self.answer_format == WRITER_BRIEF and isinstance(task, WritingTask) and not self.craft_grammar:
+            return email_grammar(task, tuple(offer_tag_values(task)))
+        return answer_grammar(task, craft=self.craft_grammar)
 
     def _split(self, task: ExtractionTask | WritingTask | None) -> ExtractionTask | None:
         """The extraction task to split into sentence prompts, or None to answer the chat as it is."""

@@ -63,6 +63,7 @@ class SeededSampler:
         self._temperatures = torch.tensor([[r.temperature] for r in sampled], dtype=torch.float32)
         self._top_p = torch.tensor([[r.top_p] for r in sampled], dtype=torch.float32)
         self._nucleus = any(r.top_p < 1 for r in sampled)
+        self._all_sampled = len(sampled) == len(self.rows)
         self._devices: dict[Any, tuple[Any, Any, Any]] = {}
 
     def _on(self, device: Any) -> tuple[Any, Any, Any]:
@@ -83,7 +84,8 @@ class SeededSampler:
             return scores
         index, temperatures, top_p = self._on(scores.device)
         # Every sampled row at once (each row's softmax, sort and cumulative sum are its own): (rows, vocab).
-        probs = torch.softmax(scores[index].float() / temperatures, dim=-1)
+        picked = scores if self._all_sampled else scores[index]  # (a gather copies: skipped when every row samples)
+        probs = torch.softmax(picked.float() / temperatures, dim=-1)
         if self._nucleus:
             sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
             # keep the smallest prefix whose mass reaches top_p (the first token always stays); top_p 1 keeps all
@@ -105,6 +107,6 @@ class SeededSampler:
         at = torch.tensor(rows, device=scores.device)
         drawn = torch.cat(tokens).to(scores.device)
         keep = scores[at, drawn].clone()
-        scores[at] = float("-inf")
+        scores.index_fill_(0, at, float("-inf"))  # (index_fill_: a fraction of the cost of scores[at] = -inf)
         scores[at, drawn] = keep
         return scores

@@ -594,18 +594,24 @@ def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, bas
         console.print(f"base {base_model}; method {method}: LoRA adapters on a pretrained base, several per base")
     # The researcher miniature tags one sentence per prompt (miniatures.formats, "sentence-tags"): with the
     # whole prompt a model this small cited the first sentence for every field. Batches of 4: twice the
-    # optimizer steps of 8 for the same compute, which a tiny base needs.
+    # optimizer steps of 8 for the same compute, which a tiny base needs; its rows are short, so one padded
+    # micro-batch of 4 (not 4 of 1). Its eval loss once, at the end: each pass over its 919 eval rows costs
+    # about 40 training steps.
     # The writer is trained without its constant system prompt (15% fewer tokens per step; its rules are in
     # the examples) and for 2 epochs: after 1 its subjects ran on and its emails failed validation.
     formats: dict[str, dict[str, Any]] = {
-        "researcher": {"answer_format": "sentence-tags", "eval_steps": 1_000, "num_train_epochs": epochs or 1.0},
+        "researcher": {"answer_format": "sentence-tags", "eval_steps": 100_000, "num_train_epochs": epochs or 1.0,
+                       "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
         "writer": {"eval_steps": 100, "system_prompt": False, "num_train_epochs": epochs or 2.0}}
     for agent in ("researcher", "writer"):
         with training_progress(f"training demo-{agent}") as on_progress:
             distilled = distill(engine, agent=agent, name=f"demo-{agent}", base_model=base_model,
                                 work_dir=out / "models", campaigns=["demo-train"], method=method,  # type: ignore[arg-type]
+                                # Steps of 4 rows as 4 micro-batches of 1 (the same gradient): a row without
+                                # padding takes the causal attention kernel, which skips the masked half; 1.46x
+                                # the writer's speed per row (benchmarks/train_speed.py --only demo).
                                 train_overrides={"learning_rate": 2e-3, "save_steps": 10_000,
-                                                 "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                                                 "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
                                                  **formats[agent]},
                                 on_progress=on_progress)
         m = distilled.miniature

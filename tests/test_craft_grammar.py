@@ -109,7 +109,10 @@ def test_emails_that_break_a_rule_are_refused(tok: tuple[Any, Any], change: tupl
     assert old in GOOD[key]
     broken = {**GOOD, key: GOOD[key].replace(old, new)}
     task = _task(3)
-    assert _accepts(tok, email_grammar(task), broken)  # the format grammar alone lets it through
+    # The format grammar refuses the product twice and a product or first-name tag in the subject; the rest it
+    # lets through.
+    format_refuses = "{{product}} and" in new or (key == "subject" and "{{" in new)
+    assert _accepts(tok, email_grammar(task), broken) is not format_refuses
     assert not _accepts(tok, craft_email_grammar(task), broken)
 
 
@@ -162,7 +165,7 @@ def test_the_craft_grammar_is_chosen_at_training_time() -> None:
     with pytest.raises(ValueError, match="email_grammar must be one of format, craft"):
         TrainConfig(base_model="b", dataset_dir="d", output_dir="o", email_grammar="strict")
     task = _task(0)
-    engine = SimpleNamespace(constrained=True)
+    engine: Any = SimpleNamespace(constrained=True)
     craft = LocalMiniatureChatModel.model_construct(engine=engine, adapter="w", craft_grammar=True)
     plain = LocalMiniatureChatModel.model_construct(engine=engine, adapter="w")
     assert craft._grammar(task, None) == craft_email_grammar(task)

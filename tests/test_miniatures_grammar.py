@@ -93,12 +93,13 @@ def test_extraction_answers_accepted_and_refused(tiny: tuple[Any, Any], llt: Any
 def test_email_answers_accepted_and_refused(tiny: tuple[Any, Any], llt: Any) -> None:
     tokenizer = tiny[0]
     grammar = answer_grammar(WRITING)
-    email = json.dumps({"subject": "Hi {{first_name}}", "body": "Hello {{first_name}},\n\nIn {{fact.location}}?"})
+    email = json.dumps({"subject": "{{fact.location}}", "body": "Hello {{first_name}},\n\nIn {{fact.location}}?"})
     assert _accepts(llt, tokenizer, grammar, email) == (True, True)
     sixty = json.dumps({"subject": "a" * 60, "body": "x"})
     assert _accepts(llt, tokenizer, grammar, sixty) == (True, True)
     refused = {
         "unlisted tag": '{"subject": "Hi {{company}}',
+        "first name in the subject": '{"subject": "Hi {{first_name}}',
         "single brace": '{"subject": "Hi {first_name',
         "lone closing brace": '{"subject": "Hi }',
         "brace as a unicode escape": '{"subject": "Hi \\u007b',
@@ -233,7 +234,7 @@ def test_processor_masks_equal_llguidance_bitmasks(tiny: tuple[Any, Any], llt: A
     tokenizer = tiny[0]
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     extraction = json.dumps({"facts": [{"field": "product", "evidence": "S2", "value": "Sarnora Sync"}]})
-    email = json.dumps({"subject": "Hi {{first_name}}", "body": "Hello {{first_name}}, a body in {{fact.location}}."})
+    email = json.dumps({"subject": "{{fact.location}}", "body": "Hello {{first_name}}, a body in {{fact.location}}."})
     grammars = [answer_grammar(TASK), None, answer_grammar(WRITING), answer_grammar(WRITING)]
     answers = [tokenizer(extraction, add_special_tokens=False)["input_ids"] + [stop], [],
                tokenizer(email, add_special_tokens=False)["input_ids"] + [stop],
