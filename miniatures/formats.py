@@ -92,15 +92,21 @@ _MIN_PROPAGATED_CHARS = 4
 def row_task(row: Mapping[str, Any]) -> ExtractionTask | None:
     """The extraction task a training row carries (``row["task"]``, ``core.tasks.dump_task`` JSON, as
     ``finetune.datasets`` writes it), or None when it carries none, another kind, or one that does not load."""
+    task = _stored_task(row)
+    return task if isinstance(task, ExtractionTask) else None
+
+
+def _stored_task(row: Mapping[str, Any]) -> ExtractionTask | WritingTask | None:
+    """The task a training row carries (``row["task"]``), or None when it carries none or one that does not load
+    (logged)."""
     data = row.get("task")
     if not data:
         return None
     try:
-        task = load_task(data)
+        return load_task(data)
     except ValidationError as exc:
         logger.warning("a training row's task does not load: %s", exc.errors()[0]["msg"] if exc.errors() else exc)
         return None
-    return task if isinstance(task, ExtractionTask) else None
 
 
 def _host(url: str) -> str:
@@ -276,18 +282,13 @@ def brief_row(row: Mapping[str, Any]) -> dict[str, Any] | None:
     """One writer training row (the agent's prompt and the teacher's JSON answer, ``row["task"]`` its writing
     task) as a ``writer-brief`` row ``{"messages": [user, assistant], "task": ...}``; None when the row carries
     no writing task or its answer is not the agent's JSON."""
-    data = row.get("task")
     messages = list(row.get("messages") or [])
-    if not data or not messages or messages[-1].get("role") != "assistant":
+    if not messages or messages[-1].get("role") != "assistant":
         return None
-    try:
-        task = load_task(data)
-    except ValidationError as exc:
-        logger.warning("a training row's task does not load: %s", exc.errors()[0]["msg"] if exc.errors() else exc)
-        return None
+    task = _stored_task(row)
     if not isinstance(task, WritingTask):
         return None
     answer = brief_answer(str(messages[-1].get("content") or ""), task)
     if answer is None:
         return None
-    return {"messages": [*brief_messages(task), {"role": "assistant", "content": answer}], "task": data}
+    return {"messages": [*brief_messages(task), {"role": "assistant", "content": answer}], "task": row["task"]}

@@ -7,6 +7,7 @@ LoRA rank as parameters, shared by the server tests and the serving benchmark.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -70,3 +71,33 @@ def build_adapter(base: Path, folder: Path, seed: int, *, rank: int = 4) -> Path
                       init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(str(folder))
     return folder
+
+
+def grammar_tokenizer(folder: Path) -> tuple[Any, Any]:
+    """A tiny base's tokenizer built in ``folder`` and its llguidance tokenizer (``<|im_end|>`` the stop token):
+    ``(transformers tokenizer, llguidance.LLTokenizer)``, for feeding answers to a grammar."""
+    from transformers import AutoTokenizer
+
+    from miniatures.grammar import llg_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_base(folder))
+    end: Any = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return tokenizer, llg_tokenizer(tokenizer, [int(end)])
+
+
+def grammar_accepts(tok: tuple[Any, Any], grammar: str, answer: dict[str, str] | str) -> bool:
+    """The whole answer (JSON as the agents write it, or text) is consumed token by token with a mask computed
+    at each step, and complete; a lexer that gives up ("too many expressions") is a refusal too, so it cannot
+    pass unseen. ``tok`` is ``grammar_tokenizer``'s pair."""
+    import json
+
+    from miniatures.grammar import matcher
+
+    tokenizer, llt = tok
+    found = matcher(llt, grammar)
+    text = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        found.compute_bitmask()
+        if not found.consume_token(token):
+            return False
+    return bool(found.is_accepting())

@@ -6,7 +6,6 @@ Answers are fed as a tiny locally trained tokenizer splits them (no downloads, n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,12 @@ from agents.schemas import Fact, Offer, Profile, ProspectInfo
 from agents.writer import writing_task
 from core.tasks import WritingTask
 from evals.rubric import score_email
-from miniatures.grammar import GrammarError, answer_grammar, craft_email_grammar, email_grammar, llg_tokenizer, matcher
+from miniatures.grammar import GrammarError, answer_grammar, craft_email_grammar, email_grammar
 
 pytest.importorskip("llguidance")
 pytest.importorskip("transformers")
 
-from tests.miniature_fixtures import build_tiny_base  # noqa: E402
+from tests.miniature_fixtures import grammar_accepts, grammar_tokenizer  # noqa: E402
 
 OFFER = Offer(
     sender_name="Ilse Varnum", sender_title="Account Executive", sender_company="Tallyfold",
@@ -50,18 +49,10 @@ def _task(i: int, offer: Offer = OFFER, facts: list[tuple[str, str]] = FACTS, fi
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(build_tiny_base(tmp_path_factory.mktemp("craft") / "base"))
-    end: Any = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return tokenizer, llg_tokenizer(tokenizer, [int(end)])
+    return grammar_tokenizer(tmp_path_factory.mktemp("craft") / "base")
 
 
-def _accepts(tok: tuple[Any, Any], grammar: str, answer: dict[str, str]) -> bool:
-    tokenizer, llt = tok
-    found = matcher(llt, grammar)
-    ids: list[int] = tokenizer(json.dumps(answer), add_special_tokens=False)["input_ids"]
-    return bool(found.consume_tokens(ids) and found.is_accepting())
+_accepts = grammar_accepts
 
 
 GOOD = {

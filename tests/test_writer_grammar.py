@@ -17,12 +17,12 @@ from agents.schemas import Fact, Offer, Profile, ProspectInfo
 from agents.writer import writing_task
 from core.tasks import WritingTask
 from miniatures.formats import OFFER_TAGS, brief_answer
-from miniatures.grammar import email_grammar, llg_tokenizer, matcher
+from miniatures.grammar import email_grammar
 
 pytest.importorskip("llguidance")
 pytest.importorskip("transformers")
 
-from tests.miniature_fixtures import build_tiny_base  # noqa: E402
+from tests.miniature_fixtures import grammar_accepts, grammar_tokenizer  # noqa: E402
 
 OFFER = Offer(
     sender_name="Ilse Varnum", sender_title="Account Executive", sender_company="Tallyfold",
@@ -52,24 +52,10 @@ def _task(i: int, offer: Offer = OFFER) -> WritingTask:
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(build_tiny_base(tmp_path_factory.mktemp("writer-grammar") / "base"))
-    end: Any = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return tokenizer, llg_tokenizer(tokenizer, [int(end)])
+    return grammar_tokenizer(tmp_path_factory.mktemp("writer-grammar") / "base")
 
 
-def _accepts(tok: tuple[Any, Any], grammar: str, answer: dict[str, str] | str) -> bool:
-    """The whole answer (JSON as the agents write it) is consumed, token by token with a mask at each step, and
-    complete; a lexer that gives up ("too many expressions") is a refusal too, so it cannot pass unseen."""
-    tokenizer, llt = tok
-    found = matcher(llt, grammar)
-    text = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
-    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
-        found.compute_bitmask()
-        if not found.consume_token(token):
-            return False
-    return bool(found.is_accepting())
+_accepts = grammar_accepts
 
 
 def test_the_teachers_emails_pass(tok: tuple[Any, Any]) -> None:
