@@ -23,22 +23,13 @@ pytest.importorskip("llguidance")
 pytest.importorskip("transformers")
 
 from tests.miniature_fixtures import grammar_accepts, grammar_tokenizer  # noqa: E402
+from tests.test_craft_grammar import FACTS as CRAFT_FACTS  # noqa: E402
+from tests.test_craft_grammar import OFFER as CRAFT_OFFER  # noqa: E402
 
-OFFER = Offer(
-    sender_name="Ilse Varnum", sender_title="Account Executive", sender_company="Tallyfold",
-    product="Tallyfold Signals",
-    value_proposition="Tallyfold Signals spots the accounts that are ready to buy, so your team spends its week on "
-                      "conversations instead of spreadsheets.",
-    call_to_action="Would a 15-minute call next week be worth it?",
-    problems_solved=["finding the accounts that are ready to buy", "filling the pipeline for a newly opened office",
-                     "hitting pipeline targets after raising a round",
-                     "expanding into a market without local contacts"],
-    proof_point="Brightline's sales team booked 30% more meetings in its first quarter with it.",
-    cta_style="meeting",
-)
-FACTS = [("industry", "logistics software"), ("location", "Omaha, Nebraska"), ("employee_count", "120"),
-         ("recent_event", "opened an office in Lisbon"), ("customer_segment", "third-party logistics providers"),
-         ("pain_point", "finding accounts that are ready to buy")]
+# The craft grammar tests' offer and facts, with one more problem solved and a pain point.
+OFFER = CRAFT_OFFER.model_copy(update={
+    "problems_solved": [*CRAFT_OFFER.problems_solved, "expanding into a market without local contacts"]})
+FACTS = [*CRAFT_FACTS, ("pain_point", "finding accounts that are ready to buy")]
 
 
 def _task(i: int, offer: Offer = OFFER) -> WritingTask:
