@@ -382,10 +382,12 @@ def export_miniatures(records: Sequence[MiniatureRecord], out_dir: str | Path, *
         raise GgufError("no miniatures to export; register one with `outreach finetune train`")
     for record in records:
         check_miniature_paths(record)
-        if str((record.training_config or {}).get("answer_format", "json")) != "json":
+        answer_format = str((record.training_config or {}).get("answer_format", "json"))
+        if answer_format != "json":
             raise GgufError(
-                f"{record.name}@{record.version} answers in the 'sentence-tags' format, which only the in-process "
-                "backend splits into sentence prompts; serve it with `outreach serve` (local engine)")
+                f"{record.name}@{record.version} answers in the '{answer_format}' format, which only the in-process "
+                f"backend builds from the agent's typed task; use it as `miniature:{record.name}`, or export a "
+                "miniature trained with answer_format 'json'")
     find_llama_cpp(llama_cpp)  # fail before any work
     folder = Path(out_dir).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)

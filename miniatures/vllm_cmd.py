@@ -182,13 +182,13 @@ def build_vllm_commands(
         raise VllmCommandError("no miniatures to serve; register one with `outreach finetune train`")
     for record in records:
         check_miniature_paths(record)
-    split = [f"{r.name}@{r.version}" for r in records
+    split = [f"{r.name}@{r.version} ('{(r.training_config or {}).get('answer_format')}')" for r in records
              if str((r.training_config or {}).get("answer_format", "json")) != "json"]
     if split:
         raise VllmCommandError(
-            f"{', '.join(split)} answer(s) in the 'sentence-tags' format: the in-process backend splits each "
-            "extraction prompt into sentence prompts, vLLM would not; serve them with `outreach serve` or use "
-            "them as miniature:<name> backends")
+            f"{', '.join(split)} answer(s) in a format other than 'json': only the in-process backend builds their "
+            "prompts from the agent's typed task (sentence prompts, a writer brief), vLLM would not; use them as "
+            "miniature:<name> backends")
     lora = [r for r in records if r.method == "lora"]
     full = [r for r in records if r.method != "lora"]
     latest: dict[str, MiniatureRecord] = {}  # the plain-name alias goes to the highest version of each name

@@ -95,6 +95,9 @@ def test_export_checks_records_before_any_conversion(tmp_path: Path, monkeypatch
                            adapter_path=str(adapter), training_config={"answer_format": "sentence-tags"})
     with pytest.raises(GgufError, match="researcher@2 answers in the 'sentence-tags' format"):
         export_miniatures([tags], tmp_path / "out")
+    brief = tags.model_copy(update={"training_config": {"answer_format": "writer-brief"}})
+    with pytest.raises(GgufError, match="'writer-brief' format.*miniature:researcher"):
+        export_miniatures([brief], tmp_path / "out")
     ok = MiniatureRecord(name="writer", agent="writer", version=1, base_model="Qwen/Qwen2.5-0.5B-Instruct",
                          adapter_path=str(adapter))
     with pytest.raises(GgufError, match="no llama.cpp folder"):

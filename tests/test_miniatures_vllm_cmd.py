@@ -122,10 +122,11 @@ def test_mixed_bases_are_refused_with_the_miniatures_named(tmp_path: Path) -> No
         build_vllm_commands([])
 
 
-def test_sentence_tags_miniatures_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("answer_format", ["sentence-tags", "writer-brief"])
+def test_miniatures_asked_from_their_task_are_refused(tmp_path: Path, answer_format: str) -> None:
     record = _record("researcher", 2, _adapter(tmp_path / "a", 8))
-    record.training_config = {"answer_format": "sentence-tags"}
-    with pytest.raises(VllmCommandError, match=r"researcher@2 .*sentence-tags.*outreach serve"):
+    record.training_config = {"answer_format": answer_format}
+    with pytest.raises(VllmCommandError, match=rf"researcher@2 \('{answer_format}'\).*miniature:<name>"):
         build_vllm_commands([record])
 
 
