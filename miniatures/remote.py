@@ -9,16 +9,23 @@ part of its URL, where httpx would log them: the URL is stripped, the userinfo i
 credentials and the query with every request, through the client's own httpx clients.
 
 Every request carries its answer's grammar and explicit greedy settings (``GrammarChatOpenAI``): the agents
-pass their typed task (``ainvoke(messages, task=task)``), which is never sent as such but turned into what
-the server kind understands (``miniatures.grammar``):
+pass their typed task (``ainvoke(messages, task=task)``), which is turned into what the server kind understands
+(``miniatures.grammar``); only the project's own server (``#outreach``) gets the task itself:
 
 =============  ============================================================================================
 server kind    the request carries
 =============  ============================================================================================
+``outreach``   what ``vllm`` gets, and the typed task itself in the extension field ``outreach_task``
+               (``TASK_FIELD``: ``core.tasks.dump_task`` JSON, its ``kind`` ``"extraction"`` or ``"writing"``).
+               The project's own server (``outreach serve``, ``miniatures.server``) answers through the
+               miniature's answer format with it, as the in-process backend does: a ``sentence-tags``
+               researcher or a ``writer-brief`` writer can only be served so (asked without a task, the server
+               answers 400). vLLM logs the field as ignored and holds the answer to the grammar.
 ``vllm``       ``structured_outputs.grammar`` (the Lark grammar, llguidance dialect: vLLM's ``guidance``
                backend reads it; start vLLM with ``--structured-outputs-config.backend guidance``, or rely on
                its ``auto`` backend falling back to guidance when xgrammar cannot read the grammar) and
-               ``repetition_penalty`` 1.0. The project's own server (``outreach serve``) reads the same field.
+               ``repetition_penalty`` 1.0. The project's own server reads the same field and serves
+               ``json``-format miniatures with it unchanged.
 ``llama.cpp``  ``grammar`` (the same Lark text, which starts ``%llguidance {}``: llama.cpp's server must be
                built with ``-DLLAMA_LLGUIDANCE=ON``; a build without it refuses the grammar rather than
                ignoring it) and ``repeat_penalty`` 1.0.
@@ -29,8 +36,8 @@ server kind    the request carries
 
 Every kind gets ``temperature`` 0 and ``top_p`` 1. The kind is ``vllm`` for ``vllm:`` specs, ``ollama`` for
 ``ollama:`` specs, ``openai`` for the public OpenAI API, and for ``openai:<model>@<url>`` the URL's fragment
-names it: ``openai:m@http://127.0.0.1:8080/v1#llama.cpp``, ``...#vllm`` (also the project's own server),
-``...#openai`` (the default without a fragment). A URL fragment is never sent to a server.
+names it: ``openai:m@http://127.0.0.1:8000/v1#outreach`` (the project's own server), ``...#llama.cpp``,
+``...#vllm``, ``...#openai`` (the default without a fragment). A URL fragment is never sent to a server.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from core.tasks import ExtractionTask, WritingTask
+from core.tasks import ExtractionTask, WritingTask, dump_task
 from miniatures.grammar import answer_grammar, json_schema
 from miniatures.redaction import install_log_redaction, redact, register_secret, split_url_credentials
 from miniatures.specs import BackendSpec, BackendSpecError
@@ -48,13 +55,18 @@ from miniatures.specs import BackendSpec, BackendSpecError
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
 
-__all__ = ["OLLAMA_DEFAULT_URL", "SERVER_KINDS", "build_remote_chat_model", "request_fields", "server_kind"]
+__all__ = ["OLLAMA_DEFAULT_URL", "SERVER_KINDS", "TASK_FIELD", "build_remote_chat_model", "request_fields",
+           "server_kind"]
 
 #: Where ``ollama serve`` listens by default (its OpenAI-compatible API).
 OLLAMA_DEFAULT_URL = "http://127.0.0.1:11434/v1"
 
 #: What a server understands of grammars and decoding settings (see the module docstring).
-SERVER_KINDS = ("openai", "vllm", "llama.cpp", "ollama")
+SERVER_KINDS = ("openai", "vllm", "llama.cpp", "ollama", "outreach")
+
+#: The request body's extension field that carries the typed task to the project's own server (``#outreach``):
+#: ``core.tasks.dump_task`` JSON, read back there with ``core.tasks.load_task``.
+TASK_FIELD = "outreach_task"
 
 
 def server_kind(spec: BackendSpec) -> str:
@@ -82,18 +94,20 @@ def request_fields(kind: str, task: ExtractionTask | WritingTask | None,
     Args:
         kind: one of ``SERVER_KINDS``.
         task: the typed task of the call, or None (then only the decoding settings).
-        extra_body: the call's own ``extra_body``, kept (its grammar and penalty fields are replaced).
+        extra_body: the call's own ``extra_body``, kept (its grammar, penalty and task fields are replaced).
 
     Returns:
         Keyword arguments for the OpenAI client's ``create``: ``top_p``, and ``extra_body`` and/or
-        ``response_format``.
+        ``response_format``. Only ``outreach`` puts the task itself in the body (``TASK_FIELD``).
     """
     fields: dict[str, Any] = {"top_p": 1.0}
     body = dict(extra_body or {})
-    if kind == "vllm":
+    if kind in ("vllm", "outreach"):
         body["repetition_penalty"] = 1.0
         if task is not None:
             body["structured_outputs"] = {"grammar": answer_grammar(task)}
+            if kind == "outreach":
+                body[TASK_FIELD] = dump_task(task)
     elif kind == "llama.cpp":
         body["repeat_penalty"] = 1.0
         if task is not None:
@@ -123,7 +137,7 @@ def _grammar_client_class() -> type:
     class GrammarChatOpenAI(ChatOpenAI):
         """``ChatOpenAI`` that turns a call's ``task`` into its server kind's fields (``request_fields``).
 
-        The task itself is never sent. ``server_kind`` is one of ``SERVER_KINDS``.
+        The task itself is sent to the ``outreach`` kind only. ``server_kind`` is one of ``SERVER_KINDS``.
         """
 
         server_kind: str = "openai"

@@ -6,7 +6,8 @@ Endpoints (the subset of the OpenAI API that the campaign's ``openai:<model>@<ba
   (``data: {chat.completion.chunk}`` lines ending with ``data: [DONE]``, as OpenAI and vLLM send them);
 - ``GET /v1/models``: every served miniature as ``<name>@<version>`` and its plain ``<name>`` alias (the
   highest served version of that name), each with ``"parent"`` (its base model) and ``"root"`` (its adapter
-  folder), the way vLLM lists ``--lora-modules``;
+  folder), the way vLLM lists ``--lora-modules``, and in ``"metadata"`` its ``answer_format`` and the ``task``
+  kind a request must carry for it (``"extraction"``, ``"writing"``, or null: none needed; see "Typed tasks");
 - ``GET /health``: 200 when the server is up (no API key needed, like vLLM's).
 
 The request's ``model`` picks the miniature. A pinned version can also be asked for as ``<name>:<version>``,
@@ -26,6 +27,22 @@ Constrained answers, as vLLM takes them: ``structured_outputs`` ``{"grammar": <L
 ``miniatures.grammar`` writes), ``{"json": <schema>}`` or ``{"choice": [...]}``, or ``response_format``
 ``{"type": "json_schema", "json_schema": {"schema": ...}}`` / ``{"type": "json_object"}``; the answer is held to
 it by the engine's llguidance token masks. A grammar that does not compile is a 400 (``param`` names the field).
+
+Typed tasks (this server's extension, sent by ``openai:<name>@<url>#outreach`` backends, ``miniatures.remote``):
+``outreach_task`` in the body holds the agent's typed task as ``core.tasks.dump_task`` JSON (``"kind":
+"extraction"`` or ``"writing"``), read with ``core.tasks.load_task``; one that does not load is a 400 with
+``param: "outreach_task"`` and ``code: "invalid_task"`` naming what is wrong. With a task the miniature answers
+through its answer format exactly as the in-process ``miniature:<name>`` backend does with the same task
+(``LocalMiniatureChatModel.answer``): a ``sentence-tags`` researcher answers one short prompt per numbered
+sentence and the extraction JSON is assembled, a ``writer-brief`` writer gets the brief rendered from the
+writing task and its offer tags written out, a ``json`` miniature the messages under its task's grammar. The
+task decides the grammar then: a ``structured_outputs.grammar`` equal to the task's own answer grammar
+(``miniatures.grammar.answer_grammar``, what ``#outreach`` clients send alongside, so that vLLM behind such a URL
+still holds the answer to it) is redundant; any other constraint given with a task is a 400. A miniature whose
+format builds its prompts from the task (``sentence-tags``, ``writer-brief``) asked without one, or with a task
+of the other kind, gets a 400 (``param: "outreach_task"``, ``code: "task_required"`` or ``"invalid_task"``) that
+names the format and the fix, never an answer to a prompt it was not trained on. Requests without a task
+(``vllm:`` specs, ``#vllm``, plain OpenAI clients) are served as before by ``json``-format miniatures.
 
 Streaming: the engine generates whole answers in batches, so a stream sends the ``role`` chunk at once, then,
 when the answer is ready, its text in word-sized chunks, the final chunk with ``finish_reason`` and, with
@@ -91,9 +108,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.errors import UserError
-from miniatures.grammar import GrammarError
+from core.tasks import ExtractionTask, WritingTask, load_task
+from miniatures.formats import WRITER_BRIEF, brief_messages, sentence_messages
+from miniatures.grammar import GrammarError, answer_grammar
 from miniatures.local import BASE_ADAPTER, Generation, LocalEngine, LocalMiniatureChatModel, repair_json
 from miniatures.registry import get_miniature, list_miniatures
+from miniatures.remote import TASK_FIELD
 from miniatures.sampling import RowSampling, prompt_seed
 from miniatures.specs import parse_backend_spec
 
@@ -113,6 +133,7 @@ __all__ = [
     "RunningServer",
     "ChatCompletionRequest",
     "ServedModel",
+    "TASK_FORMATS",
     "check_bind",
     "create_app",
     "is_loopback",
@@ -136,6 +157,9 @@ DEFAULT_MAX_BODY_BYTES = 4_000_000
 DEFAULT_MAX_TOKENS_CAP = 512
 #: Host names a loopback server always answers for.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+#: Answer formats whose prompts are built from the typed task (``miniatures.formats``), and the task kind each
+#: needs in ``outreach_task``.
+TASK_FORMATS = {"sentence-tags": "extraction", WRITER_BRIEF: "writing"}
 
 _ROLES = {"system", "user", "assistant", "developer"}
 _WORDS = re.compile(r"\s*\S+\s*|\s+")
@@ -349,8 +373,8 @@ class _ResponseFormat(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The body of ``POST /v1/chat/completions`` (OpenAI's fields and vLLM's ``structured_outputs``;
-    unknown extra fields are ignored)."""
+    """The body of ``POST /v1/chat/completions`` (OpenAI's fields, vLLM's ``structured_outputs`` and this server's
+    ``outreach_task``, the typed task; unknown extra fields are ignored)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -371,6 +395,7 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0)
     structured_outputs: _StructuredOutputs | None = None
     response_format: _ResponseFormat | None = None
+    outreach_task: Any = None  # ``TASK_FIELD``: checked by ``request_task``, so its errors name the field
 
 
 def request_grammar(request: ChatCompletionRequest) -> tuple[str | None, str | None]:
@@ -405,6 +430,80 @@ def request_grammar(request: ChatCompletionRequest) -> tuple[str | None, str | N
     return found[0] if found else (None, None)
 
 
+_KIND_ARTICLE = {"extraction": "an extraction", "writing": "a writing"}
+_JSON_TYPES = {str: "a string", list: "an array", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def request_task(request: ChatCompletionRequest) -> ExtractionTask | WritingTask | None:
+    """The typed task a request carries in ``outreach_task`` (``core.tasks.dump_task`` JSON), or None (absent or null).
+
+    Raises:
+        _APIError: 400 (``param: "outreach_task"``, ``code: "invalid_task"``) for a value that is not a JSON object,
+            or an object that is not a task of a known kind; the message names the first wrong part.
+    """
+    data = request.outreach_task
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise _APIError(400, f"{TASK_FIELD} must be a JSON object, the typed task as core.tasks.dump_task writes it, "
+                             f"not {_JSON_TYPES.get(type(data), 'that')}; send the task with an "
+                             "openai:<name>@<url>#outreach backend", param=TASK_FIELD, code="invalid_task")
+    try:
+        return load_task(data)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+        loc = ".".join(str(part) for part in first.get("loc", ()))
+        where = f"{TASK_FIELD}.{loc}" if loc else TASK_FIELD
+        raise _APIError(400, f"{TASK_FIELD} is not a typed task: {where}: {first.get('msg', 'invalid')}; send an "
+                             "extraction or writing task as core.tasks.dump_task writes it", param=TASK_FIELD,
+                        code="invalid_task") from exc
+    except RecursionError as exc:
+        raise _APIError(400, f"{TASK_FIELD} is nested too deeply to be a typed task; send core.tasks.dump_task JSON",
+                        param=TASK_FIELD, code="invalid_task") from exc
+
+
+def _answer_format(model: ServedModel) -> str:
+    return model.chat.answer_format if model.chat is not None else "json"
+
+
+def check_task(model: ServedModel, task: ExtractionTask | WritingTask | None, base_url: str) -> None:
+    """Refuse a request whose miniature's answer format needs a typed task it does not carry (``TASK_FORMATS``).
+
+    Args:
+        model: the requested miniature.
+        task: the request's task (``request_task``).
+        base_url: this server's ``/v1`` URL as the client reached it, for the fix the message names.
+
+    Raises:
+        _APIError: 400 ``code: "task_required"`` for no task, ``"invalid_task"`` for a task of the other kind.
+    """
+    answer_format = _answer_format(model)
+    needed = TASK_FORMATS.get(answer_format)
+    if needed is None or (task is not None and task.kind == needed):
+        return
+    backend = f"openai:{model.name}@{base_url}#outreach"
+    if task is None:
+        raise _APIError(400, f"miniature {model.id} answers in the '{answer_format}' format, whose prompts are built "
+                             f"from the agent's typed {needed} task, and this request carries none ({TASK_FIELD}); "
+                             f"send the task: use the backend {backend}", param=TASK_FIELD, code="task_required")
+    agent = {"extraction": "researcher", "writing": "writer"}[task.kind]
+    raise _APIError(400, f"miniature {model.id} answers in the '{answer_format}' format, which needs "
+                         f"{_KIND_ARTICLE[needed]} task; {TASK_FIELD} is {_KIND_ARTICLE[task.kind]} task (the "
+                         f"{agent}'s): send it to a {agent} miniature", param=TASK_FIELD, code="invalid_task")
+
+
+def _asked_prompts(model: ServedModel, chat: list[dict[str, str]],
+                   task: ExtractionTask | WritingTask | None) -> list[list[dict[str, str]]]:
+    """The prompts the miniature is fed for this request (as ``LocalMiniatureChatModel.answer`` builds them): one
+    per sentence of a split extraction task, the brief of a writing task, else the messages."""
+    answer_format = _answer_format(model)
+    if answer_format == "sentence-tags" and isinstance(task, ExtractionTask) and task.sentences:
+        return [sentence_messages(task.company, s.source_url, s.text) for s in task.sentences]
+    if answer_format == WRITER_BRIEF and isinstance(task, WritingTask):
+        return [brief_messages(task)]
+    return [chat]
+
+
 # ---------------------------------------------------------------------- errors
 
 
@@ -430,6 +529,18 @@ def _validation_error(exc: ValidationError) -> _APIError:
 
 
 # ---------------------------------------------------------------------- the app
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """A checked request: the miniature, its messages, its ``max_tokens``, the request's own grammar (None: the
+    task's or free) and its typed task."""
+
+    model: ServedModel
+    chat: list[dict[str, str]]
+    max_new: int | None
+    grammar: str | None
+    task: ExtractionTask | WritingTask | None
 
 
 def _chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
@@ -706,43 +817,60 @@ def create_app(
             chunks.append(chunk)
         return await asyncio.to_thread(_parse_body, b"".join(chunks))
 
-    def prepare(body: ChatCompletionRequest) -> tuple[ServedModel, list[dict[str, str]], int | None, str | None]:
-        """Check the request, its grammar, and count its prompt's tokens (blocking: the chat template, the
-        tokenizer, compiling the grammar)."""
+    def prepare(body: ChatCompletionRequest, base_url: str) -> _Asked:
+        """Check the request, its task and grammar, and count its prompt's tokens (blocking: the chat template, the
+        tokenizer, compiling the grammar). ``base_url``: this server's ``/v1`` URL, for the fixes errors name."""
         _check_options(body, max_tokens_cap)
         model = resolve(body.model)
+        task = request_task(body)
+        check_task(model, task, base_url)
         grammar, field = request_grammar(body)
+        if task is not None and grammar is not None:
+            if field != "structured_outputs.grammar" or grammar != answer_grammar(task):
+                raise _APIError(400, f"the request gives {TASK_FIELD} and {field}, which is not the task's own answer "
+                                     f"grammar; with a task the miniature holds its answer to the task's grammar, so "
+                                     f"leave {field} out", param=field, code="invalid_grammar")
+            grammar = None  # the task's own: the miniature builds it from the task, as in-process
         if grammar is not None:
             try:
                 model.engine.matcher(grammar)
             except GrammarError as exc:
                 raise _APIError(400, f"{field} does not compile: {exc}", param=field, code="invalid_grammar") from exc
         chat = _chat_messages(body)
-        n_prompt = len(model.engine.prompt_ids(chat))
+        n_prompt = max(len(model.engine.prompt_ids(p)) for p in _asked_prompts(model, chat, task))
         limit = max_prompt_tokens or model.engine.context_length or None
         if model.engine.context_length:
             limit = min(limit or model.engine.context_length, model.engine.context_length - 1)
         if limit is not None and n_prompt > limit:
-            raise _APIError(400, f"This model's maximum prompt length is {limit} tokens; your messages make "
-                                 f"{n_prompt} tokens. Shorten the messages.", param="messages",
-                            code="context_length_exceeded")
-        return model, chat, body.max_completion_tokens or body.max_tokens, grammar
+            if task is None or _answer_format(model) not in TASK_FORMATS:
+                raise _APIError(400, f"This model's maximum prompt length is {limit} tokens; your messages make "
+                                     f"{n_prompt} tokens. Shorten the messages.", param="messages",
+                                code="context_length_exceeded")
+            raise _APIError(400, f"This model's maximum prompt length is {limit} tokens; the longest prompt built "
+                                 f"from {TASK_FIELD} makes {n_prompt} tokens. Shorten the task's texts.",
+                            param=TASK_FIELD, code="context_length_exceeded")
+        return _Asked(model, chat, body.max_completion_tokens or body.max_tokens, grammar, task)
 
-    async def generate(model: ServedModel, chat: list[dict[str, str]], max_new: int | None,
-                       grammar: str | None, body: ChatCompletionRequest) -> Generation:
+    async def generate(asked: _Asked, body: ChatCompletionRequest) -> Generation:
         # The request's own decoding: temperature 0 or absent is greedy (whatever the model's default), a
         # temperature > 0 samples with top_p and the request's seed (else one from the prompt, so repeatable).
+        model, chat, max_new, grammar, task = asked.model, asked.chat, asked.max_new, asked.grammar, asked.task
         temperature, top_p = body.temperature or 0.0, body.top_p or 1.0
         try:
             if model.chat is not None:
-                return await model.chat.answer(chat, max_new_tokens=max_new, grammar=grammar,
+                return await model.chat.answer(chat, max_new_tokens=max_new, task=task, grammar=grammar,
                                                temperature=temperature, top_p=top_p, seed=body.seed)
+            if task is not None and model.engine.constrained:
+                grammar = answer_grammar(task)
             sampling = None
             if temperature > 0:
                 seed = body.seed if body.seed is not None else prompt_seed(json.dumps(chat, ensure_ascii=False))
                 sampling = RowSampling(temperature=temperature, top_p=top_p, seed=seed)
             return await model.engine.generate(model.adapter, chat, max_new_tokens=max_new, grammar=grammar,
                                                sampling=sampling)
+        except GrammarError as exc:  # a task's grammar that does not compile (the request's own was checked)
+            raise _APIError(400, f"the answer grammar of {TASK_FIELD} does not compile: {exc}", param=TASK_FIELD,
+                            code="invalid_grammar") from exc
         except ValueError as exc:
             raise _APIError(400, str(exc), param="messages") from exc
 
@@ -759,11 +887,12 @@ def create_app(
             body = await read_body(request)
         except ClientDisconnect:
             return gone("while sending its request")
-        model, chat, max_new, grammar = await asyncio.to_thread(prepare, body)
+        asked = await asyncio.to_thread(prepare, body, f"{str(request.base_url).rstrip('/')}/v1")
+        model = asked.model
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if not body.stream:
-            generation = await _unless_disconnected(request, generate(model, chat, max_new, grammar, body))
+            generation = await _unless_disconnected(request, generate(asked, body))
             if generation is None:
                 return gone("before its answer")
             text, finish = finish_text(generation, body.stop)
@@ -787,7 +916,7 @@ def create_app(
         async def events() -> AsyncIterator[str]:
             yield chunk({"role": "assistant", "content": ""})
             try:
-                generation = await generate(model, chat, max_new, grammar, body)
+                generation = await generate(asked, body)
             except _APIError as exc:  # after the 200 header: report in the stream, as vLLM does
                 app.state.stats["errors"] += 1
                 yield f"data: {json.dumps(exc.body())}\n\n"
@@ -845,7 +974,8 @@ def _model_card(model_id: str, model: ServedModel) -> dict[str, Any]:
         "root": model.root, "parent": model.parent, "max_model_len": model.engine.context_length or None,
         "permission": [],
         "metadata": {"name": model.name, "version": model.version,
-                     "method": "full" if model.adapter == BASE_ADAPTER else "lora"},
+                     "method": "full" if model.adapter == BASE_ADAPTER else "lora",
+                     "answer_format": _answer_format(model), "task": TASK_FORMATS.get(_answer_format(model))},
     }
 
 

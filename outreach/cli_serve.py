@@ -1,9 +1,11 @@
 """``outreach serve`` (local engine, vLLM or llama.cpp) and the miniatures' serving chores.
 
 ``outreach serve`` serves registered miniatures over an OpenAI-compatible API: in this process
-(``--engine local``), or by starting or printing the command of vLLM (GPU) or llama.cpp's ``llama-server``
-(CPU, on GGUF files exported first). ``outreach miniatures export-gguf`` writes those GGUF files and prints the
-server commands; ``outreach miniatures relocate`` points a registered miniature at its folders' new place.
+(``--engine local``, ``miniatures.server``, which also takes the agents' typed tasks from
+``openai:<name>@<url>#outreach`` backends), or by starting or printing the command of vLLM (GPU) or llama.cpp's
+``llama-server`` (CPU, on GGUF files exported first). ``outreach miniatures export-gguf`` writes those GGUF files
+and prints the server commands; ``outreach miniatures relocate`` points a registered miniature at its folders' new
+place.
 
 Only typer and rich are imported at start-up; fastapi, uvicorn, torch and the converters load inside the
 commands.
@@ -94,7 +96,11 @@ def serve_command(
     """Serve registered miniatures over an OpenAI-compatible API (/v1/chat/completions, /v1/models).
 
     With the local engine, LoRA miniatures on one base share it in memory and concurrent requests are batched.
-    Point an agent at one with `openai:<name>@http://127.0.0.1:8000/v1`.
+    Point an agent at one with `openai:<name>@http://127.0.0.1:8000/v1#outreach`: the #outreach fragment sends
+    the agent's typed task with each request (field outreach_task), and the miniature answers through its answer
+    format as the in-process miniature:<name> backend does. A sentence-tags researcher or a writer-brief writer
+    asked without the task (a #vllm or plain OpenAI client) gets HTTP 400; json-format miniatures also serve
+    such clients as before.
 
     With llama-cpp, the miniatures are exported to GGUF in --gguf-dir first (kept while their folders do not
     change), and each gets its own llama-server process on --port, --port + 1, ...
@@ -184,7 +190,8 @@ def _serve_local(store_engine: Engine, selectors: list[str], *, host: str, port:
         raise typer.Exit(2) from exc
     ids = sorted({m.id for m in models} | {m.name for m in models})
     err.print(f"serving {', '.join(ids)} on http://{host}:{port}/v1  (Ctrl-C stops)", markup=False, soft_wrap=True)
-    err.print(f"use it as: openai:{models[0].name}@http://{host}:{port}/v1", markup=False, soft_wrap=True)
+    err.print(f"use it as: openai:{models[0].name}@http://{host}:{port}/v1#outreach  (#outreach sends the agent's "
+              "typed task, which sentence-tags and writer-brief miniatures need)", markup=False, soft_wrap=True)
     run_server(app, host=host, port=port)
 
 
