@@ -386,8 +386,9 @@ def export_miniatures(records: Sequence[MiniatureRecord], out_dir: str | Path, *
         if answer_format != "json":
             raise GgufError(
                 f"{record.name}@{record.version} answers in the '{answer_format}' format, which only the in-process "
-                f"backend builds from the agent's typed task; use it as `miniature:{record.name}`, or export a "
-                "miniature trained with answer_format 'json'")
+                f"backend builds from the agent's typed task; use it as `miniature:{record.name}`, serve it with "
+                f"`outreach serve` and `openai:{record.name}@<url>#outreach`, or export a miniature trained with "
+                "answer_format 'json'")
     find_llama_cpp(llama_cpp)  # fail before any work
     folder = Path(out_dir).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)

@@ -188,7 +188,7 @@ def build_vllm_commands(
         raise VllmCommandError(
             f"{', '.join(split)} answer(s) in a format other than 'json': only the in-process backend builds their "
             "prompts from the agent's typed task (sentence prompts, a writer brief), vLLM would not; use them as "
-            "miniature:<name> backends")
+            "miniature:<name> backends, or serve them with `outreach serve` and `openai:<name>@<url>#outreach`")
     lora = [r for r in records if r.method == "lora"]
     full = [r for r in records if r.method != "lora"]
     latest: dict[str, MiniatureRecord] = {}  # the plain-name alias goes to the highest version of each name

@@ -164,7 +164,10 @@ def settings_or_exit(config: Path | None, **overrides: object) -> Settings:
 
 
 def backend_endpoint(spec: BackendSpec) -> str | None:
-    """The base URL a remote backend spec talks to (credentials and query left out), or None for a local one."""
+    """The base URL a remote backend spec talks to (credentials, query and the ``#<server kind>`` fragment left
+    out), or None for a local one."""
+    from urllib.parse import urlsplit, urlunsplit
+
     from miniatures.redaction import redact, split_url_credentials
     from miniatures.remote import OLLAMA_DEFAULT_URL
 
@@ -172,9 +175,10 @@ def backend_endpoint(spec: BackendSpec) -> str | None:
         return None
     url = spec.base_url or (OLLAMA_DEFAULT_URL if spec.kind == "ollama" else OPENAI_API_URL)
     try:
-        return split_url_credentials(url).url
+        clean = split_url_credentials(url).url
     except ValueError:
         return redact(url)
+    return urlunsplit(urlsplit(clean)._replace(fragment=""))
 
 
 def _probe_failure(agent: str, spec: BackendSpec, settings: Settings | None) -> str | None:

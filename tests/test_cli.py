@@ -396,3 +396,13 @@ def test_a_damaged_store_or_corpus_is_one_line_not_a_traceback(tmp_path: Path, a
     assert done.returncode == 2, done.stderr
     said = " ".join(done.stderr.split())
     assert label in said and "Traceback" not in done.stderr and "Traceback" not in done.stdout
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/v1#outreach", "http://127.0.0.1:8000/v1#vllm",
+                                 "http://user:key@127.0.0.1:8000/v1?api_key=k#llama.cpp"])
+def test_backend_endpoint_drops_the_server_kind_fragment(url: str) -> None:
+    """The probe asks <endpoint>/models: a #<server kind> fragment left on the endpoint would swallow the path."""
+    from miniatures.specs import parse_backend_spec
+    from outreach.cli_common import backend_endpoint
+
+    assert backend_endpoint(parse_backend_spec(f"openai:m@{url}")) == "http://127.0.0.1:8000/v1"
