@@ -5,7 +5,7 @@ The model is a stand-in of Qwen2-0.5B (``finetune.standins.build_standin("qwen2.
 generation speed depends on the shapes, not on the weights). Engines, side by side on the same prompts:
 
 - ``miniatures.local.LocalEngine`` (transformers, float32 on CPU): batch 1 is requests one after the other,
-  batch 8 is eight requests gathered with asyncio, which the engine serves as one left-padded ``generate``;
+  batch 8 is eight requests gathered with asyncio, which the engine decodes together (continuous batching);
 - llama.cpp's ``llama-server`` on the GGUF export of the same folder (``miniatures.gguf``), ``f16`` and
   ``q8_0``, ``--parallel 8``: batch 1 is requests one after the other, batch 8 is eight concurrent requests,
   which the server decodes together (continuous batching).
@@ -109,7 +109,7 @@ async def bench_local(base: Path, new_tokens: int, threads: int, sequential: int
         calls = engine.generate_calls
         made, took, prompt = await _gather(engine, _chats(8), new_tokens)
         rows.append(Row("in-process (transformers f32)", 8, 8, prompt, made, took,
-                        f"{engine.generate_calls - calls} generate call(s)"))
+                        f"{engine.generate_calls - calls} decoding run(s)"))
     finally:
         engine.close()
     return rows

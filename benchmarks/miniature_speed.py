@@ -5,7 +5,7 @@ on the text of a small demo world, ChatML tokenizer trained on that text; preset
 
 1. ``miniatures.local.LocalEngine`` generation: tokens/s and requests/min at batch 1 (requests one after
    the other, each ``await engine.generate(...)``) and batched (8 requests gathered with asyncio, which the
-   engine serves as one left-padded ``generate`` call), on the bare base, on one LoRA adapter and with two
+   engine decodes together, continuous batching), on the bare base, on one LoRA adapter and with two
    LoRA adapters mixed in one batch. Prompts are writer chats (``agents.writer.build_writer_messages`` over
    demo-world prospects, topped up with a validation-feedback retry turn to about ``--prompt-tokens``);
    greedy decoding with the stop tokens disabled, so every request makes exactly ``--new-tokens`` tokens.
@@ -16,6 +16,7 @@ on the text of a small demo world, ChatML tokenizer trained on that text; preset
    measured here by a numpy copy of a large array.
 
 Usage: python benchmarks/miniature_speed.py [--smoke] [--quick] [--threads N] [--presets 2m,10m]
+       [--baseline-engine OLD_LOCAL_PY] [--prefix-cache-tokens N]
        [--out benchmarks/results/miniature_speed.md]
 """
 
@@ -283,6 +284,8 @@ class InferenceRow:
     generate_calls: int
     note: str = ""
     cpu_seconds: float = 0.0  # CPU time of the whole process (all its threads) over the same span
+    prefilled: int = 0  # prompt tokens run through the model (engines with a prefix cache count them)
+    reused: int = 0  # prompt tokens taken from the prefix cache instead
 
     @property
     def tokens_per_s(self) -> float:
@@ -314,26 +317,46 @@ class PresetResult:
 
 #: CPU seconds of the last ``_sequential``/``_gathered`` call (process time, every thread).
 _LAST_CPU_S = [0.0]
+#: Prompt tokens (prefilled, reused from the prefix cache) of the last ``_sequential``/``_gathered`` call.
+_LAST_PREFILL = [0, 0]
+
+
+def _fresh(engine: Any) -> tuple[int, int]:
+    """Empty the engine's prefix cache (so a run reuses only what its own prompts share, never a repeat of an
+    earlier run's prompts) and return its prompt-token counters (0, 0 for an engine without them)."""
+    cache = getattr(engine, "prefix_cache", None)
+    if cache is not None:
+        cache.clear()
+    return getattr(engine, "prefill_tokens", 0), getattr(engine, "prefix_tokens_reused", 0)
+
+
+def _count(engine: Any, before: tuple[int, int]) -> None:
+    _LAST_PREFILL[:] = [getattr(engine, "prefill_tokens", 0) - before[0],
+                        getattr(engine, "prefix_tokens_reused", 0) - before[1]]
 
 
 async def _sequential(engine: Any, chats: list[tuple[str, list[dict[str, str]]]], new_tokens: int,
                       grammar: str | None = None) -> tuple[list[Any], float, int]:
     calls = engine.generate_calls
+    before = _fresh(engine)
     cpu = time.process_time()
     started = time.perf_counter()
     out = [await engine.generate(adapter, chat, max_new_tokens=new_tokens, grammar=grammar) for adapter, chat in chats]
     _LAST_CPU_S[0] = time.process_time() - cpu
+    _count(engine, before)
     return out, time.perf_counter() - started, engine.generate_calls - calls
 
 
 async def _gathered(engine: Any, chats: list[tuple[str, list[dict[str, str]]]], new_tokens: int,
                     grammar: str | None = None) -> tuple[list[Any], float, int]:
     calls = engine.generate_calls
+    before = _fresh(engine)
     cpu = time.process_time()
     started = time.perf_counter()
     out = await asyncio.gather(*[engine.generate(adapter, chat, max_new_tokens=new_tokens, grammar=grammar)
                                  for adapter, chat in chats])
     _LAST_CPU_S[0] = time.process_time() - cpu
+    _count(engine, before)
     return list(out), time.perf_counter() - started, engine.generate_calls - calls
 
 
@@ -354,23 +377,56 @@ async def _best_of(repeats: int, run: Any, *args: Any) -> tuple[list[Any], float
 
 
 def _writer_grammar() -> str:
-    """The email answer grammar of a writing task with the demo's merge tags (``miniatures.grammar``)."""
+    """The email answer grammar of a writing task with the demo's merge tags (``miniatures.grammar``), as a run of
+    at least 8 emails one after another (its ``start`` rule renamed ``email``; ``start: email ("\\n" email){7,}``).
+
+    A random-weight model closes its first email after a few dozen tokens, and an engine ends an answer as soon as
+    its grammar is complete (or the model picks the stop token it then allows); emails one after another keep
+    every row under the grammar's masks for all ``--new-tokens`` tokens, as the rows without grammar are, so the
+    two compare token for token.
+    """
     from core.tasks import MergeTag, OfferBrief, WritingTask
     from miniatures.grammar import answer_grammar
 
     offer = OfferBrief(sender_title="AE", product="Ledgerline", value_proposition="v", call_to_action="c",
                        opt_out_line="o")
     tags = ("first_name", "company", "sender_name", "fact.location", "fact.industry")
-    return answer_grammar(WritingTask(offer=offer, merge_tags=tuple(MergeTag(name=t, description=t) for t in tags)))
+    one = answer_grammar(WritingTask(offer=offer, merge_tags=tuple(MergeTag(name=t, description=t) for t in tags)))
+    if "\nstart:" not in one:
+        raise SystemExit("the writer grammar has no 'start:' rule at the start of a line; update _writer_grammar")
+    return one.replace("\nstart:", "\nemail:", 1) + '\nstart: email ("\\n" email){7,}\n'
+
+
+def _engine_class(path: Path | None) -> Any:
+    """``LocalEngine`` of ``miniatures.local``, or of the module file ``path`` (an earlier version of it, e.g.
+    ``git show HEAD~1:miniatures/local.py > /tmp/old_local.py``), loaded under a name of its own."""
+    if path is None:
+        from miniatures.local import LocalEngine
+
+        return LocalEngine
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_local_engine", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline-engine {path}: not a Python module file; give the path of a miniatures/local.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.LocalEngine
 
 
 async def run_inference(result: PresetResult, base_path: Path, adapters: dict[str, Path],
-                        chats: list[list[dict[str, str]]], args: argparse.Namespace) -> None:
+                        chats: list[list[dict[str, str]]], args: argparse.Namespace,
+                        engine_class: Any = None) -> None:
     """Batch 1 and batched generation on the base, on one adapter and on two adapters mixed."""
-    from miniatures.local import BASE_ADAPTER, LocalEngine
+    from miniatures.local import BASE_ADAPTER
 
-    engine = LocalEngine(str(base_path), device="cpu", dtype="float32", max_batch_size=args.batch,
-                         num_threads=args.threads, max_new_tokens=args.new_tokens)
+    make = engine_class or _engine_class(None)
+    options: dict[str, Any] = {}
+    if args.prefix_cache_tokens is not None and engine_class is None:
+        options["prefix_cache_tokens"] = args.prefix_cache_tokens
+    engine = make(str(base_path), device="cpu", dtype="float32", max_batch_size=args.batch,
+                  num_threads=args.threads, max_new_tokens=args.new_tokens, **options)
     # Stop tokens off (an id no model can emit), so every request makes exactly --new-tokens tokens.
     engine.stop_token_ids = [len(engine.tokenizer) + 1_000_000]
     new = args.new_tokens
@@ -379,10 +435,10 @@ async def run_inference(result: PresetResult, base_path: Path, adapters: dict[st
 
     def row(mode: str, gens: list[Any], seconds: float, calls: int, cpu: float, note: str = "") -> InferenceRow:
         r = InferenceRow(result.preset, mode, len(gens), statistics.mean(g.input_tokens for g in gens),
-                         sum(g.output_tokens for g in gens), seconds, calls, note, cpu)
+                         sum(g.output_tokens for g in gens), seconds, calls, note, cpu, *_LAST_PREFILL)
         result.rows.append(r)
         console.print(f"  {result.preset} {mode}: {r.tokens_per_s:.1f} tokens/s, {r.requests_per_min:.1f} req/min "
-                      f"({r.new_tokens} tokens in {seconds:.1f} s, {cpu:.1f} CPU s, {calls} generate call(s))")
+                      f"({r.new_tokens} tokens in {seconds:.1f} s, {cpu:.1f} CPU s, {calls} run(s))")
         return r
 
     reps = args.repeats
@@ -477,13 +533,14 @@ def report(results: list[PresetResult], machine: dict[str, str], bandwidth: floa
     inf = Table(title=f"LocalEngine generation: writer chats, {args.new_tokens} new tokens each (greedy, stop "
                       f"tokens off), {args.threads} torch threads")
     for col in ("preset", "mode", "requests", "prompt tok", "new tok", "wall s", "gen tok/s", "req/min",
-                "CPU s", "tok/CPU s", "generate calls"):
+                "CPU s", "tok/CPU s", "runs", "prefilled / reused"):
         inf.add_column(col, justify="right" if col not in ("preset", "mode") else "left")
     for r in results:
         for row in r.rows:
             inf.add_row(r.preset, row.mode, str(row.requests), f"{row.prompt_tokens:.0f}", str(row.new_tokens),
                         f"{row.seconds:.1f}", f"{row.tokens_per_s:.1f}", f"{row.requests_per_min:.1f}",
-                        f"{row.cpu_seconds:.1f}", f"{row.tokens_per_cpu_s:.1f}", str(row.generate_calls))
+                        f"{row.cpu_seconds:.1f}", f"{row.tokens_per_cpu_s:.1f}", str(row.generate_calls),
+                        f"{row.prefilled} / {row.reused}")
     console.print(inf)
     for r in results:
         for name, ratio, cpu_ratio in _ratios(r):
@@ -533,9 +590,13 @@ def report(results: list[PresetResult], machine: dict[str, str], bandwidth: floa
         "",
         f"## 1. `miniatures.local.LocalEngine` generation ({args.new_tokens} new tokens per request)", "",
         "Greedy; the engine's stop tokens are replaced by an id no model can emit, so every request makes "
-        f"exactly {args.new_tokens} tokens ('new tok' is what the engine reported). Batch 1: requests awaited "
-        f"one after the other; gathered: {args.batch} `await engine.generate(...)` calls under `asyncio.gather`, "
-        "which the engine's batcher runs as one left-padded `model.generate` call ('generate calls'). LoRA: r=16 "
+        f"exactly {args.new_tokens} tokens unless its grammar ends it ('new tok' is what the engine reported). "
+        f"Batch 1: requests awaited one after the other; gathered: {args.batch} `await engine.generate(...)` calls "
+        "under `asyncio.gather`, which the engine decodes together ('runs': how often a request started an idle "
+        "engine; the baseline engine, when measured, counts its `model.generate` calls there). The prefix cache "
+        "is emptied before each run, so a run reuses only what its own prompts share (the writer's system prompt "
+        "and instructions), never an earlier run's repeat ('prompt tok prefilled / reused'; 0 / 0 for an engine "
+        "without the counters). LoRA: r=16 "
         "on all seven projections, random `lora_B`; '2 LoRAs mixed' alternates two adapters in one batch "
         "(peft `adapter_names`). Wall time includes tokenizing, queueing and padding. Each mode ran "
         f"{args.repeats} time(s) in a row; the table keeps the least wall time and, apart, the least CPU time "
@@ -543,11 +604,11 @@ def report(results: list[PresetResult], machine: dict[str, str], bandwidth: floa
         "less than wall time.",
         "",
         "| preset | mode | requests | prompt tok (mean) | new tok | wall s | gen tok/s | req/min | CPU s | tok/CPU s "
-        "| generate calls |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| runs | prompt tok prefilled / reused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[f"| {r.preset} | {row.mode} | {row.requests} | {row.prompt_tokens:.0f} | {row.new_tokens} | "
           f"{row.seconds:.1f} | {row.tokens_per_s:.1f} | {row.requests_per_min:.1f} | {row.cpu_seconds:.1f} | "
-          f"{row.tokens_per_cpu_s:.1f} | {row.generate_calls} |"
+          f"{row.tokens_per_cpu_s:.1f} | {row.generate_calls} | {row.prefilled} / {row.reused} |"
           for r in results for row in r.rows],
         "",
         "Batched / batch-1 throughput (issue target: >= 4x), per wall second and per CPU second:", "",
@@ -581,8 +642,8 @@ def report(results: list[PresetResult], machine: dict[str, str], bandwidth: floa
         "|---|---|---|---|---|---|---|---|---|---|",
         *[_bound_row(r, bandwidth, args.new_tokens) for r in results],
         "",
-        "Models this small are far from the bound: a decoding step costs a fixed overhead (the Python of "
-        "`generate`, the dispatch of a few hundred small ops, the logits processors and stopping checks) that "
+        "Models this small are far from the bound: a decoding step costs a fixed overhead (the Python of the "
+        "model's forward pass, the dispatch of a few hundred small ops, the grammar masks and sampling) that "
         "does not shrink with the model, and the weights (a few MB to a few tens of MB) may sit partly in the CPU "
         "caches, above DRAM bandwidth. The percentage says how much of a step reading the weights from memory "
         "would take, not how close a bigger model would get.",
@@ -640,6 +701,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                        "not depend on the weights)")
     parser.add_argument("--companies", type=int, default=60, help="demo-world companies (tokenizer text, prompts)")
     parser.add_argument("--bandwidth-mb", type=int, default=512, help="array size of the bandwidth copy, MiB")
+    parser.add_argument("--baseline-engine", type=Path, default=None,
+                        help="also measure the LocalEngine of this module file (an earlier miniatures/local.py), "
+                             "side by side in the same run")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=None,
+                        help="prefix cache size of the engine (default the engine's; 0: off)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "miniature_speed.md")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -699,6 +765,12 @@ def main(argv: list[str] | None = None) -> None:
                                                                                              args.sequential))]
             adapters = {name: make_lora_adapter(base_dir, root / f"lora-{preset}-{name}", seed)
                         for seed, name in enumerate(("writer-a", "writer-b"))}
+            if args.baseline_engine is not None:
+                baseline = PresetResult(preset=f"{preset} baseline", n_params=result.n_params,
+                                        n_layers=result.n_layers, kv_dim=result.kv_dim, vocab=result.vocab)
+                asyncio.run(run_inference(baseline, base_dir, adapters, chats, args,
+                                          _engine_class(args.baseline_engine)))
+                results.append(baseline)
             asyncio.run(run_inference(result, base_dir, adapters, chats, args))
             if not (args.smoke or args.skip_training):
                 dataset = write_dataset(root / f"dataset-{preset}", world, args.train_rows, tokenizer,

@@ -538,6 +538,9 @@ _SPARSE_FROM_WORDS = 1024
 #: The fewest CPUs on which a processor fills its rows' masks on the shared executor by default.
 _POOL_FROM_CPUS = 4
 
+#: ``parallel_rows`` that no batch reaches: every mask on the calling thread.
+_NEVER = 1 << 30
+
 _shared: list[llguidance.LLExecutor] = []
 _shared_lock = threading.Lock()
 
@@ -558,7 +561,9 @@ def shared_executor() -> llguidance.LLExecutor:
 class GrammarLogitsProcessor:
     """A ``transformers`` logits processor holding each batch row's answer to its own grammar (llguidance masks).
 
-    Made for one batched ``generate`` call. Rows without a grammar pass through unchanged. At each step the
+    Made for one batched ``generate`` call (``__call__``), or kept by a decoding loop whose rows come and go
+    (``mask_rows``: the caller consumes each row's tokens and hands the live matchers of the step's rows). Rows
+    without a grammar pass through unchanged. At each step the
     token each constrained row chose last is consumed by its matcher and the live rows' masks are filled into
     one bit mask (int32 words of 32 tokens, bit ``i % 32`` of word ``i // 32`` set when token ``i`` is
     allowed): with 4 CPUs or more by one ``llguidance.numpy.fill_next_token_bitmask_par`` call, the rows in
@@ -612,7 +617,7 @@ class GrammarLogitsProcessor:
                 self.matchers.append(grammar)
         self.executor = executor
         if parallel_rows is None:  # on 2 CPUs the hand-off to the pool costs more than it saves (measured)
-            parallel_rows = 2 if (os.cpu_count() or 1) >= _POOL_FROM_CPUS else len(self.matchers) + 1
+            parallel_rows = 2 if (os.cpu_count() or 1) >= _POOL_FROM_CPUS else _NEVER
         self.parallel_rows = max(1, parallel_rows)
         self.sparse_limit = sparse_limit
         self._done = [m is None for m in self.matchers]
@@ -644,17 +649,43 @@ class GrammarLogitsProcessor:
                 self._done[row] = True
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import llguidance.numpy as llg_numpy
-
         if scores.shape[0] != len(self.matchers):
             raise ValueError(f"scores have {scores.shape[0]} rows but the processor holds {len(self.matchers)} "
                              "grammars; give one grammar (or None) per batch row")
         self._consume(input_ids)
         live = [(m, row) for row, m in enumerate(self.matchers) if m is not None and not self._done[row]]
+        return self._mask(live, len(self.matchers), scores)
+
+    def mask_rows(self, scores: Any, matchers: Sequence[llguidance.LLMatcher | None]) -> Any:
+        """Hold each row of ``scores`` to its matcher's next-token mask, in place; returns ``scores``.
+
+        For a decoding loop that consumes each row's tokens itself (``matcher.consume_token``) and whose batch
+        changes from step to step: ``matchers`` are this step's rows in batch order, None for a free row or one
+        whose answer left its grammar. The masks are the ones ``__call__`` applies (same fill, same application).
+
+        Args:
+            scores: (rows, model vocabulary) float logits, any dtype and device.
+            matchers: one entry per row of ``scores``.
+
+        Raises:
+            ValueError: ``scores`` has another number of rows than ``matchers``.
+        """
+        if scores.shape[0] != len(matchers):
+            raise ValueError(f"scores have {scores.shape[0]} rows but {len(matchers)} matchers were given; give one "
+                             "matcher (or None) per batch row")
+        live = [(m, row) for row, m in enumerate(matchers) if m is not None]
+        return self._mask(live, len(matchers), scores)
+
+    def _mask(self, live: list[tuple[llguidance.LLMatcher, int]], rows: int, scores: Any) -> Any:
+        """Fill the masks of the ``live`` (matcher, row) pairs of a ``rows``-row batch and apply them to ``scores``."""
+        import llguidance.numpy as llg_numpy
+
         if not live:
             return scores
-        if self._bits is None:
-            self._bits = llg_numpy.allocate_token_bitmask(len(self.matchers), self.vocab_size)
+        if self._bits is None or self._bits.shape[0] != rows:
+            self._bits = llg_numpy.allocate_token_bitmask(rows, self.vocab_size)
+            if self._scratch is not None and self._scratch.shape[0] < rows:
+                self._scratch = None
         if len(live) >= self.parallel_rows:
             llg_numpy.fill_next_token_bitmask_par(self._pool(), live, self._bits)
         else:  # on the calling thread: a hand-off to the pool gains nothing for one row

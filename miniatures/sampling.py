@@ -32,6 +32,12 @@ class RowSampling:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    def generator(self) -> Any:
+        """A new CPU ``torch.Generator`` seeded with ``seed``: the row's draws, whatever shares its batch."""
+        import torch
+
+        return torch.Generator(device="cpu").manual_seed(self.seed)
+
 
 def prompt_seed(text: str) -> int:
     """A stable 63-bit seed from a prompt's text (SHA-256), so the same request samples the same answer."""
@@ -45,6 +51,9 @@ class SeededSampler:
 
     Args:
         rows: one entry per batch row, ``None`` for a greedy row.
+        generators: each row's ``torch.Generator`` (None for a greedy row), for a decoding loop whose rows come and
+            go: it keeps each request's generator (``RowSampling.generator()``) and makes a sampler per step. Default:
+            a new generator per sampling row, seeded with its ``seed``.
 
     Called as ``processor(input_ids, scores)`` with ``scores`` of shape ``(batch, vocab)`` (float logits);
     returns the scores with, in each sampling row, every token but the drawn one at ``-inf``. Temperature,
@@ -52,12 +61,14 @@ class SeededSampler:
     it would get alone); only the draw loops over rows, one ``torch.multinomial`` with the row's generator each.
     """
 
-    def __init__(self, rows: Sequence[RowSampling | None]) -> None:
+    def __init__(self, rows: Sequence[RowSampling | None], generators: Sequence[Any] | None = None) -> None:
         import torch
 
         self.rows = list(rows)
-        self._generators: list[Any] = [
-            None if r is None else torch.Generator(device="cpu").manual_seed(r.seed) for r in self.rows]
+        if generators is not None and len(generators) != len(self.rows):
+            raise ValueError(f"SeededSampler got {len(generators)} generators for {len(self.rows)} rows")
+        self._generators: list[Any] = (
+            [None if r is None else r.generator() for r in self.rows] if generators is None else list(generators))
         self._sampled = [i for i, r in enumerate(self.rows) if r is not None]
         sampled = [r for r in self.rows if r is not None]
         self._temperatures = torch.tensor([[r.temperature] for r in sampled], dtype=torch.float32)

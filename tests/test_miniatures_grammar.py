@@ -295,13 +295,14 @@ def test_the_engine_constrains_only_calls_with_a_task(tmp_path: Path) -> None:
     engine = LocalEngine(str(build_tiny_base(tmp_path / "base")), device="cpu", max_new_tokens=200)
     try:
         seen: list[object] = []
-        original = engine._model.generate
+        original = engine._prepare
 
-        def spy(**kwargs: object) -> object:
-            seen.append(kwargs.get("logits_processor"))
-            return original(**kwargs)
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            request = original(*args, **kwargs)
+            seen.append(request.matcher)  # the grammar's matcher the engine's loop masks with, or None
+            return request
 
-        engine._model.generate = spy
+        engine._prepare = spy  # type: ignore[method-assign]
         chat = LocalMiniatureChatModel(engine=engine, adapter="__base__")
         answer = chat.invoke([HumanMessage("S1: Founded in 2014 in Cork.")], task=TASK)
         assert json.loads(answer.text)["facts"] is not None

@@ -273,33 +273,22 @@ def test_reserved_cache_gives_the_dynamic_caches_tokens(tiny: dict[str, Path]) -
             assert cache.get_seq_length() == ids.shape[1] + 11
 
 
-async def test_short_answers_never_ride_with_long_ones(local: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    caps: list[list[int]] = []
-    run = local._run_batch
+async def test_a_short_answer_joins_a_running_long_one_and_leaves_first(local: LocalEngine) -> None:
+    long_chat, short_chat = PROMPTS[0], PROMPTS[3]
+    alone = [local.generate_sync("a1", long_chat, max_new_tokens=12), local.generate_sync("a1", short_chat,
+                                                                                         max_new_tokens=2)]
+    calls, steps = local.generate_calls, local.decode_steps
+    ended: list[str] = []
 
-    def recording(batch: Any) -> Any:
-        caps.append(sorted(r.max_new_tokens for r in batch))
-        return run(batch)
+    async def ask(chat: list[dict[str, str]], n: int, name: str, delay: float) -> Any:
+        await asyncio.sleep(delay)
+        answer = await local.generate("a1", chat, max_new_tokens=n)
+        ended.append(name)
+        return answer
 
-    monkeypatch.setattr(local, "_run_batch", recording)
-    asked = [(PROMPTS[i % len(PROMPTS)], 12 if i % 3 == 0 else 3) for i in range(6)]
-    got = await asyncio.gather(*(local.generate("a1", chat, max_new_tokens=n) for chat, n in asked))
-    assert caps == [[3, 3, 3, 3], [12, 12]]  # the short answers first, in one batch; the long ones together
-    for (chat, n), answer in zip(asked, got, strict=True):
-        assert answer.text == local.generate_sync("a1", chat, max_new_tokens=n).text
+    got = await asyncio.gather(ask(long_chat, 12, "long", 0.0), ask(short_chat, 2, "short", 0.06))
+    assert [g.text for g in got] == [a.text for a in alone]
+    assert ended == ["short", "long"]  # the short one did not wait for the long one to end
+    assert local.generate_calls - calls == 1  # it joined the running batch: one run
+    assert local.decode_steps - steps < 12 + 2  # and shared its steps
 
-
-def test_a_long_request_is_passed_over_at_most_twice(local: LocalEngine) -> None:
-    import collections
-
-    from miniatures.local import _Request
-
-    def request(cap: int, started: float) -> _Request:
-        return _Request(adapter="a1", grammar=None, input_ids=[1], max_new_tokens=cap, started=started)
-
-    pending = collections.deque([request(400, 0.0)])
-    order = []
-    for step in range(4):
-        pending.append(request(8, 1.0 + step))
-        order.append([r.max_new_tokens for r in local._take_batch(pending)])
-    assert order == [[8], [8], [400], [8, 8]]
