@@ -104,8 +104,12 @@ _TAG_TOKENS = 64
 #: gives its single most likely wording to every prospect, so a campaign reads as one template; sampling from
 #: the distribution it learned from the teacher's varied emails keeps the variety (measured with the rubric's
 #: campaign checks, ``evals.rubric``); the grammar still holds every token to valid JSON and listed merge tags.
+#: Min-p (``miniatures.sampling.RowSampling.min_p``) instead of top-p cuts the tail of broken words where the model
+#: is sure and keeps the choice where it is not (sentence openings): on the demo's writer miniature (60 held-out
+#: emails) all-pass 76.7% with top-p 0.9, 83.3% with min-p 0.1, the campaign's variety checks passing in both.
 WRITER_TEMPERATURE = 0.7
-WRITER_TOP_P = 0.9
+WRITER_TOP_P = 1.0
+WRITER_MIN_P = 0.1
 
 
 class AdapterPathError(UserError, FileNotFoundError):
@@ -1638,6 +1642,7 @@ class LocalMiniatureChatModel(BaseChatModel):
     system_prompt: bool = True
     temperature: float = 0.0
     top_p: float = 1.0
+    min_p: float = 0.0
 
     @property
     def _llm_type(self) -> str:
@@ -1697,7 +1702,7 @@ class LocalMiniatureChatModel(BaseChatModel):
     def answer_sync(self, chat: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None,
                     task: ExtractionTask | WritingTask | None = None, grammar: str | None = None,
                     temperature: float | None = None, top_p: float | None = None,
-                    seed: int | None = None) -> Generation:
+                    seed: int | None = None, min_p: float | None = None) -> Generation:
         """The miniature's answer to ``chat`` (OpenAI-format messages) in its answer format, blocking.
 
         Args:
@@ -1707,8 +1712,8 @@ class LocalMiniatureChatModel(BaseChatModel):
                 is ``constrained``) and, with ``answer_format="sentence-tags"``, an extraction task is split
                 into its sentences.
             grammar: a Lark grammar to hold the answer to instead of the task's (a server request's own).
-            temperature, top_p: sampling of a whole answer (default: the model's ``temperature``/``top_p``;
-                temperature 0 is greedy). Sentence-tag prompts are always greedy.
+            temperature, top_p, min_p: sampling of a whole answer (default: the model's ``temperature``, ``top_p``,
+                ``min_p``; temperature 0 is greedy). Sentence-tag prompts are always greedy.
             seed: the sampling seed (default: ``miniatures.sampling.prompt_seed`` of the chat, so the same
                 request gets the same answer).
 
@@ -1720,7 +1725,8 @@ class LocalMiniatureChatModel(BaseChatModel):
             asked = self._asked(chat, task)
             return self._expanded(self.engine.generate_sync(self.adapter, asked, max_new_tokens=max_new_tokens,
                                                             grammar=self._grammar(task, grammar),
-                                                            sampling=self._sampling(asked, temperature, top_p, seed)),
+                                                            sampling=self._sampling(asked, temperature, top_p, seed,
+                                                                                    min_p)),
                                   task)
         return _assembled(split, [
             self.engine.generate_sync(self.adapter, sentence_messages(split.company, s.source_url, s.text),
@@ -1730,7 +1736,7 @@ class LocalMiniatureChatModel(BaseChatModel):
     async def answer(self, chat: Sequence[Mapping[str, Any]], *, max_new_tokens: int | None = None,
                      task: ExtractionTask | WritingTask | None = None, grammar: str | None = None,
                      temperature: float | None = None, top_p: float | None = None,
-                     seed: int | None = None) -> Generation:
+                     seed: int | None = None, min_p: float | None = None) -> Generation:
         """The miniature's answer to ``chat`` in its answer format; the requests are batched by the engine.
 
         Same arguments as ``answer_sync``.
@@ -1743,7 +1749,8 @@ class LocalMiniatureChatModel(BaseChatModel):
             asked = self._asked(chat, task)
             return self._expanded(await self.engine.generate(self.adapter, asked, max_new_tokens=max_new_tokens,
                                                              grammar=self._grammar(task, grammar),
-                                                             sampling=self._sampling(asked, temperature, top_p, seed)),
+                                                             sampling=self._sampling(asked, temperature, top_p, seed,
+                                                                                     min_p)),
                                   task)
         return _assembled(split, await asyncio.gather(*(
             self.engine.generate(self.adapter, sentence_messages(split.company, s.source_url, s.text),
@@ -1766,14 +1773,15 @@ class LocalMiniatureChatModel(BaseChatModel):
         return dataclasses.replace(generation, text=expand_offer_tags(generation.text, task))
 
     def _sampling(self, chat: Sequence[Mapping[str, Any]], temperature: float | None, top_p: float | None,
-                  seed: int | None) -> RowSampling | None:
+                  seed: int | None, min_p: float | None = None) -> RowSampling | None:
         """The request's sampling (None: greedy): the call's settings, else the model's; seeded by the chat."""
         temp = self.temperature if temperature is None else temperature
         if temp <= 0:
             return None
         if seed is None:
             seed = prompt_seed(json.dumps([[m.get("role"), m.get("content")] for m in chat], ensure_ascii=False))
-        return RowSampling(temperature=temp, top_p=self.top_p if top_p is None else top_p, seed=seed)
+        return RowSampling(temperature=temp, top_p=self.top_p if top_p is None else top_p, seed=seed,
+                           min_p=self.min_p if min_p is None else min_p)
 
     def _grammar(self, task: ExtractionTask | WritingTask | None, grammar: str | None) -> str | None:
         """The grammar of one whole answer: the one given, else the task's when the engine is constrained (with
@@ -1809,8 +1817,8 @@ def _task(kwargs: Mapping[str, Any]) -> ExtractionTask | WritingTask | None:
 
 
 def _decoding(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The sampling keywords of a chat-model call (``temperature``, ``top_p``, ``seed``) that were given."""
-    return {k: kwargs[k] for k in ("temperature", "top_p", "seed") if kwargs.get(k) is not None}
+    """The sampling keywords of a chat-model call (``temperature``, ``top_p``, ``min_p``, ``seed``) that were given."""
+    return {k: kwargs[k] for k in ("temperature", "top_p", "min_p", "seed") if kwargs.get(k) is not None}
 
 
 def _assembled(task: ExtractionTask, tagged: Sequence[Generation]) -> Generation:
@@ -1836,6 +1844,7 @@ def build_miniature_chat_model(
     max_batch_size: int = 32,
     writer_temperature: float = WRITER_TEMPERATURE,
     writer_top_p: float = WRITER_TOP_P,
+    writer_min_p: float = WRITER_MIN_P,
 ) -> LocalMiniatureChatModel:
     """Build the chat model of a ``miniature:<name>[@<version>]`` spec from the registry.
 
@@ -1854,8 +1863,9 @@ def build_miniature_chat_model(
         num_threads: torch CPU threads of new engines (see ``LocalEngine``).
         max_batch_size: most requests per ``generate`` call of new engines (a ``sentence-tags``
             researcher sends one short request per sentence, dozens per prospect).
-        writer_temperature, writer_top_p: sampling of a writer miniature's emails, seeded by each prompt so a
-            run is reproducible (0: greedy). A researcher miniature is always greedy: its answers copy spans.
+        writer_temperature, writer_top_p, writer_min_p: sampling of a writer miniature's emails, seeded by each
+            prompt so a run is reproducible (temperature 0: greedy). A researcher miniature is always greedy: its
+            answers copy spans.
 
     Raises:
         BackendSpecError: the spec is not of kind ``miniature``.
@@ -1888,4 +1898,5 @@ def build_miniature_chat_model(
                                    craft_grammar=trained.get("email_grammar") == "craft",
                                    system_prompt=bool(trained.get("system_prompt", True)),
                                    temperature=writer_temperature if writer else 0.0,
-                                   top_p=writer_top_p if writer else 1.0)
+                                   top_p=writer_top_p if writer else 1.0,
+                                   min_p=writer_min_p if writer else 0.0)

@@ -3,9 +3,10 @@
 ``transformers``' own sampling draws every row from the process's global random generator, so a row's
 tokens depend on which other requests share its batch. Here each row that asks for sampling has its own
 ``torch.Generator`` seeded by its request: the processor draws that row's next token (temperature, then
-nucleus / top-p filtering as in Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration") and
-leaves only it selectable, so greedy decoding picks it. Rows without sampling are left as they are. Put it
-after any grammar mask, so tokens the grammar refuses have probability 0.
+nucleus / top-p filtering as in Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration", then
+min-p filtering as in Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling for Creative and Coherent LLM
+Outputs", arXiv 2407.01082) and leaves only it selectable, so greedy decoding picks it. Rows without sampling
+are left as they are. Put it after any grammar mask, so tokens the grammar refuses have probability 0.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ __all__ = ["RowSampling", "SeededSampler", "prompt_seed"]
 
 @dataclass(frozen=True)
 class RowSampling:
-    """How one row samples: ``temperature`` > 0, ``top_p`` in (0, 1], and the request's ``seed`` (any int)."""
+    """How one row samples: ``temperature`` > 0, ``top_p`` in (0, 1], the request's ``seed`` (any int), and
+    ``min_p`` in [0, 1): tokens whose probability (after temperature) is below ``min_p`` times the row's most likely
+    token's are dropped (0 keeps all). Min-p keeps many tokens where the model is unsure (a sentence's opening)
+    and few where it is sure (inside a phrase), so a campaign's emails vary without the tail's broken words."""
 
     temperature: float
     top_p: float
     seed: int
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -31,6 +36,8 @@ class RowSampling:
                              f"got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
 
     def generator(self) -> Any:
         """A new CPU ``torch.Generator`` seeded with ``seed``: the row's draws, whatever shares its batch."""
@@ -57,7 +64,7 @@ class SeededSampler:
 
     Called as ``processor(input_ids, scores)`` with ``scores`` of shape ``(batch, vocab)`` (float logits);
     returns the scores with, in each sampling row, every token but the drawn one at ``-inf``. Temperature,
-    softmax and top-p run on all sampling rows at once (each row's own reductions, so its probabilities are those
+    softmax, top-p and min-p run on all sampling rows at once (each row's own reductions, so its probabilities are those
     it would get alone); only the draw loops over rows, one ``torch.multinomial`` with the row's generator each.
     """
 
@@ -74,16 +81,18 @@ class SeededSampler:
         self._temperatures = torch.tensor([[r.temperature] for r in sampled], dtype=torch.float32)
         self._top_p = torch.tensor([[r.top_p] for r in sampled], dtype=torch.float32)
         self._nucleus = any(r.top_p < 1 for r in sampled)
+        self._min_p = torch.tensor([[r.min_p] for r in sampled], dtype=torch.float32)
+        self._truncated = any(r.min_p > 0 for r in sampled)
         self._all_sampled = len(sampled) == len(self.rows)
-        self._devices: dict[Any, tuple[Any, Any, Any]] = {}
+        self._devices: dict[Any, tuple[Any, Any, Any, Any]] = {}
 
-    def _on(self, device: Any) -> tuple[Any, Any, Any]:
-        """The sampled rows' indices, temperatures and top-p on ``device`` (moved once per device)."""
+    def _on(self, device: Any) -> tuple[Any, Any, Any, Any]:
+        """The sampled rows' indices, temperatures, top-p and min-p on ``device`` (moved once per device)."""
         import torch
 
         if device not in self._devices:
             self._devices[device] = (torch.tensor(self._sampled, device=device), self._temperatures.to(device),
-                                     self._top_p.to(device))
+                                     self._top_p.to(device), self._min_p.to(device))
         return self._devices[device]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -93,7 +102,7 @@ class SeededSampler:
             raise ValueError(f"SeededSampler has {len(self.rows)} rows, the batch has {scores.shape[0]}")
         if not self._sampled:
             return scores
-        index, temperatures, top_p = self._on(scores.device)
+        index, temperatures, top_p, min_p = self._on(scores.device)
         # Every sampled row at once (each row's softmax, sort and cumulative sum are its own): (rows, vocab).
         picked = scores if self._all_sampled else scores[index]  # (a gather copies: skipped when every row samples)
         probs = torch.softmax(picked.float() / temperatures, dim=-1)
@@ -103,6 +112,8 @@ class SeededSampler:
             drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p) & (top_p < 1)
             sorted_probs[drop] = 0
             probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+        if self._truncated:  # min-p: below min_p x the row's top probability goes (the top token always stays)
+            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
         rows: list[int] = []
         tokens: list[Any] = []

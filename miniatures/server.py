@@ -18,7 +18,7 @@ Generation goes through ``miniatures.local.LocalEngine``: LoRA miniatures on one
 copy of the base weights, adapters switched per request in mixed-adapter batches), so concurrent requests are
 batched by the engine's dynamic batcher (``max_batch_size`` requests, ``batch_window_ms`` wait window).
 Decoding is the request's: ``temperature`` 0 or absent is greedy (whatever the miniature's own default), a
-``temperature > 0`` samples with ``top_p`` and ``seed`` per row (``miniatures.sampling``; without a seed, one
+``temperature > 0`` samples with ``top_p``, ``min_p`` and ``seed`` per row (``miniatures.sampling``; without a seed, one
 from the prompt, so the same request gets the same answer); ``repetition_penalty`` other than 1 is refused
 with a 400 rather than silently ignored. ``stop`` cuts the answer at the first stop string, as the in-process
 backend does.
@@ -384,6 +384,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    min_p: float | None = Field(None, ge=0.0, lt=1.0)  # vLLM's extra sampling parameter of the same name
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: _StreamOptions | None = None
@@ -853,19 +854,19 @@ def create_app(
 
     async def generate(asked: _Asked, body: ChatCompletionRequest) -> Generation:
         # The request's own decoding: temperature 0 or absent is greedy (whatever the model's default), a
-        # temperature > 0 samples with top_p and the request's seed (else one from the prompt, so repeatable).
+        # temperature > 0 samples with top_p, min_p and the request's seed (else one from the prompt, so repeatable).
         model, chat, max_new, grammar, task = asked.model, asked.chat, asked.max_new, asked.grammar, asked.task
-        temperature, top_p = body.temperature or 0.0, body.top_p or 1.0
+        temperature, top_p, min_p = body.temperature or 0.0, body.top_p or 1.0, body.min_p or 0.0
         try:
             if model.chat is not None:
                 return await model.chat.answer(chat, max_new_tokens=max_new, task=task, grammar=grammar,
-                                               temperature=temperature, top_p=top_p, seed=body.seed)
+                                               temperature=temperature, top_p=top_p, seed=body.seed, min_p=min_p)
             if task is not None and model.engine.constrained:
                 grammar = answer_grammar(task)
             sampling = None
             if temperature > 0:
                 seed = body.seed if body.seed is not None else prompt_seed(json.dumps(chat, ensure_ascii=False))
-                sampling = RowSampling(temperature=temperature, top_p=top_p, seed=seed)
+                sampling = RowSampling(temperature=temperature, top_p=top_p, seed=seed, min_p=min_p)
             return await model.engine.generate(model.adapter, chat, max_new_tokens=max_new, grammar=grammar,
                                                sampling=sampling)
         except GrammarError as exc:  # a task's grammar that does not compile (the request's own was checked)

@@ -42,6 +42,18 @@ def test_a_small_top_p_keeps_only_the_most_likely_token():  # type: ignore[no-un
     assert picks == {1}
 
 
+def test_min_p_drops_tokens_below_its_share_of_the_most_likely_one():  # type: ignore[no-untyped-def]
+    """Min-p (Nguyen et al. 2024): with probabilities 0.5 / 0.3 / 0.15 / 0.05 and min_p 0.2 (threshold 0.1), the
+    last token is never drawn, the other three are; a row with min_p 0 beside it still draws all four."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    scores = probs.log().repeat(2, 1)
+    picks = _draw([RowSampling(1.0, 1.0, 3, min_p=0.2), RowSampling(1.0, 1.0, 3)], scores, steps=400)
+    assert {p[0] for p in picks} == {0, 1, 2}
+    assert {p[1] for p in picks} == {0, 1, 2, 3}
+    sure = torch.tensor([[0.0, 8.0, 0.0, 0.0]])  # where the model is sure, min-p leaves one choice
+    assert {p[0] for p in _draw([RowSampling(1.0, 1.0, 5, min_p=0.01)], sure, steps=50)} == {1}
+
+
 def test_seeds_differ_and_prompt_seeds_are_stable():  # type: ignore[no-untyped-def]
     scores = torch.zeros(1, 1000)
     a = [p[0] for p in _draw([RowSampling(1.0, 1.0, prompt_seed("one prompt"))], scores)]
@@ -49,10 +61,12 @@ def test_seeds_differ_and_prompt_seeds_are_stable():  # type: ignore[no-untyped-
     assert a != b and prompt_seed("one prompt") == prompt_seed("one prompt") >= 0
 
 
-@pytest.mark.parametrize(("temperature", "top_p"), [(0.0, 1.0), (-1.0, 1.0), (1.0, 0.0), (1.0, 1.5)])
-def test_bad_settings_are_refused(temperature, top_p):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("temperature", "top_p", "min_p"),
+                         [(0.0, 1.0, 0.0), (-1.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 1.5, 0.0), (1.0, 1.0, -0.1),
+                          (1.0, 1.0, 1.0)])
+def test_bad_settings_are_refused(temperature, top_p, min_p):  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError):
-        RowSampling(temperature, top_p, 0)
+        RowSampling(temperature, top_p, 0, min_p=min_p)
 
 
 def test_row_count_must_match_the_batch():  # type: ignore[no-untyped-def]
