@@ -480,7 +480,7 @@ def demo(
     base_model: Annotated[str | None, typer.Option(help="With --distill: base model id or folder (default: bootstrap a tiny one).")] = None,
     method: Annotated[str | None, typer.Option(help="With --distill: lora or full (default: full on a bootstrapped base, lora otherwise).")] = None,
     epochs: Annotated[float | None, typer.Option(
-        help="With --distill: training epochs of each miniature (default: 1 for the researcher, 2 for the writer).")] = None,
+        help="With --distill: training epochs of each miniature (default: 1 for the researcher, 4 for the writer).")] = None,
     bootstrap_steps: Annotated[int, typer.Option(help="With --distill: pretraining steps of a bootstrapped base.")] = 150,
 ) -> None:
     """The main job offline: generate the demo world, run a campaign over its train prospects with the
@@ -598,11 +598,12 @@ def _demo_distill(engine, settings: Settings, out: Path, world_dir: Path, *, bas
     # micro-batch of 4 (not 4 of 1). Its eval loss once, at the end: each pass over its 919 eval rows costs
     # about 40 training steps.
     # The writer is trained without its constant system prompt (15% fewer tokens per step; its rules are in
-    # the examples) and for 2 epochs: after 1 its subjects ran on and its emails failed validation.
+    # the examples) and for 4 epochs: after 1 its subjects ran on; after 2 (train loss 1.51), sampled at temperature
+    # 1 with min-p 0.1, 60% of its emails passed every rubric check; after 4 (loss 0.82), 96.7%.
     formats: dict[str, dict[str, Any]] = {
         "researcher": {"answer_format": "sentence-tags", "eval_steps": 100_000, "num_train_epochs": epochs or 1.0,
                        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
-        "writer": {"eval_steps": 100, "system_prompt": False, "num_train_epochs": epochs or 2.0}}
+        "writer": {"eval_steps": 100, "system_prompt": False, "num_train_epochs": epochs or 4.0}}
     for agent in ("researcher", "writer"):
         with training_progress(f"training demo-{agent}") as on_progress:
             distilled = distill(engine, agent=agent, name=f"demo-{agent}", base_model=base_model,
