@@ -1793,6 +1793,17 @@ class LocalMiniatureChatModel(BaseChatModel):
             return email_grammar(task, tuple(offer_tag_values(task)))
         return answer_grammar(task, craft=self.craft_grammar)
 
+    def prompts(self, chat: Sequence[Mapping[str, Any]],
+                task: ExtractionTask | WritingTask | None = None) -> list[Sequence[Mapping[str, Any]]]:
+        """The prompts this miniature reads to answer ``chat`` with ``task``, as ``answer`` feeds them: one per
+        sentence of an extraction task in the ``sentence-tags`` format, else the one chat as trained (``_asked``:
+        a ``writer-brief`` writer's brief, or the chat without system messages when trained so). For counting a
+        request's prompt tokens (``miniatures.server``)."""
+        split = self._split(task)
+        if split is None:
+            return [self._asked(chat, task)]
+        return [sentence_messages(split.company, s.source_url, s.text) for s in split.sentences]
+
     def _split(self, task: ExtractionTask | WritingTask | None) -> ExtractionTask | None:
         """The extraction task to split into sentence prompts, or None to answer the chat as it is."""
         if self.answer_format != "sentence-tags" or not isinstance(task, ExtractionTask) or not task.sentences:

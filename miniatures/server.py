@@ -109,7 +109,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.errors import UserError
 from core.tasks import ExtractionTask, WritingTask, load_task
-from miniatures.formats import WRITER_BRIEF, brief_messages, sentence_messages
+from miniatures.formats import WRITER_BRIEF
 from miniatures.grammar import GrammarError, answer_grammar
 from miniatures.local import BASE_ADAPTER, Generation, LocalEngine, LocalMiniatureChatModel, repair_json
 from miniatures.registry import get_miniature, list_miniatures
@@ -493,18 +493,6 @@ def check_task(model: ServedModel, task: ExtractionTask | WritingTask | None, ba
                          f"{agent}'s): send it to a {agent} miniature", param=TASK_FIELD, code="invalid_task")
 
 
-def _asked_prompts(model: ServedModel, chat: list[dict[str, str]],
-                   task: ExtractionTask | WritingTask | None) -> list[list[dict[str, str]]]:
-    """The prompts the miniature is fed for this request (as ``LocalMiniatureChatModel.answer`` builds them): one
-    per sentence of a split extraction task, the brief of a writing task, else the messages."""
-    answer_format = _answer_format(model)
-    if answer_format == "sentence-tags" and isinstance(task, ExtractionTask) and task.sentences:
-        return [sentence_messages(task.company, s.source_url, s.text) for s in task.sentences]
-    if answer_format == WRITER_BRIEF and isinstance(task, WritingTask):
-        return [brief_messages(task)]
-    return [chat]
-
-
 # ---------------------------------------------------------------------- errors
 
 
@@ -838,7 +826,8 @@ def create_app(
             except GrammarError as exc:
                 raise _APIError(400, f"{field} does not compile: {exc}", param=field, code="invalid_grammar") from exc
         chat = _chat_messages(body)
-        n_prompt = max(len(model.engine.prompt_ids(p)) for p in _asked_prompts(model, chat, task))
+        prompts = model.chat.prompts(chat, task) if model.chat is not None else [chat]
+        n_prompt = max(len(model.engine.prompt_ids(p)) for p in prompts)
         limit = max_prompt_tokens or model.engine.context_length or None
         if model.engine.context_length:
             limit = min(limit or model.engine.context_length, model.engine.context_length - 1)
