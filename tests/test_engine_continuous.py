@@ -22,7 +22,8 @@ pytest.importorskip("llguidance")
 from core.tasks import MergeTag, OfferBrief, WritingTask  # noqa: E402
 from miniatures import BASE_ADAPTER, LocalEngine  # noqa: E402
 from miniatures.grammar import answer_grammar, tag_grammar  # noqa: E402
-from miniatures.local import PrefixCache, _Batch  # noqa: E402
+from miniatures.kv_cache import PrefixCache  # noqa: E402
+from miniatures.local import _Batch  # noqa: E402
 from miniatures.sampling import RowSampling  # noqa: E402
 from tests.miniature_fixtures import PROMPTS, build_adapter, build_tiny_base  # noqa: E402
 

@@ -256,7 +256,7 @@ async def test_gpu_batches_match_single_requests(tiny: dict[str, Path]) -> None:
 def test_reserved_cache_gives_the_dynamic_caches_tokens(tiny: dict[str, Path]) -> None:
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from miniatures.local import _cache_keyword, reserved_cache
+    from miniatures.kv_cache import _cache_keyword, reserved_cache
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny["base"])).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
