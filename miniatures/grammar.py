@@ -19,14 +19,15 @@ The grammars (``answer_grammar``):
 * writing (``WritingTask``): ``{"subject": S, "body": B}``, non-blank JSON strings whose braces only occur in
   the task's merge tags (``{{first_name}}``), no ``\\u`` escapes (no brace written as ``\\u007b``), a one-line
   subject of at most ``task.subject_max_chars`` characters as written (merge tags unexpanded); rules that only
-  refuse, never force (``email_grammar``): the product's tag at most once in the body, the product's name (up to
-  32 characters) never typed out when its tag is listed, no product, sender-company or first-name tag in the
-  subject;
-* writing with the rules of craft (``craft_email_grammar``, ``answer_grammar(task, craft=True)``, what
-  in-process writer miniatures get): the same JSON, plus the structure the teacher's emails always have and
-  the rubric checks: a plain greeting, an opener not in the first person, a fact, the product once, the
-  proof point, the call to action once, the opt-out line at the end, a 2-to-5-word subject without the
-  product or first name, and the word band up to the call to action (rules indexed by words still to write);
+  refuse, never force (``email_grammar``): the product's tag at most once in the body, no product,
+  sender-company or first-name tag in the subject (the product's name typed out is left to validation and the
+  rubric);
+* writing with the rules of craft (``craft_email_grammar``, ``answer_grammar(task, craft=True)``, opt-in:
+  in-process writer miniatures trained with ``email_grammar="craft"``): the same JSON, plus the structure the
+  teacher's emails always have and the rubric checks: a plain greeting, an opener not in the first person, a fact,
+  the product once, the proof point, the call to action once, the opt-out line at the end, a 2-to-5-word subject
+  without the product or first name, and the word band up to the call to action (rules indexed by words still to
+  write);
 * sentence tags (``tag_grammar``): one sentence's answer in the ``sentence-tags`` format (``miniatures.formats``):
   ``-``, or a listed field, `` | `` and a non-blank span of whole words of the sentence.
 
