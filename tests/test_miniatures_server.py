@@ -174,6 +174,10 @@ def test_sampling_requests_are_repeatable_by_seed(server: Any) -> None:
                    ["choices"][0]["message"]["content"] for seed in (1, 1, 2, 3, 4)]
     assert sampled[0] == sampled[1]  # same seed, same answer
     assert len(set(sampled)) > 1 and any(text != greedy for text in sampled)
+    with _client(server) as client:  # min-p (vLLM's extra parameter): repeatable by seed as well
+        min_p = [client.post("/chat/completions", json={**body, "temperature": 1.5, "min_p": 0.1, "seed": 1}).json()
+                 ["choices"][0]["message"]["content"] for _ in range(2)]
+    assert min_p[0] == min_p[1]
 
 
 @pytest.mark.parametrize(
@@ -186,6 +190,7 @@ def test_sampling_requests_are_repeatable_by_seed(server: Any) -> None:
         ({"model": "writer-x", "messages": PROMPTS[0], "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
         ({"model": "writer-x", "messages": [{"role": "tool", "content": "x"}]}, 400, None, "messages.0.role"),
         ({"model": "writer-x", "messages": PROMPTS[0], "temperature": 3.0}, 400, "invalid_value", "temperature"),
+        ({"model": "writer-x", "messages": PROMPTS[0], "min_p": 1.0}, 400, "invalid_value", "min_p"),
         ({"model": "writer-x", "messages": PROMPTS[0], "n": 2}, 400, None, "n"),
         ({"model": "writer-x", "messages": PROMPTS[0], "max_tokens": 10**9}, 400, "invalid_value", "max_tokens"),
         ({"model": "writer-x", "messages": PROMPTS[0], "max_completion_tokens": 513}, 400, "invalid_value",
