@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from agents.schemas import Offer
+    from graphs.models import ModelPool
     from graphs.runner import RunEvent
     from miniatures.pricing import Price
     from tools import Corpus, CsvImportReport
@@ -482,6 +483,7 @@ async def measure_yc_companies(
     unpersonalised_emails: bool = False,
     employee_tolerance: float = YC_EMPLOYEE_TOLERANCE,
     on_event: Callable[[RunEvent], None] | None = None,
+    models: ModelPool | None = None,
 ) -> YcFigures:
     """Measure research and writing on the real YC companies (``outreach realdata companies``).
 
@@ -502,6 +504,8 @@ async def measure_yc_companies(
             ``graphs.runner.run_campaign`` (``prices`` None: its default table).
         employee_tolerance: as ``yc_figures``.
         on_event: progress callback of ``run_campaign``.
+        models: built models to reuse, e.g. a ``graphs.models.ModelPool`` on the store that registers the
+            ``miniature:`` backends (``engine`` holds only this measurement); None: one on ``engine``.
 
     Returns:
         YcFigures of the campaign, with the rendering, corpus size and wall time.
@@ -532,7 +536,7 @@ async def measure_yc_companies(
                   split="realdata")
     await run_campaign(engine, campaign, web=CorpusWeb(corpus), researcher=researcher, writer=writer,
                        concurrency=concurrency, max_pages=max_pages, prospect_timeout_s=prospect_timeout_s,
-                       prices=DEFAULT_PRICES if prices is None else prices,
+                       prices=DEFAULT_PRICES if prices is None else prices, models=models,
                        unpersonalised_emails=unpersonalised_emails, on_event=on_event)
     figures = yc_figures(engine, campaign, [c for c, _ in pairs], employee_tolerance=employee_tolerance)
     figures.rendering, figures.corpus_documents = rendering, imported

@@ -653,6 +653,10 @@ def realdata_companies(
         help="Folder for each rendering's corpus, store and figures (RENDERING-corpus.sqlite, RENDERING-store.sqlite "
              "and RENDERING.json are replaced).")] = Path("out/realdata-companies"),
     offer: Annotated[Path | None, typer.Option(help="Offer TOML (default: a built-in example offer).")] = None,
+    store: Annotated[str | None, typer.Option(
+        "--store", help="SQLAlchemy URL of the store whose registry `miniature:` backends are looked up in "
+                        "(setting store_url); each rendering's campaign still goes to its own "
+                        "RENDERING-store.sqlite.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Real companies: every Active YC row imported as one corpus, the first `--limit` as prospects (founders as
@@ -666,7 +670,11 @@ def realdata_companies(
     to watch). An employee count is right when the row's team size lies in the range the fact states ("11-50",
     "less than 10", "2,000+"), or at most 25% of it outside (sizes are a May 2024 snapshot).
 
-    Example: `outreach realdata companies --rendering both --out out/realdata-companies`
+    A `miniature:` backend is looked up in the registry of `--store` (the store that `outreach finetune train` or
+    `outreach demo --distill` registered it in), loaded once and used for every rendering.
+
+    Examples: `outreach realdata companies --rendering both --out out/realdata-companies`;
+    `OUTREACH_WRITER=miniature:demo-writer outreach realdata companies --limit 20 --store sqlite:///demo/outreach.sqlite`
     """
     import os
     import time
@@ -674,6 +682,7 @@ def realdata_companies(
     from agents.schemas import Offer
     from evals.realdata import YC_RENDERINGS, load_yc_companies, measure_yc_companies, yc_prospects
     from graphs.inputs import InputError, load_offer
+    from graphs.models import ModelPool
     from miniatures.specs import BackendSpecError, parse_backend_spec
     from store import open_store
     from tools import Corpus
@@ -688,10 +697,9 @@ def realdata_companies(
     if not csv_path.is_file():
         err.print(f"[red]{csv_path} not found; it lives in ../shared/realdata/companies/[/red]")
         raise typer.Exit(2)
-    settings = settings_or_exit(config)
+    settings = settings_or_exit(config, store_url=store)
     try:
-        for spec in (settings.researcher, settings.writer):
-            parse_backend_spec(spec)
+        specs = {"researcher": parse_backend_spec(settings.researcher), "writer": parse_backend_spec(settings.writer)}
         offer_model = load_offer(offer) if offer else Offer(
             sender_name="Dana Whitfield", sender_title="Account Executive", sender_company="Ledgerline",
             product="Ledgerline", value_proposition="cuts month-end close time by automating reconciliation",
@@ -701,6 +709,9 @@ def realdata_companies(
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     n_prospects = min(n_prospects, limit) if limit is not None else n_prospects
+    probe_backends(specs, settings)
+    registry = open_engine(settings) if any(spec.kind == "miniature" for spec in specs.values()) else None
+    models = ModelPool(timeout_s=settings.prospect_timeout_s, store=registry)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = []
@@ -715,7 +726,7 @@ def realdata_companies(
         try:
             figures = _progress_run(lambda on_event, name=name, engine=engine, corpus=corpus: measure_yc_companies(
                 csv_path, engine=engine, corpus=corpus, rendering=name, offer=offer_model, campaign=f"yc-{name}",
-                limit=limit, researcher=settings.researcher, writer=settings.writer,
+                limit=limit, researcher=settings.researcher, writer=settings.writer, models=models,
                 concurrency=settings.concurrency, max_pages=settings.max_pages,
                 prospect_timeout_s=settings.prospect_timeout_s, prices=settings.price_table(),
                 unpersonalised_emails=settings.unpersonalised_emails, on_event=on_event),
@@ -725,6 +736,8 @@ def realdata_companies(
             engine.dispose()
         (out / f"{name}.json").write_text(figures.model_dump_json(indent=2), encoding="utf-8")
         results.append(figures)
+    if registry is not None:
+        registry.dispose()
     console.print(_realdata_table(results))
     for figures in results:
         for fact in figures.foreign_examples[:5]:

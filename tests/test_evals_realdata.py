@@ -341,3 +341,40 @@ def test_real_rows_measured_in_both_renderings(realdata: Path, tmp_path: Path) -
         if rendering == "directory":  # the labelled fields are on each company's own page
             assert figures.scores.micro.precision >= 0.95 and figures.scores.micro.recall >= 0.9
             assert figures.foreign_facts == 0 and figures.valid_emails >= 18
+
+
+@pytest.mark.slow
+def test_realdata_companies_runs_a_miniature_registered_in_the_named_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rendering's campaign has its own new store; a `miniature:` writer comes from `--store`'s registry."""
+    pytest.importorskip("peft")
+    from sqlmodel import Session, select
+
+    from miniatures.registry import register_miniature
+    from outreach.cli import app
+    from store.models import Trace
+    from tests.miniature_fixtures import build_adapter, build_tiny_base
+
+    base = build_tiny_base(tmp_path / "base", context=4096)
+    adapter = build_adapter(base, tmp_path / "adapter", seed=1)
+    registry = open_store(f"sqlite:///{tmp_path / 'registry.sqlite'}")
+    register_miniature(registry, name="tiny-writer", agent="writer", base_model=str(base), adapter_path=str(adapter),
+                       training_config={}, dataset_hash="h", metrics={})
+    registry.dispose()
+    monkeypatch.setenv("OUTREACH_WRITER", "miniature:tiny-writer")
+    csv_path, out = _tiny_csv(tmp_path), tmp_path / "out"
+    args = ["realdata", "companies", "--csv", str(csv_path), "--out", str(out), "--limit", "1",
+            "--rendering", "directory"]
+
+    unnamed = CliRunner().invoke(app, [*args, "--store", f"sqlite:///{tmp_path / 'other.sqlite'}"])
+    assert unnamed.exit_code == 2 and "Nothing was run" in unnamed.output
+    assert not (out / "directory.json").exists()
+
+    result = CliRunner().invoke(app, [*args, "--store", f"sqlite:///{tmp_path / 'registry.sqlite'}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "directory.json").read_text(encoding="utf-8"))["prospects"] == 1
+    measured = open_store(f"sqlite:///{out / 'directory-store.sqlite'}")
+    with Session(measured) as session:
+        backends = {(t.agent, t.backend) for t in session.exec(select(Trace)).all()}
+    measured.dispose()
+    assert ("writer", "miniature:tiny-writer") in backends and ("researcher", "heuristic") in backends
