@@ -28,9 +28,14 @@ tokens set to ``-inf`` in place on float32 scores, with the processor's defaults
 by one call on llguidance's executor. The old processor scans the vocabulary in Python for each new state, so at
 150k tokens it is timed on the first ``--old-tokens`` tokens of each answer only (the table says so; early tokens
 are mostly fixed JSON text, its cheapest states, so that figure flatters it). Compile ms is llguidance's compile
-time per row. The load average is printed before and after.
+time per row. ``check-first greedy step`` is ``mask_rows_greedy`` (each row's top token validated, only the rows
+that refuse it masked) with each row's consume, on scores whose top token is the answer's (a model that follows its
+grammar; each step a real model's top token is refused adds a mask). ``--kernels`` adds a table of the mask
+application alone: the processor's against ``llguidance.torch.apply_token_bitmask_inplace`` and xgrammar's CPU
+kernel when xgrammar is importable (it is no project dependency). The load average is printed before and after.
 
-Usage: python benchmarks/grammar_speed.py [--smoke] [--rows 8] [--large-vocab 150000] [--repeats 2] [--out PATH]
+Usage: python benchmarks/grammar_speed.py [--smoke] [--rows 8] [--large-vocab 150000] [--repeats 2] [--kernels]
+[--out PATH]
 """
 
 from __future__ import annotations
@@ -273,6 +278,95 @@ def time_processor(llt: Any, grammar: str, ids: list[int], rows: int, vocab: int
     return spent * 1000 / (len(ids) * rows), cpu * 1000 / (len(ids) * rows)
 
 
+def time_greedy(llt: Any, grammar: str, ids: list[int], rows: int, vocab: int, stop: int) -> tuple[float, float]:
+    """(wall, CPU of the calling thread) ms per token and row of this tree's check-first greedy step
+    (``mask_rows_greedy``: validate each row's top token, mask only the rows that refuse it) plus each row's
+    ``consume_token``, on float32 scores of ``vocab`` tokens whose top token is the answer's: the replay is the
+    case of a model that follows its grammar (only the final stop token is masked); every step whose top token a
+    real model has refused adds a mask."""
+    import torch
+
+    from miniatures.grammar import GrammarLogitsProcessor, mask_rows_greedy, matcher
+
+    processor = GrammarLogitsProcessor(llt, [None] * rows, 1, [stop])
+    matchers = [matcher(llt, grammar) for _ in range(rows)]
+    scores = torch.zeros((rows, vocab))
+    spent = cpu = 0.0
+    for k, token in enumerate(ids):
+        run_scores = scores.clone()
+        run_scores[:, token] = 1.0
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        out = mask_rows_greedy(processor, run_scores, matchers, [token] * rows)
+        for m in matchers:  # the engine's own argmax is left out (given as ``top``): the replay's token
+            if token != stop:
+                m.consume_token(token)
+        spent += time.perf_counter() - started
+        cpu += time.thread_time() - cpu_started
+        chosen = out.argmax(dim=-1).tolist()
+        assert chosen == [token] * rows, f"the check-first step changed token {k} of a valid answer"
+    return spent * 1000 / (len(ids) * rows), cpu * 1000 / (len(ids) * rows)
+
+
+def time_kernels(llt: Any, grammar: str, ids: list[int], rows: int, vocab: int) -> dict[str, tuple[float, float]]:
+    """(wall, CPU of the calling thread) ms per token and row of applying the replay's bit masks to float32 scores
+    of ``vocab`` tokens in place, by ``GrammarLogitsProcessor``'s application and by the library kernels that are
+    installed: ``llguidance.torch.apply_token_bitmask_inplace`` (a ``torch.compile`` kernel; its compile is left
+    out) and xgrammar's CPU kernel (``xgrammar.apply_token_bitmask_inplace``, when xgrammar imports). Each result
+    is checked against the processor's."""
+    import llguidance.numpy as llg_numpy
+    import torch
+
+    from miniatures.grammar import GrammarLogitsProcessor, matcher
+
+    m = matcher(llt, grammar)
+    masks = []
+    for token in ids:
+        bits = llg_numpy.allocate_token_bitmask(1, llt.vocab_size)
+        llg_numpy.fill_next_token_bitmask(m, bits, 0)
+        masks.append(bits.repeat(rows, axis=0))
+        m.consume_token(token)
+    processor = GrammarLogitsProcessor(llt, [None] * rows, 1, [])
+    every = list(range(rows))
+
+    def ours(scores: Any, bits: Any) -> None:
+        processor._bits = bits  # the processor's own application step (``_apply``), masks already filled
+        processor._apply(every, scores)
+
+    kernels: dict[str, Callable[[Any, Any], None]] = {"processor": ours}
+    try:
+        import llguidance.torch as llg_torch
+
+        kernels["llguidance.torch"] = lambda s, b: llg_torch.apply_token_bitmask_inplace(s, torch.from_numpy(b))
+    except ImportError:
+        pass
+    try:
+        import xgrammar
+
+        kernels["xgrammar cpu"] = lambda s, b: xgrammar.apply_token_bitmask_inplace(s, torch.from_numpy(b),
+                                                                                   vocab_size=vocab)
+    except ImportError:
+        pass
+    base = torch.randn((rows, vocab), generator=torch.Generator().manual_seed(0))
+    expected = []
+    for bits in masks:
+        s = base.clone()
+        ours(s, bits)
+        expected.append(torch.isfinite(s))
+    out: dict[str, tuple[float, float]] = {}
+    for name, kernel in kernels.items():
+        kernel(base.clone(), masks[0])  # warm-up (a compile)
+        spent = cpu = 0.0
+        for bits, finite in zip(masks, expected, strict=True):
+            s = base.clone()
+            started, cpu_started = time.perf_counter(), time.thread_time()
+            kernel(s, bits)
+            spent += time.perf_counter() - started
+            cpu += time.thread_time() - cpu_started
+            assert torch.equal(torch.isfinite(s), finite), f"{name} applied another mask"
+        out[name] = (spent * 1000 / (len(masks) * rows), cpu * 1000 / (len(masks) * rows))
+    return out
+
+
 def time_old(old: tuple[Any, Any], tokenizer: Any, case: Case, rows: int, max_tokens: int) -> tuple[float, int]:
     """(mask ms per token and row, tokens timed) of the old ``GrammarProcessor`` on the same answer."""
     import torch
@@ -308,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                "(the lower mean of each is kept)")
     parser.add_argument("--old-tokens", type=int, default=None, help="tokens the old processor is timed on "
                                                                      "(default: all at 4096, 40 at the large one)")
+    parser.add_argument("--kernels", action="store_true", help="also time library kernels applying the masks "
+                                                                "(llguidance.torch, xgrammar if installed)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -347,9 +443,11 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["| grammar | vocabulary | rows | previous: mask ms/token/row | new: mask ms/token/row | previous/new "
              "| new: mask CPU ms/token/row | new: median step CPU | steps over 0.5 ms CPU, previous -> new "
              "| new: processor ms/token/row | processor CPU | processor, masks on the executor "
+             "| new: check-first greedy step ms/token/row | check-first CPU "
              "| compile CPU ms/row, previous -> new | old state machine ms/token (1 row) | old/new |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    worst = worst_cpu = worst_call = worst_call_cpu = 0.0
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    kernel_lines = ["| grammar | vocabulary | rows | kernel | apply ms/token/row | apply CPU |", "|---|---|---:|---|---:|---:|"]
+    worst = worst_cpu = worst_call = worst_call_cpu = worst_greedy = worst_greedy_cpu = 0.0
     for vocab_name, tokenizer in tokenizers.items():
         large = not vocab_name.startswith("4096")
         end: Any = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -368,6 +466,13 @@ def main(argv: list[str] | None = None) -> None:
             new = _best(new_runs)
             call, call_cpu = time_processor(llt, grammar, ids, args.rows, len(tokenizer), stop, None)
             pool = time_processor(llt, grammar, ids, args.rows, len(tokenizer), stop, 2)[0]
+            greedy, greedy_cpu = time_greedy(llt, grammar, ids, args.rows, len(tokenizer), stop)
+            worst_greedy, worst_greedy_cpu = max(worst_greedy, greedy), max(worst_greedy_cpu, greedy_cpu)
+            if args.kernels:
+                for name, (k_wall, k_cpu) in time_kernels(llt, grammar, ids, args.rows, len(tokenizer)).items():
+                    kernel_lines.append(f"| {case.kind} | {vocab_name} | {args.rows} | {name} | {k_wall:.4f} "
+                                        f"| {k_cpu:.4f} |")
+                    print(kernel_lines[-1], flush=True)
             worst, worst_cpu, worst_call = max(worst, new.wall), max(worst_cpu, new.cpu), max(worst_call, call)
             worst_call_cpu = max(worst_call_cpu, call_cpu)
             previous_text, ratio, slow_text, compile_text = "-", "-", f"- -> {new.slow}", f"- -> {new.compile_ms:.1f}"
@@ -383,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
                 old_ratio = f"{old_ms / call:.1f}x"
             lines.append(f"| {case.kind} ({len(ids)} tokens) | {vocab_name} | {args.rows} | {previous_text} "
                          f"| {new.wall:.4f} | {ratio} | {new.cpu:.4f} | {new.median:.4f} | {slow_text} | {call:.4f} "
-                         f"| {call_cpu:.4f} | {pool:.4f} | {compile_text} | {old_text} | {old_ratio} |")
+                         f"| {call_cpu:.4f} | {pool:.4f} | {greedy:.4f} | {greedy_cpu:.4f} | {compile_text} "
+                         f"| {old_text} | {old_ratio} |")
             print(lines[-1], flush=True)
             slowest = sorted(range(len(ids)), key=lambda k: -new.steps[k])[:SHOW_SLOW]
             print("    slowest new steps (CPU ms per row, the text the step's token ends): " + "; ".join(
@@ -395,9 +501,14 @@ def main(argv: list[str] | None = None) -> None:
                  f"previous/new is the ratio of CPU times. Worst new mask cost {worst:.4f} ms per token and row of "
                  f"wall time, {worst_cpu:.4f} of CPU time (target <= 0.1: {'met' if worst_cpu <= 0.1 else 'NOT met'} "
                  f"in CPU time, {'met' if worst <= 0.1 else 'NOT met'} in wall time); worst whole processor call "
-                 f"{worst_call:.4f} ms per token and row of wall time, {worst_call_cpu:.4f} of CPU time. "
-                 f"Processor defaults here: masks "
+                 f"{worst_call:.4f} ms per token and row of wall time, {worst_call_cpu:.4f} of CPU time; worst "
+                 f"check-first greedy step {worst_greedy:.4f} of wall time, {worst_greedy_cpu:.4f} of CPU time "
+                 f"(target <= 0.1: {'met' if worst_greedy <= 0.1 else 'NOT met'} in wall time, on a replay whose "
+                 f"every top token is allowed). Processor defaults here: masks "
                  f"{'on the shared executor' if (os.cpu_count() or 1) >= 4 else 'on the calling thread'}.")
+    if args.kernels:
+        lines += ["", "Mask application alone (the replay's masks, filled beforehand, applied to float32 scores in "
+                      "place):", "", *kernel_lines]
     print("\n".join(lines))
     if args.out is not None and not args.smoke:
         args.out.parent.mkdir(parents=True, exist_ok=True)

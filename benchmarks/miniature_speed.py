@@ -16,7 +16,7 @@ on the text of a small demo world, ChatML tokenizer trained on that text; preset
    measured here by a numpy copy of a large array.
 
 Usage: python benchmarks/miniature_speed.py [--smoke] [--quick] [--threads N] [--presets 2m,10m]
-       [--baseline-engine OLD_LOCAL_PY] [--prefix-cache-tokens N]
+       [--baseline-engine OLD_LOCAL_PY] [--prefix-cache-tokens N] [--speculative K]
        [--out benchmarks/results/miniature_speed.md]
 """
 
@@ -425,6 +425,8 @@ async def run_inference(result: PresetResult, base_path: Path, adapters: dict[st
     options: dict[str, Any] = {}
     if args.prefix_cache_tokens is not None and engine_class is None:
         options["prefix_cache_tokens"] = args.prefix_cache_tokens
+    if engine_class is None:  # the rows below decode a token per step; --speculative K adds rows with drafts
+        options["speculative_tokens"] = 0
     engine = make(str(base_path), device="cpu", dtype="float32", max_batch_size=args.batch,
                   num_threads=args.threads, max_new_tokens=args.new_tokens, **options)
     # Stop tokens off (an id no model can emit), so every request makes exactly --new-tokens tokens.
@@ -481,6 +483,40 @@ async def run_inference(result: PresetResult, base_path: Path, adapters: dict[st
     row(f"2 LoRAs mixed, {len(batch)} gathered", gens, seconds, calls, cpu,
         "one mixed-adapter batch" if calls == 1 else f"split into {calls} per-adapter batches")
     engine.close()
+    if args.speculative and engine_class is None:
+        await run_speculative(result, base_path, chats, args, make, row)
+
+
+async def run_speculative(result: PresetResult, base_path: Path, chats: list[list[dict[str, str]]],
+                          args: argparse.Namespace, make: Any, row: Any) -> None:
+    """The base's batch-1 and gathered rows again with ``--speculative K`` draft tokens per step (prompt lookup
+    only: the completion store is off, since the repeats ask the same prompts and would draft their own earlier
+    answers whole). The note gives the drafts accepted and the tokens per row and step."""
+    from miniatures.local import BASE_ADAPTER
+
+    options: dict[str, Any] = {"speculative_tokens": args.speculative, "draft_store_tokens": 0}
+    if args.prefix_cache_tokens is not None:
+        options["prefix_cache_tokens"] = args.prefix_cache_tokens
+    engine = make(str(base_path), device="cpu", dtype="float32", max_batch_size=args.batch,
+                  num_threads=args.threads, max_new_tokens=args.new_tokens, **options)
+    engine.stop_token_ids = [len(engine.tokenizer) + 1_000_000]
+    new, reps = args.new_tokens, args.repeats
+    seq, batch = chats[: args.sequential], chats[: args.batch]
+    await _sequential(engine, [(BASE_ADAPTER, chats[0])], 4)
+    await _gathered(engine, [(BASE_ADAPTER, c) for c in batch], 4)
+    grammar = _writer_grammar()
+    for mode, run, asked, constrained in (
+            ("batch 1", _sequential, seq, None), (f"{len(batch)} gathered", _gathered, batch, None),
+            (f"{len(batch)} gathered", _gathered, batch, grammar)):
+        drafted, accepted = engine.drafted_tokens, engine.accepted_tokens
+        rows = engine.decode_rows
+        gens, seconds, calls, cpu = await _best_of(reps, run, engine, [(BASE_ADAPTER, c) for c in asked], new,
+                                                   constrained)
+        d, a = engine.drafted_tokens - drafted, engine.accepted_tokens - accepted
+        per_step = (a + (engine.decode_rows - rows)) / max(1, engine.decode_rows - rows)
+        name = f"base{' + grammar' if constrained else ''}, {mode}, drafts {args.speculative}"
+        row(name, gens, seconds, calls, cpu, f"{a}/{d} drafts kept, {per_step:.2f} tokens/row-step")
+    engine.close()
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -524,8 +560,16 @@ def _ratios(r: PresetResult) -> list[tuple[str, float, float]]:
     by = {row.mode.split(",")[0] + ("/b1" if "batch 1" in row.mode else "/bN"): row for row in r.rows}
     pairs = [("base", "base/bN", "base/b1"), ("base + grammar", "base + grammar/bN", "base + grammar/b1"),
              ("LoRA", "LoRA/bN", "LoRA/b1"), ("2 LoRAs mixed (vs LoRA batch 1)", "2 LoRAs mixed/bN", "LoRA/b1")]
-    return [(name, by[n].tokens_per_s / by[b].tokens_per_s, by[n].tokens_per_cpu_s / by[b].tokens_per_cpu_s)
-            for name, n, b in pairs if n in by and b in by]
+    out = [(name, by[n].tokens_per_s / by[b].tokens_per_s, by[n].tokens_per_cpu_s / by[b].tokens_per_cpu_s)
+           for name, n, b in pairs if n in by and b in by]
+    plain = {row.mode: row for row in r.rows if "drafts" not in row.mode}
+    for row in r.rows:  # drafts against the same mode without them (--speculative)
+        if ", drafts " in row.mode:
+            other = plain.get(row.mode.rsplit(", drafts ", 1)[0])
+            if other is not None:
+                out.append((f"{row.mode} / without drafts", row.tokens_per_s / other.tokens_per_s,
+                            row.tokens_per_cpu_s / other.tokens_per_cpu_s))
+    return out
 
 
 def report(results: list[PresetResult], machine: dict[str, str], bandwidth: float, loads: tuple[Any, Any],
@@ -544,6 +588,9 @@ def report(results: list[PresetResult], machine: dict[str, str], bandwidth: floa
     console.print(inf)
     for r in results:
         for name, ratio, cpu_ratio in _ratios(r):
+            if "drafts" in name:
+                console.print(f"{r.preset}: tokens/s, {name}: [bold]{ratio:.2f}x[/bold] wall, {cpu_ratio:.2f}x CPU")
+                continue
             console.print(f"{r.preset}: batched / batch-1 tokens/s, {name}: [bold]{ratio:.2f}x[/bold] wall, "
                           f"{cpu_ratio:.2f}x CPU (target >= 4x)")
 
@@ -706,12 +753,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "side by side in the same run")
     parser.add_argument("--prefix-cache-tokens", type=int, default=None,
                         help="prefix cache size of the engine (default the engine's; 0: off)")
+    parser.add_argument("--speculative", type=int, default=0, metavar="K",
+                        help="also run the base's rows with K draft tokens per step (speculative decoding, "
+                             "LocalEngine speculative_tokens), side by side with K=0 (default 0: not run)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "miniature_speed.md")
     args = parser.parse_args(argv)
     if args.smoke:
         args.quick = args.skip_training = True
         args.new_tokens, args.batch, args.companies, args.prompt_tokens = 8, 2, 6, 120
         args.bandwidth_mb = 16
+        args.speculative = args.speculative or 2  # the speculative rows run too, so they cannot break silently
+    if args.speculative < 0:
+        parser.error("--speculative must be >= 0")
     quick = args.quick
     args.presets = [p.strip() for p in (args.presets or ("2m" if quick else "2m,10m")).split(",") if p.strip()]
     args.threads = args.threads or os.cpu_count() or 1

@@ -8,8 +8,11 @@ machine, generation in the main thread was up to 10x slower than in a worker thr
 own loop, not ``model.generate``: a request is prefilled alone (no padding, so the fused attention kernel) and
 joins the running batch at the next step boundary; every step decodes one token of every row; a row leaves at
 the step it ends (a stop token, its grammar complete, or its ``max_new_tokens``), so a sentence tag never waits
-for an email. The batch's KV cache is left-aligned with per-row padding masks and position ids, as transformers
-does for a left-padded batch, and grows or shrinks by rows (``_Batch``, ``_slot_layer_class``). A prompt that
+for an email. With speculative decoding (``speculative_tokens``, on by default) a step also verifies each row's
+n-gram drafts (``miniatures.drafts``: its own prompt and output, its adapter's recent completions) in the same
+forward pass and keeps those the model agrees with, several tokens per step at no draft-model cost (``_Batch``).
+The batch's KV cache is left-aligned with per-row padding masks and position ids, as transformers does for a
+left-padded batch, and grows or shrinks by rows (``_Batch``, ``_slot_layer_class``). A prompt that
 starts like one prefilled before (the same system prompt, instructions and offer) is prefilled only past that
 prefix (``PrefixCache``). Requests for different adapters share a batch through peft's mixed-adapter batches
 (``adapter_names=[...]``, peft >= 0.10); when the installed peft refuses that, a request joins only rows of its
@@ -52,6 +55,7 @@ from pydantic import ConfigDict, Field
 from core.errors import UserError
 from core.tasks import ExtractionTask, WritingTask
 from miniatures.device import pick_device, torch_dtype
+from miniatures.drafts import CompletionStore, DraftSource
 from miniatures.formats import (
     WRITER_BRIEF,
     assemble_extraction,
@@ -60,17 +64,26 @@ from miniatures.formats import (
     offer_tag_values,
     sentence_messages,
 )
-from miniatures.grammar import GrammarLogitsProcessor, answer_grammar, email_grammar, llg_tokenizer, tag_grammar
+from miniatures.grammar import (
+    GrammarLogitsProcessor,
+    answer_grammar,
+    email_grammar,
+    llg_tokenizer,
+    mask_rows_greedy,
+    tag_grammar,
+)
 from miniatures.grammar import matcher as grammar_matcher
 from miniatures.kv_cache import (
     PrefixCache,
     _cache_keyword,
+    _has_sliding_layers,
     _slot_cache,
     _slot_layers_fit,
     reserved_cache,
+    use_packed_attention,
 )
 from miniatures.registry import check_miniature_paths, get_miniature
-from miniatures.sampling import RowSampling, SeededSampler, prompt_seed
+from miniatures.sampling import RowSampling, SeededSampler, draw, prompt_seed
 from miniatures.specs import BackendSpec, BackendSpecError
 
 if TYPE_CHECKING:
@@ -164,6 +177,8 @@ class _Row:
     matcher: Any = None  # the grammar's matcher while it constrains the row (None: free, or left its grammar)
     generator: Any = None  # the row's torch.Generator when it samples
     tokens: list[int] = field(default_factory=list)  # generated tokens (the last one is the next input)
+    drafts: DraftSource | None = None  # its n-gram draft index, made at its first speculative step
+    draft_limit: int = -1  # most drafts of its next step (-1: the engine's speculative_tokens); see _Batch._drafts
 
 
 #: The process's live CPU engines (``LocalEngine`` on a CPU device), which share its CPUs (``share_cpus``).
@@ -232,6 +247,17 @@ class LocalEngine:
         prefix_cache_tokens: prompt tokens whose keys and values are kept for reuse by later prompts that start
             the same way (``PrefixCache``; 0: none). Measured on the demo's prompts in
             ``benchmarks/results/miniature_speed.md``.
+        speculative_tokens: most draft tokens verified per row and step (0: none, one token per step). Drafts
+            are n-gram lookups (``miniatures.drafts``) in the row's own prompt and output and in the adapter's
+            recent completions, so they cost no model; a step runs each row's last token and its drafts in one
+            forward pass and keeps the drafts the model agrees with (``_Batch.step``). Greedy answers are the
+            same as without drafts, and so are sampled ones (each kept token is the row's own seeded draw from its
+            processed distribution), up to floating-point ties between the one-token and the multi-token
+            forward pass. Off for models with sliding-window layers. Measured in
+            ``benchmarks/results/miniature_speed.md``.
+        draft_ngram: ``(n_max, n_min)``: longest and shortest n-gram looked up for drafts, longest first.
+        draft_store_tokens: tokens of recent completions kept per adapter for retrieval drafts (0: prompt lookup
+            only).
 
     Attributes:
         tokenizer: the base model's tokenizer (left padding).
@@ -242,6 +268,8 @@ class LocalEngine:
         decode_steps, decode_rows: batch decoding steps run, and rows decoded over them (mean batch = rows / steps).
         prefill_tokens, prefix_tokens_reused: prompt tokens run through the model, and taken from the prefix cache.
         prefill_s, decode_s: seconds spent prefilling (with each request's first token) and in decoding steps.
+        drafted_tokens, accepted_tokens: draft tokens verified, and those the model agreed with (each saves a step).
+        draft_stats: per adapter, ``[drafted, accepted, row steps that verified drafts]``.
 
     Raises:
         ValueError: a bad size, device or dtype; or a tokenizer without chat template.
@@ -260,7 +288,16 @@ class LocalEngine:
         num_threads: int | None = None,
         constrained: bool = True,
         prefix_cache_tokens: int = 16384,
+        speculative_tokens: int = 8,
+        draft_ngram: tuple[int, int] = (5, 1),
+        draft_store_tokens: int = 65536,
     ) -> None:
+        if speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0 (0: no speculative decoding), got {speculative_tokens}")
+        if not 1 <= draft_ngram[1] <= draft_ngram[0]:
+            raise ValueError(f"draft_ngram must be (n_max, n_min) with 1 <= n_min <= n_max, got {draft_ngram}")
+        if draft_store_tokens < 0:
+            raise ValueError(f"draft_store_tokens must be >= 0 (0: no retrieval drafts), got {draft_store_tokens}")
         if prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be >= 0 (0: no prefix cache), got {prefix_cache_tokens}")
         if num_threads is not None and num_threads < 1:
@@ -326,6 +363,20 @@ class LocalEngine:
             logger.warning("the KV cache of %s has layers other than attention ones; decoding one request at a time",
                            self.base_model)
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens and self._slots else None
+        # Speculative steps leave rejected drafts' slots in the slot cache, masked: a sliding window counts slots,
+        # so a model with sliding-window layers (and one without the slot cache) decodes a token per step.
+        self.speculative_tokens = speculative_tokens if self._slots and not _has_sliding_layers(model.config) else 0
+        if speculative_tokens and not self.speculative_tokens:
+            logger.info("speculative decoding is off for %s (sliding-window or non-attention cache layers)",
+                        self.base_model)
+        if self.speculative_tokens:  # several query tokens per row: no copies of a grouped-query cache
+            use_packed_attention(self._base)
+        self.draft_ngram = (int(draft_ngram[0]), int(draft_ngram[1]))
+        self.draft_store = (CompletionStore(*self.draft_ngram, max_tokens=draft_store_tokens)
+                            if draft_store_tokens and self.speculative_tokens else None)
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
+        self.draft_stats: dict[str, list[int]] = {}  # adapter -> [drafted, accepted, speculative row steps]
         self._inbox: collections.deque[_Request] = collections.deque()
         self._inbox_ready = threading.Condition()
         self._serving = False  # a serving task is running (or submitted) in the model thread
@@ -499,9 +550,10 @@ class LocalEngine:
         return grammar_matcher(self._grammar_tokenizer(), grammar)
 
     def _forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any,
-                 adapters: Sequence[str]) -> Any:
+                 adapters: Sequence[str], keep: int = 0) -> Any:
         """One forward pass of ``input_ids`` (rows, tokens) through the adapters of its rows; returns the last
-        position's logits (rows, model vocabulary), float32.
+        position's logits (rows, model vocabulary), float32; with ``keep`` > 0, the last ``keep`` positions' logits
+        (rows, keep, model vocabulary).
 
         One adapter for every row: peft's active adapter (``set_adapter``, or ``disable_adapter`` for the bare
         base); several: peft's mixed-adapter batch (``adapter_names=``, peft >= 0.10).
@@ -512,7 +564,7 @@ class LocalEngine:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
                                   "position_ids": position_ids, self._cache_kw: cache, "use_cache": True}
         if self._keeps_logits:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = max(1, keep)
         with self._lock:
             model = self._model
             if not isinstance(model, PeftModel):
@@ -527,7 +579,7 @@ class LocalEngine:
                     model.set_adapter(adapters[0])
                     self._active_adapter = adapters[0]
                 out = model(**kwargs)
-        logits = out.logits[:, -1, :]
+        logits = out.logits[:, -keep:, :] if keep else out.logits[:, -1, :]
         return logits if logits.dtype == torch.float32 else logits.float()
 
     def _can_mix(self, names: set[str]) -> bool:
@@ -758,6 +810,8 @@ class LocalEngine:
 
     def _answer(self, row: _Row) -> Generation:
         self.requests_served += 1
+        if self.draft_store is not None:
+            self.draft_store.add(row.request.adapter, row.request.input_ids, row.tokens)
         return self._finish(row.request, row.tokens, time.perf_counter())
 
     def _finish(self, request: _Request, row: list[int], now: float) -> Generation:
@@ -960,6 +1014,13 @@ class _Batch:
     prompt is padded on the left, and a longer one shifts the others right (``_slot_cache``). Padding slots are
     masked (``attention_mask``, rows by slots) and each row has its own position ids, as transformers' ``generate``
     does for a left-padded batch, so a row's tokens are those it gets alone (up to floating-point ties).
+
+    Speculative steps (``LocalEngine.speculative_tokens``): every row writes the same number of slots per step (its
+    last token, its drafts, padding up to the longest row's drafts), and keeps those of the drafts the model agreed
+    with; the rest are holes, masked like padding (``holes``, rows by slots) in every later step, while each row's
+    position ids count only its kept tokens, so attention sees what a one-token-per-step decode would. When the
+    slots no row uses (padding and holes of the fullest row) reach a quarter of the cache, ``_compact`` packs each
+    row's kept slots to the right (a gather per layer), as ``_trim`` cuts common padding.
     """
 
     #: Leading padding slots shared by every row that are cut out of the cache, when at least a quarter of it.
@@ -971,17 +1032,26 @@ class _Batch:
         self.cache: Any = None
         self._grammar: GrammarLogitsProcessor | None = None  # for the batch's steps
         self._first: GrammarLogitsProcessor | None = None  # for one row's first token
+        self.holes: Any = None  # torch bool (row room, slot room): rejected draft slots (None: none yet)
 
     def choose(self, rows: Sequence[_Row], scores: Any, first: bool = False) -> list[int]:
-        """The next token of each row: argmax after its grammar's mask and its seeded draw (``SeededSampler``)."""
+        """The next token of each row: argmax after its grammar's mask and its seeded draw (``SeededSampler``).
+
+        A greedy row is checked first (``miniatures.grammar.mask_rows_greedy``): its mask is filled only when its
+        grammar refuses its top token, which gives the same argmax. A sampled row always gets its whole mask.
+        """
         matchers = [r.matcher for r in rows]
         if any(m is not None for m in matchers):
             if first:
-                self._first = self._first or self.engine.grammar_processor([], 0)
-                self._first.mask_rows(scores, matchers)
+                self._first = processor = self._first or self.engine.grammar_processor([], 0)
             else:
-                self._grammar = self._grammar or self.engine.grammar_processor([], 0)
-                self._grammar.mask_rows(scores, matchers)
+                self._grammar = processor = self._grammar or self.engine.grammar_processor([], 0)
+            sampled = [m if r.generator is not None else None for r, m in zip(rows, matchers, strict=True)]
+            greedy = [m if r.generator is None else None for r, m in zip(rows, matchers, strict=True)]
+            if any(m is not None for m in sampled):
+                processor.mask_rows(scores, sampled)
+            if any(m is not None for m in greedy):
+                mask_rows_greedy(processor, scores, greedy)
         if any(r.generator is not None for r in rows):  # after the grammar: refused tokens have probability 0
             SeededSampler([r.request.sampling for r in rows], [r.generator for r in rows])(None, scores)
         tokens: list[int] = scores.argmax(dim=-1).tolist()
@@ -991,10 +1061,12 @@ class _Batch:
         """Add ``rows``, rows ``which`` of a prefilled ``cache`` (their ``pad`` counted in it), to the batch."""
         if not self.rows and list(which) == list(range(cache.layers[0].rows if self.engine._slots else 1)):
             self.cache = cache
+            self.holes = None
             self.rows.extend(rows)
             return
         if not self.rows:  # some rows of the cache ended at their first token: the others, compacted
             self.cache = cache
+            self.holes = None
             self.rows.extend(rows)
             for layer in cache.layers:
                 index = _torch_index(which, layer.key_buffer.device)
@@ -1022,6 +1094,11 @@ class _Batch:
             mine.value_buffer[count:total, :, end - new:end] = theirs.value_buffer.index_select(0, index)[:, :, :new]
             mine.rows = total
             mine.refresh()
+        if self.holes is not None:  # follow the rows' shift; the new rows have none
+            buffer = self.cache.layers[0].key_buffer
+            holes = self.holes.new_zeros((buffer.shape[0], buffer.shape[2]))
+            holes[:count, shift:shift + length] = self.holes[:count, :length]
+            self.holes = holes
         if shift:
             for r in self.rows:
                 r.pad += shift
@@ -1040,15 +1117,24 @@ class _Batch:
                         layer.value_buffer[i, :, :layer.length] = layer.value_buffer[last, :, :layer.length]
                     layer.rows = last
                     layer.refresh()
+                if self.holes is not None:
+                    if i != last:
+                        self.holes[i] = self.holes[last]
+                    self.holes[last] = False
             self.rows[i] = self.rows[last]
             self.rows.pop()
         if not self.rows:
             self.cache = None
+            self.holes = None
         elif self.engine._slots:
             self._trim()
 
     def _trim(self) -> None:
-        """Cut the leading slots that are padding in every row, when they are a quarter of the cache or more."""
+        """Cut the leading slots that are padding in every row, when they are a quarter of the cache or more (with
+        holes: ``_compact``, when the slots the fullest row does not use are)."""
+        if self.holes is not None:
+            self._compact()
+            return
         lead = min(r.pad for r in self.rows)
         length = self.cache.layers[0].length
         if lead < self.TRIM_FROM or 4 * lead < length:
@@ -1062,8 +1148,78 @@ class _Batch:
         for r in self.rows:
             r.pad -= lead
 
+    def _compact(self) -> None:
+        """Pack each row's kept slots (not padding, not holes) to the right end of the cache, when the slots the
+        fullest row does not use are at least ``TRIM_FROM`` and a quarter of the cache; the holes are then gone.
+
+        A row's kept slots number its ``position`` (prompt and tokens fed). After packing, row ``i`` holds them in
+        the last ``position_i`` slots of ``max(position)``, in order, and its padding is the rest.
+        """
+        import torch
+
+        length = self.cache.layers[0].length
+        longest = max(r.position for r in self.rows)
+        waste = length - longest
+        if waste < self.TRIM_FROM or 4 * waste < length:
+            return
+        rows = len(self.rows)
+        device = self.holes.device
+        slots = torch.arange(length, device=device)
+        pads = torch.tensor([r.pad for r in self.rows], device=device)
+        used = (slots.unsqueeze(0) >= pads.unsqueeze(1)) & ~self.holes[:rows, :length]
+        # a stable sort puts each row's unused slots first and its used ones after them, in order
+        order = torch.sort(used.to(torch.int8), dim=1, stable=True).indices[:, length - longest:]
+        for layer in self.cache.layers:
+            layer.compact(order, longest)
+        self.holes.zero_()
+        for r in self.rows:
+            r.pad = longest - r.position
+
+    def _holes(self, slots: int) -> Any:
+        """The hole mask with room for the batch's rows and ``slots`` slots (made, or grown, with no holes)."""
+        import torch
+
+        buffer = self.cache.layers[0].key_buffer
+        rows = buffer.shape[0]
+        holes = self.holes
+        if holes is None or holes.shape[0] < rows or holes.shape[1] < slots:
+            width = max(slots, buffer.shape[2], 0 if holes is None else holes.shape[1])
+            grown = torch.zeros((max(rows, 0 if holes is None else holes.shape[0]), width), dtype=torch.bool,
+                                device=buffer.device)
+            if holes is not None:
+                grown[: holes.shape[0], : holes.shape[1]] = holes
+            self.holes = holes = grown
+        return holes
+
+    def _drafts(self) -> list[list[int]]:
+        """Each row's draft tokens for this step (``miniatures.drafts``), at most its ``draft_limit`` and what its
+        ``max_new_tokens`` leaves room for.
+
+        A row's limit follows transformers' "heuristic" schedule of assisted generation
+        (``num_assistant_tokens_schedule``): 2 more after a step that kept all its drafts, 1 fewer (at least 1)
+        after one that did not, between 1 and ``speculative_tokens``. Every verified token costs compute in the
+        forward pass (at 8 rows and 9 tokens a row the matrix products dominate a step), so a row whose drafts
+        keep failing asks for fewer.
+        """
+        engine = self.engine
+        k = engine.speculative_tokens
+        n_max, n_min = engine.draft_ngram
+        out: list[list[int]] = []
+        for r in self.rows:
+            source = r.drafts
+            if source is None:
+                source = r.drafts = DraftSource(r.request.input_ids, engine.draft_store, r.request.adapter, n_max,
+                                                n_min)
+            limit = k if r.draft_limit < 0 else r.draft_limit
+            out.append(source.propose(r.tokens, min(limit, r.request.max_new_tokens - len(r.tokens) - 1),
+                                      engine._stops))
+        return out
+
     def step(self) -> list[tuple[_Request, Generation]]:
-        """One decoding step of every row; returns the answers of the rows it ended (they leave the batch)."""
+        """One decoding step of every row; returns the answers of the rows it ended (they leave the batch).
+
+        With ``speculative_tokens`` and a draft for some row, the step verifies drafts (``_speculate``).
+        """
         import torch
 
         engine = self.engine
@@ -1073,15 +1229,15 @@ class _Batch:
             if not self.rows:
                 return []
         started = time.perf_counter()
+        if engine.speculative_tokens:
+            drafts = self._drafts()
+            if any(drafts):
+                return self._speculate(drafts, started)
         rows = self.rows
         device = engine.device
         tokens_in = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
         positions = torch.tensor([[r.position] for r in rows], device=device)
-        pads = [r.pad for r in rows]
-        mask = None
-        if any(pads):
-            slots = torch.arange(self.cache.layers[0].length + 1, device=device)
-            mask = slots.unsqueeze(0) >= torch.tensor(pads, device=device).unsqueeze(1)
+        mask = self._mask(1)
         scores = engine._forward(tokens_in, mask, positions, self.cache, [r.request.adapter for r in rows])
         for r in rows:
             r.position += 1
@@ -1090,6 +1246,127 @@ class _Batch:
         done = [(rows[i].request, engine._answer(rows[i])) for i in ended]
         if ended:
             self.leave(ended)
+        engine.decode_steps += 1
+        engine.decode_rows += len(rows)
+        engine.decode_s += time.perf_counter() - started
+        return done
+
+    def _mask(self, new: int) -> Any:
+        """The attention mask (rows, slots + ``new``) of a step writing ``new`` slots per row: padding and holes
+        masked; None when nothing is."""
+        import torch
+
+        rows = self.rows
+        pads = [r.pad for r in rows]
+        if not any(pads) and self.holes is None:
+            return None
+        length = self.cache.layers[0].length
+        device = self.engine.device
+        slots = torch.arange(length + new, device=device)
+        mask = slots.unsqueeze(0) >= torch.tensor(pads, device=device).unsqueeze(1)
+        if self.holes is not None:
+            mask &= ~self._holes(length + new)[: len(rows), : length + new]
+        return mask
+
+    def _speculate(self, drafts: list[list[int]], started: float) -> list[tuple[_Request, Generation]]:
+        """A speculative step: each row's last token and its drafts in one forward pass; each row keeps its drafts
+        while they are the tokens it picks, then the token it picks where they differ (or after the last).
+
+        A row picks position ``j``'s token as a one-token step would: argmax of the logits after its grammar's mask
+        at that position (``GrammarLogitsProcessor.fill_drafts``: the mask after its drafts before ``j``), or, when it
+        samples, its own seeded draw from its processed distribution (``SeededSampler.probabilities``,
+        ``miniatures.sampling.draw``), one draw per token it keeps. A draft is kept when the token picked equals
+        it, so with a sampling row a draft ``x`` is kept with probability ``p(x)`` and otherwise the token comes
+        from ``p`` without ``x``, renormalised: the speculative-sampling rule for a draft that is a point mass
+        (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding", arXiv 2211.17192;
+        Chen et al. 2023, arXiv 2302.01318), which leaves the answer's distribution exactly the non-speculative
+        one. Because the draw at each token does not depend on the drafts, the answer is the one the row gets
+        without speculation from the same seed, whatever its drafts or batch, up to floating-point ties between
+        the logits of a one-token and a multi-token forward pass (different matrix shapes round differently).
+        """
+        import torch
+
+        engine = self.engine
+        rows = self.rows
+        device = engine.device
+        matchers = [r.matcher for r in rows]
+        constrained: list[int] = []
+        if any(m is not None for m in matchers):
+            self._grammar = self._grammar or engine.grammar_processor([], 0)
+            drafts, constrained = self._grammar.fill_drafts(matchers, drafts)
+        width = 1 + max(len(d) for d in drafts)
+        tokens_in = torch.tensor([[r.tokens[-1], *d, *[r.tokens[-1]] * (width - 1 - len(d))]
+                                  for r, d in zip(rows, drafts, strict=True)], device=device)
+        positions = (torch.tensor([r.position for r in rows], device=device).unsqueeze(1)
+                     + torch.arange(width, device=device).unsqueeze(0))
+        length = self.cache.layers[0].length
+        mask = self._mask(width)  # None: nothing masked (transformers' causal mask over the new slots alone)
+        logits = engine._forward(tokens_in, mask, positions, self.cache, [r.request.adapter for r in rows],
+                                 keep=width)
+        starts: list[int] = []
+        flat_rows: list[int] = []
+        for i, d in enumerate(drafts):
+            starts.append(len(flat_rows))
+            flat_rows.extend(i * width + j for j in range(len(d) + 1))
+        vocab = logits.shape[-1]
+        scores = logits.reshape(-1, vocab)
+        if len(flat_rows) != scores.shape[0]:
+            scores = scores[torch.tensor(flat_rows, device=device)]
+        if constrained:
+            assert self._grammar is not None
+            self._grammar.apply_drafts(scores, constrained)
+        greedy: list[int] = scores.argmax(dim=-1).tolist()
+        sampled = [r.request.sampling if r.generator is not None else None
+                   for r, d in zip(rows, drafts, strict=True) for _ in range(len(d) + 1)]
+        probs: Any = None
+        usable: list[bool] = []
+        where: list[int] = []  # flat position -> its row in probs
+        if any(s is not None for s in sampled):
+            probs, usable = SeededSampler(sampled, [None] * len(sampled)).probabilities(scores)
+            count = 0
+            for s in sampled:
+                where.append(count)
+                count += s is not None
+        kept: list[int] = []
+        ended: list[int] = []
+        for i, (r, d) in enumerate(zip(rows, drafts, strict=True)):
+            accepted = 0
+            finished = False
+            for j in range(len(d) + 1):
+                f = starts[i] + j
+                if r.generator is not None and usable[where[f]]:
+                    token = draw(probs[where[f]], r.generator)
+                else:
+                    token = greedy[f]
+                finished = engine._advance(r, token)
+                if finished or j == len(d) or token != d[j]:
+                    break
+                accepted += 1
+            kept.append(accepted)
+            if d:
+                limit = engine.speculative_tokens if r.draft_limit < 0 else r.draft_limit
+                r.draft_limit = (min(engine.speculative_tokens, limit + 2) if accepted == len(d)
+                                 else max(1, limit - 1))
+            if finished:
+                ended.append(i)
+            else:
+                r.position += 1 + accepted
+            stats = engine.draft_stats.setdefault(r.request.adapter, [0, 0, 0])
+            stats[0] += len(d)
+            stats[1] += accepted
+            stats[2] += 1 if d else 0
+            engine.drafted_tokens += len(d)
+            engine.accepted_tokens += accepted
+        if width > 1:  # the slots past each row's kept tokens are holes from now on
+            holes = self._holes(length + width)
+            offsets = torch.arange(width, device=device).unsqueeze(0)
+            rejected = offsets > torch.tensor(kept, device=device).unsqueeze(1)
+            holes[: len(rows), length:length + width] = rejected
+        done = [(rows[i].request, engine._answer(rows[i])) for i in ended]
+        if ended:
+            self.leave(ended)
+        elif self.holes is not None:
+            self._compact()
         engine.decode_steps += 1
         engine.decode_rows += len(rows)
         engine.decode_s += time.perf_counter() - started

@@ -7,6 +7,8 @@ nucleus / top-p filtering as in Holtzman et al. 2020, "The Curious Case of Neura
 min-p filtering as in Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling for Creative and Coherent LLM
 Outputs", arXiv 2407.01082) and leaves only it selectable, so greedy decoding picks it. Rows without sampling
 are left as they are. Put it after any grammar mask, so tokens the grammar refuses have probability 0.
+``SeededSampler.probabilities`` gives the processed distributions alone and ``draw`` draws from one the way
+``torch.multinomial`` does, for the engine's speculative steps (``miniatures.local._Batch._speculate``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RowSampling", "SeededSampler", "prompt_seed"]
+__all__ = ["RowSampling", "SeededSampler", "draw", "prompt_seed"]
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,25 @@ class SeededSampler:
                                      self._top_p.to(device), self._min_p.to(device))
         return self._devices[device]
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
+    def probabilities(self, scores: Any) -> tuple[Any, list[bool]]:
+        """The sampling rows' processed distributions: temperature, softmax, top-p, min-p (what ``__call__`` draws
+        from), on the CPU.
+
+        Args:
+            scores: (batch, vocab) float logits, after any grammar mask.
+
+        Returns:
+            ``(probs, usable)``: float32 CPU probabilities (sampling rows, vocab), in the order of the sampling rows
+            (``rows`` without the None entries), not renormalised after top-p / min-p (``draw`` needs no sum of 1);
+            and per sampling row whether it has a finite, positive mass (False: every token masked).
+
+        Raises:
+            ValueError: ``scores`` has another number of rows than ``rows``.
+        """
         import torch
 
         if len(self.rows) != scores.shape[0]:
             raise ValueError(f"SeededSampler has {len(self.rows)} rows, the batch has {scores.shape[0]}")
-        if not self._sampled:
-            return scores
         index, temperatures, top_p, min_p = self._on(scores.device)
         # Every sampled row at once (each row's softmax, sort and cumulative sum are its own): (rows, vocab).
         picked = scores if self._all_sampled else scores[index]  # (a gather copies: skipped when every row samples)
@@ -115,9 +129,18 @@ class SeededSampler:
         if self._truncated:  # min-p: below min_p x the row's top probability goes (the top token always stays)
             probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
+        return probs.cpu(), usable
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if len(self.rows) != scores.shape[0]:
+            raise ValueError(f"SeededSampler has {len(self.rows)} rows, the batch has {scores.shape[0]}")
+        if not self._sampled:
+            return scores
+        cpu, usable = self.probabilities(scores)
         rows: list[int] = []
         tokens: list[Any] = []
-        cpu = probs.cpu()
         for j, row in enumerate(self._sampled):
             if not usable[j]:
                 continue  # every token masked (a finished row): leave it to the stop logic
@@ -132,3 +155,18 @@ class SeededSampler:
         scores.index_fill_(0, at, float("-inf"))  # (index_fill_: a fraction of the cost of scores[at] = -inf)
         scores[at, drawn] = keep
         return scores
+
+
+def draw(probs: Any, generator: Any) -> int:
+    """One token drawn from ``probs`` (vocab,) float32 CPU weights (any positive sum) with ``generator``.
+
+    The exponential-race form of ``torch.multinomial(probs, 1, generator=generator)``: ``argmax(probs / e)`` with
+    ``e`` vocab-many Exp(1) draws, which is what torch's one-sample ``multinomial`` computes (aten
+    ``Distributions.cpp``: "s = argmax(p / q) where q ~ Exp(1)"), so the same generator gives the same token and
+    advances the same way. A speculative step (``miniatures.local._Batch.step``) draws each position's token with
+    it, one draw per token it keeps, so a row's answer does not depend on its drafts.
+    """
+    import torch
+
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return int(torch.argmax(probs / race))
