@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -235,6 +235,7 @@ def bootstrap_base(
     seed: int = 0,
     device: str | None = None,
     chat_fraction: float = 0.25,
+    num_threads: Callable[[], int] | None = None,
 ) -> BaseModelInfo:
     """Build, briefly pretrain and save a tiny causal LM with a locally trained tokenizer.
 
@@ -259,6 +260,9 @@ def bootstrap_base(
         seed: seeds Python and torch (initialisation and block order).
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available. Pretraining on CUDA uses bf16 autocast.
         chat_fraction: share of texts rendered as a chat exchange, in [0, 1].
+        num_threads: called before each step; torch's intra-op threads are set to what it returns (so a caller
+            can move cores between this and other work, ``finetune.background``). On the demo's CPU the losses
+            and weights are bitwise the same at any count. None leaves the threads as they are.
 
     Returns:
         ``BaseModelInfo``; the same fields are written to ``out_dir/bootstrap.json``.
@@ -268,6 +272,8 @@ def bootstrap_base(
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from finetune.background import set_threads
 
     if arch not in _ARCHES:
         raise ValueError(f"unknown arch {arch!r}; use one of {', '.join(_ARCHES)}")
@@ -353,6 +359,8 @@ def bootstrap_base(
         cursor = 0
         use_bf16 = dev.startswith("cuda") and torch.cuda.is_bf16_supported()
         for step in range(pretrain_steps):
+            if num_threads is not None:
+                set_threads(num_threads())
             if cursor + batch_size > n_blocks:
                 order = torch.cat([order[cursor:], torch.randperm(n_blocks, generator=gen)])
                 cursor = 0
