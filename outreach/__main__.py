@@ -2,4 +2,5 @@
 
 from outreach.cli import run_cli
 
-run_cli()
+if __name__ == "__main__":  # a spawned worker (finetune.background, corpus import) re-imports this module
+    run_cli()
