@@ -1,10 +1,9 @@
-"""Key/value caches of the local engine: in-place layers for ``generate`` and the decoding loop, and a prefix cache.
+"""Key/value caches of the local engine: in-place slot layers for its decoding loop, and a prefix cache.
 
-``reserved_cache`` writes each new token into a buffer reserved ahead (transformers' ``DynamicLayer`` API), the
-slot layers hold a decoding batch whose rows come and go (``miniatures.local.LocalEngine``), ``PrefixCache``
-keeps prompts' keys and values so a new prompt is prefilled only past its longest prefix already computed, and
-``use_packed_attention`` lets several query tokens per row (speculative steps) attend over a grouped-query cache
-without copying it.
+The slot layers (transformers' ``DynamicLayer`` API) hold a decoding batch whose rows come and go
+(``miniatures.local.LocalEngine``); ``PrefixCache`` keeps prompts' keys and values so a new prompt is prefilled
+only past its longest prefix already computed; ``use_packed_attention`` lets several query tokens per row
+(speculative steps) attend over a grouped-query cache without copying it.
 Heavy imports (torch, transformers) happen inside functions.
 """
 
@@ -18,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PACKED_SDPA", "PrefixCache", "reserved_cache", "use_packed_attention"]
+__all__ = ["PACKED_SDPA", "PrefixCache", "use_packed_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,106 +35,6 @@ def _cache_keyword(model_class: Any) -> str:
         names = inspect.signature(model_class.forward).parameters
         _CACHE_KEYWORDS[model_class] = "cache" if "cache" in names else "past_key_values"
     return _CACHE_KEYWORDS[model_class]
-
-
-@functools.cache
-def _reserved_layer_class() -> type:
-    """``ReservedLayer``: transformers' ``DynamicLayer`` writing new keys and values in place (made on first use)."""
-    from transformers.cache_utils import DynamicLayer
-
-    class ReservedLayer(DynamicLayer):  # type: ignore[misc]
-        """A full-attention cache layer with room reserved for the tokens still to come.
-
-        ``DynamicLayer`` concatenates every step's key and value onto the whole cache, a copy of the cache per token
-        and layer (measured here: half of a decoding step of the 1.7M-parameter demo miniature at 8 rows and 600 prompt
-        tokens). This layer allocates its buffers ``(batch, kv heads, prompt + reserve, head dim)`` at the first update,
-        writes each new token in place and hands attention a view of the filled part, so a step costs what attention
-        itself reads; past the reserve the buffers double. Values are bit-for-bit those of ``DynamicLayer``.
-        """
-
-        def __init__(self, reserve: int) -> None:
-            super().__init__()
-            self.reserve = reserve
-            self._length = 0
-            self._key_buffer: Any = None
-            self._value_buffer: Any = None
-
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            n = key_states.shape[-2]
-            if self._key_buffer is None:
-                self.is_initialized = True
-                self.device = key_states.device
-                self._key_buffer = self._allocate(key_states, n + self.reserve)
-                self._value_buffer = self._allocate(value_states, n + self.reserve)
-            elif self._length + n > self._key_buffer.shape[-2]:
-                room = max(self._length + n, 2 * self._key_buffer.shape[-2])
-                self._key_buffer = self._grown(self._key_buffer, room)
-                self._value_buffer = self._grown(self._value_buffer, room)
-            end = self._length + n
-            self._key_buffer[:, :, self._length:end] = key_states
-            self._value_buffer[:, :, self._length:end] = value_states
-            self._length = end
-            self.keys = self._key_buffer[:, :, :end]
-            self.values = self._value_buffer[:, :, :end]
-            return self.keys, self.values
-
-        @staticmethod
-        def _allocate(like: Any, length: int) -> Any:
-            return like.new_empty((like.shape[0], like.shape[1], length, like.shape[3]))
-
-        def _grown(self, buffer: Any, length: int) -> Any:
-            grown = self._allocate(buffer, length)
-            grown[:, :, : self._length] = buffer[:, :, : self._length]
-            return grown
-
-        def _reindex(self, select: Any) -> None:
-            if self._key_buffer is not None:
-                self._key_buffer = select(self._key_buffer)
-                self._value_buffer = select(self._value_buffer)
-                self.keys = self._key_buffer[:, :, : self._length]
-                self.values = self._value_buffer[:, :, : self._length]
-
-        def reset(self) -> None:
-            super().reset()
-            self._length = 0
-            self._key_buffer = self._value_buffer = None
-
-        def crop(self, tokens_to_remove: int) -> None:
-            super().crop(tokens_to_remove)
-            if self.is_initialized and self._key_buffer is not None and self.keys is not None:
-                self._length = int(self.keys.shape[-2])
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            self._reindex(lambda t: t.repeat_interleave(repeats, dim=0))
-
-        def batch_select_indices(self, indices: Any) -> None:
-            self._reindex(lambda t: t[indices, ...])
-
-        def reorder_cache(self, beam_idx: Any) -> None:
-            self._reindex(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    return ReservedLayer
-
-
-def reserved_cache(config: Any, reserve: int) -> Any:
-    """A transformers ``DynamicCache`` for ``config`` whose full-attention layers reserve room for ``reserve`` tokens.
-
-    Sliding-window and other special layers keep transformers' own classes. See ``_reserved_layer_class``.
-
-    Args:
-        config: the model's config (its text config is used).
-        reserve: tokens to reserve past the prompt (the call's ``max_new_tokens``).
-    """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    layer_class = _reserved_layer_class()
-    cache: Any = DynamicCache(config=config.get_text_config(decoder=True))
-    if cache.layers:
-        cache.layers = [layer_class(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    else:  # layers made lazily, one per model layer
-        cache.layer_class_to_replicate = functools.partial(layer_class, reserve)
-    return cache
 
 
 @functools.cache

@@ -79,7 +79,6 @@ from miniatures.kv_cache import (
     _has_sliding_layers,
     _slot_cache,
     _slot_layers_fit,
-    reserved_cache,
     use_packed_attention,
 )
 from miniatures.registry import check_miniature_paths, get_miniature
@@ -98,7 +97,6 @@ __all__ = [
     "PrefixCache",
     "build_miniature_chat_model",
     "repair_json",
-    "reserved_cache",
     "share_cpus",
     "usable_cpus",
 ]

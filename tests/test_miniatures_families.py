@@ -28,25 +28,3 @@ def test_engine_asks_with_the_family_template_and_stops_at_its_end_of_turn(famil
     finally:
         engine.close()
 
-
-
-@pytest.mark.parametrize("family", sorted(END_OF_TURN))
-def test_the_engines_kv_cache_gives_each_familys_own_tokens(family, tmp_path):  # type: ignore[no-untyped-def]
-    """``miniatures.kv_cache.reserved_cache`` (in-place writes) against transformers' ``DynamicCache`` on each family's
-    stand-in (sliding-window layers, other attention layouts), left-padded batch, greedy, buffers that grow."""
-    import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
-
-    from miniatures.kv_cache import _cache_keyword, reserved_cache
-
-    model = AutoModelForCausalLM.from_pretrained(str(build_standin(family, tmp_path / family))).eval()
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
-    mask = (ids != 0).long()
-    settings = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0, "eos_token_id": [10**9]}
-    keyword = _cache_keyword(type(model))
-    with torch.inference_mode():
-        plain = model.generate(input_ids=ids, attention_mask=mask, **{keyword: DynamicCache(config=model.config)},
-                               **settings)
-        out = model.generate(input_ids=ids, attention_mask=mask, **{keyword: reserved_cache(model.config, reserve=3)},
-                             **settings)
-    assert torch.equal(out, plain)

@@ -253,26 +253,6 @@ async def test_gpu_batches_match_single_requests(tiny: dict[str, Path]) -> None:
     assert LocalEngine(str(tiny["base"]), device="cuda").dtype == torch.bfloat16
 
 
-def test_reserved_cache_gives_the_dynamic_caches_tokens(tiny: dict[str, Path]) -> None:
-    from transformers import AutoModelForCausalLM, DynamicCache
-
-    from miniatures.kv_cache import _cache_keyword, reserved_cache
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny["base"])).eval()
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
-    mask = (ids != 0).long()
-    settings = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "eos_token_id": [10_000]}
-    with torch.inference_mode():
-        keyword = _cache_keyword(type(model))  # ``cache`` in newer transformers 5, ``past_key_values`` before
-        plain = model.generate(input_ids=ids, attention_mask=mask, **{keyword: DynamicCache()}, **settings)
-        # a reserve of 2 makes the buffers grow twice during the 12 steps
-        for reserve in (12, 2):
-            cache = reserved_cache(model.config, reserve=reserve)
-            out = model.generate(input_ids=ids, attention_mask=mask, **{keyword: cache}, **settings)
-            assert torch.equal(out, plain)
-            assert cache.get_seq_length() == ids.shape[1] + 11
-
-
 async def test_a_short_answer_joins_a_running_long_one_and_leaves_first(local: LocalEngine) -> None:
     long_chat, short_chat = PROMPTS[0], PROMPTS[3]
     alone = [local.generate_sync("a1", long_chat, max_new_tokens=12), local.generate_sync("a1", short_chat,
