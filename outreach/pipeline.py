@@ -14,9 +14,7 @@ from agents import HeuristicChatModel, ProspectInfo, research
 from agents.schemas import Profile
 from outreach.settings import Settings
 from tools import Corpus, CorpusWeb, DdgsSearch, Fetcher, FetchPolicy, LiveWeb, SnapshotStore, import_html
-from tools.corpus_import import url_for_html_file
-from tools.extract import decode_html, extract_document
-from tools.types import Document, Web
+from tools.types import Web
 
 __all__ = [
     "PageResearch",
@@ -42,53 +40,21 @@ def open_web(settings: Settings, engine: Engine) -> Web:
     return LiveWeb(DdgsSearch(backends=tuple(settings.search_backends)), Fetcher(policy), SnapshotStore(engine))
 
 
-#: Fewer pages than this are extracted in this process: starting workers would cost more than they save.
-_POOL_MIN_PAGES = 200
-
-
-def _extract_world_page(item: tuple[Path, str]) -> Document:
-    """One world page read and extracted (``tools.extract``), in a worker process of ``import_world_corpus``."""
-    path, url = item
-    return extract_document(decode_html(path.read_bytes(), strict=True), url)
-
-
 def import_world_corpus(world_dir: Path, corpus_path: Path, *, workers: int | None = None) -> int:
     """Import a generated demo world's ``sites/`` folder into the corpus; returns pages imported.
 
-    The pages are those ``tools.import_html`` imports from the folder, stored in the same order with the same
-    documents; the extraction (trafilatura, about 15 ms a page on one core, 3,255 pages in the 600-company world)
-    runs in ``workers`` processes (default: one per CPU; 1, a single CPU or fewer than 200 pages: in this process,
-    with ``import_html``).
+    ``tools.import_html`` with ``workers`` extraction processes (default: one per CPU); the documents are the same,
+    in the same order, at any count.
 
     Raises:
         ValueError: ``workers`` < 1.
     """
     import os
 
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    workers = workers or os.cpu_count() or 1
     sites = world_dir / "sites"
     corpus = Corpus(corpus_path)
     try:
-        files = sorted(p for p in sites.rglob("*") if p.is_file() and p.suffix.lower() in (".html", ".htm"))
-        if workers == 1 or len(files) < _POOL_MIN_PAGES:
-            return import_html(sites, corpus, root=sites)
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        items = [(file, url_for_html_file(file, sites)) for file in files]
-        imported, batch = 0, []
-        # fork: the workers run extraction only (no torch thread pools to inherit), and a caller's script needs no
-        # `if __name__ == "__main__"` guard as it would with spawn.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-            for doc in pool.map(_extract_world_page, items, chunksize=32):  # in order, as import_html stores them
-                batch.append(doc)
-                if len(batch) >= 500:
-                    imported += corpus.add_many(batch)
-                    batch = []
-        return imported + corpus.add_many(batch)
+        return import_html(sites, corpus, root=sites, workers=workers if workers is not None else os.cpu_count() or 1)
     finally:
         corpus.close()
 

@@ -22,9 +22,9 @@ def _rows(path: Path) -> list[tuple[object, ...]]:
 
 
 def test_workers_store_the_same_documents_in_the_same_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import outreach.pipeline
+    import tools.corpus_import
 
-    monkeypatch.setattr(outreach.pipeline, "_POOL_MIN_PAGES", 1)  # a small world, through the worker processes
+    monkeypatch.setattr(tools.corpus_import, "_POOL_MIN_PAGES", 1)  # a small world, through the worker processes
     generate_world(tmp_path / "world", n_companies=6, seed=3)
     one = import_world_corpus(tmp_path / "world", tmp_path / "one.sqlite", workers=1)
     two = import_world_corpus(tmp_path / "world", tmp_path / "two.sqlite", workers=2)
@@ -35,3 +35,24 @@ def test_workers_store_the_same_documents_in_the_same_order(tmp_path: Path, monk
 def test_workers_below_one_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="workers must be >= 1"):
         import_world_corpus(tmp_path / "world", tmp_path / "c.sqlite", workers=0)
+
+
+def test_a_page_that_cannot_be_decoded_is_skipped_in_a_worker_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tools.corpus_import
+    from tools import Corpus, import_html
+
+    monkeypatch.setattr(tools.corpus_import, "_POOL_MIN_PAGES", 1)
+    host = tmp_path / "sites" / "acme.example"
+    host.mkdir(parents=True)
+    for name in ("index", "about"):
+        (host / f"{name}.html").write_text(f"<html><body><p>Acme {name} page, a real sentence.</p></body></html>",
+                                           encoding="utf-8")
+    (host / "broken.html").write_bytes(b"<html><body><p>caf\xe9 \xff\xfe</p></body></html>")  # not UTF-8
+    corpus = Corpus(tmp_path / "c.sqlite")
+    try:
+        assert import_html(tmp_path / "sites", corpus, root=tmp_path / "sites", workers=2) == 2
+    finally:
+        corpus.close()
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        import_html(tmp_path / "sites", Corpus(":memory:"), workers=0)
