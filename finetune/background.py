@@ -1,22 +1,14 @@
 """Run a finetune job (a base bootstrap) in a child process beside other work, and move CPU threads to it
 while it runs.
 
-``outreach demo --distill`` runs on a few CPU cores, and the heuristic teacher's campaign is single-threaded
-Python, leaving the other cores idle; the base model, which needs only the corpus, pretrains beside it and takes
-every core once the campaign is done. A job runs in a fresh interpreter (``multiprocessing``'s ``spawn`` start
-method: no forked torch thread pools or open SQLite connections; the calling script needs the usual
-``if __name__ == "__main__"`` guard), reads the number of torch intra-op threads it should use from a shared
-integer before each step (``finetune.base.bootstrap_base`` takes ``num_threads``), and sends its progress
-updates and its result (or its exception) back through a queue.
-
-What the thread count does to the numbers, measured on the demo's 2-core CPU (AMD EPYC, PyTorch 2.13): the
-base's pretraining (unpadded 16 x 256 blocks) gives bitwise the same losses and weights at 1 and 2 threads and
-when the count changes mid-run (``tests/test_finetune_background.py``; ``outreach demo --distill``'s base,
-switched from 1 to 2 threads when the campaign ended, was byte-identical to one pretrained at 2 threads
-throughout; the writer miniature's unpadded rows too). The researcher miniature's padded batches are not: at 1
-thread its loss matched a 2-thread run for 125 steps, then differed in the 8th significant digit, and training
-amplifies such differences (final train loss 1.135 against 1.118). A job whose numbers must not depend on timing
-should keep one thread count unless it was checked like the bootstrap.
+``outreach demo --distill`` pretrains its base beside the single-threaded teacher campaign and gives it every core
+once the campaign is done. A job runs in a fresh interpreter (``multiprocessing``'s ``spawn``: no forked torch
+thread pools or open SQLite connections; the calling script needs the usual ``if __name__ == "__main__"`` guard),
+reads the torch intra-op thread count it should use from a shared integer before each step
+(``finetune.base.bootstrap_base`` takes ``num_threads``), and sends its progress and its result (or exception)
+back through a queue. Changing the count mid-run keeps the bootstrap's numbers bitwise the same
+(``tests/test_finetune_background.py``); padded training batches are not thread-invariant, so other jobs should
+keep one count unless checked the same way.
 """
 
 from __future__ import annotations
