@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import ArgumentError
 from sqlmodel import Session, create_engine
 
 from core.errors import UserError
@@ -73,9 +74,9 @@ def open_store(url: str = DEFAULT_URL, *, migrate_schema: bool = True) -> Engine
         migrate_schema: apply pending migrations (``store.migrations``).
 
     Raises:
-        sqlalchemy.exc.ArgumentError: ``url`` is not a valid SQLAlchemy URL.
         sqlalchemy.exc.OperationalError: the database cannot be reached.
-        StoreError: a SQLite store's file is damaged, not a database, or cannot be opened (also raised
+        StoreError: ``url`` is not a SQLAlchemy URL of an installed driver, or a SQLite store's file is
+            damaged, not a database, or cannot be opened (also raised
             by any later statement on the returned engine that finds it so).
     """
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
@@ -86,7 +87,11 @@ def open_store(url: str = DEFAULT_URL, *, migrate_schema: bool = True) -> Engine
     libpq = url.startswith(("postgresql://", "postgresql+psycopg"))  # psycopg 3 and psycopg2
     connect_args: dict[str, float] = ({"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000} if sqlite else
                                       {"connect_timeout": PG_CONNECT_TIMEOUT_S} if libpq else {})
-    engine = create_engine(url, pool_pre_ping=not sqlite, connect_args=connect_args)
+    try:
+        engine = create_engine(url, pool_pre_ping=not sqlite, connect_args=connect_args)
+    except ArgumentError as exc:  # NoSuchModuleError (an unknown or uninstalled driver) included
+        raise StoreError(f"store URL {url!r} cannot be used ({exc}); give a SQLAlchemy URL such as "
+                         "sqlite:///outreach.sqlite or postgresql+psycopg://user@host/db") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "handle_error", _sqlite_file_error)

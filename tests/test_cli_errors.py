@@ -64,3 +64,17 @@ def test_every_user_error_class_of_the_project_is_a_user_error():  # type: ignor
     for cls in (DatasetFormatError, ReplayError, ReplayInputChangedError, ReviewInputError, ReviewNotFoundError,
                 InputError, MiniatureInUseError, MiniatureNotFoundError, StoreError, CorpusError):
         assert issubclass(cls, UserError), cls
+
+
+@pytest.mark.parametrize("url", ["notaurl", "nosuchdriver://x/y"])
+def test_a_store_url_that_cannot_be_used_is_one_line(url, monkeypatch, capsys):  # type: ignore[no-untyped-def]
+    from store import StoreError, open_store
+
+    with pytest.raises(StoreError, match="cannot be used"):
+        open_store(url)
+    monkeypatch.setattr("sys.argv", ["outreach", "traces", "list", "--store", url])
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli()
+    assert exit_.value.code == 2
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.err + printed.out and url in printed.err + printed.out
